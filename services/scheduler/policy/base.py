@@ -1,0 +1,133 @@
+"""The policy interface shared by the live scheduler and the simulator.
+
+Pure Python on purpose: no torch, grpc or redis. A policy only orders jobs and
+keeps their queue accounts; `form_batch` applies the batch limits; the caller
+(live iteration loop or discrete-event simulator) runs the batch and reports back.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Job:
+    """One request as the policy sees it."""
+
+    request_id: str
+    prompt_len: int
+    max_tokens: int
+    arrival_time: float
+    output_len: int | None = None  # true output length; only srpt-oracle may read it
+    num_generated: int = 0
+    needs_prefill: bool = True  # first iteration, or its KV was dropped for recompute
+    level: int = 0
+    quantum_used: float = 0.0  # wall time run at the current level
+    last_run_time: float | None = None  # end of the last iteration it ran in
+    preemptions: int = 0
+    demotions: int = 0
+    promotions: int = 0
+
+    @property
+    def context_len(self) -> int:
+        return self.prompt_len + self.num_generated
+
+    @property
+    def tokens_this_iteration(self) -> int:
+        """Tokens the next iteration feeds for this job: the whole context on (re)prefill, else one."""
+        return self.context_len if self.needs_prefill else 1
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_batch_size: int = 16
+    max_batched_tokens: int = 2048
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A scheduling event for tracing, metrics and Redis: demoted / promoted / preempted."""
+
+    kind: str
+    request_id: str
+    from_level: int
+    to_level: int
+
+
+class Policy(ABC):
+    """Keeps the set of live jobs and orders them; knows nothing about how they run."""
+
+    name: str = "base"
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, Job] = {}
+
+    def add(self, job: Job, now: float) -> list[Transition]:
+        self.jobs[job.request_id] = job
+        return []
+
+    def remove(self, request_id: str) -> Job | None:
+        return self.jobs.pop(request_id, None)
+
+    @abstractmethod
+    def order(self, now: float) -> list[Job]:
+        """Every live job, highest priority first."""
+
+    def on_iteration_done(self, batch: list[Job], elapsed: float, now: float) -> list[Transition]:
+        """Account an iteration of `elapsed` seconds that ran `batch`; returns transitions it caused."""
+        for job in batch:
+            job.last_run_time = now
+        return []
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+
+def form_batch(
+    ordered: Iterable[Job],
+    limits: BatchLimits,
+    busy: set[str] = frozenset(),  # type: ignore[assignment]
+    free_blocks: int | None = None,
+    block_size: int = 16,
+    blocks_held: dict[str, int] | None = None,
+) -> list[Job]:
+    """Walk jobs in priority order and take each one that fits every limit.
+
+    `busy` holds jobs already in flight in another pipeline slot. `free_blocks`
+    (when given) is the KV budget: a job needs blocks for its context plus this
+    iteration's token, minus what it already holds on the GPU.
+    """
+    batch: list[Job] = []
+    tokens = 0
+    held = blocks_held or {}
+    for job in ordered:
+        if len(batch) >= limits.max_batch_size:
+            break
+        if job.request_id in busy:
+            continue
+        need_tokens = job.tokens_this_iteration
+        if tokens + need_tokens > limits.max_batched_tokens:
+            continue
+        if free_blocks is not None:
+            need_blocks = -(-(job.context_len + 1) // block_size) - held.get(job.request_id, 0)
+            if need_blocks > free_blocks:
+                continue
+            free_blocks -= max(need_blocks, 0)
+        batch.append(job)
+        tokens += need_tokens
+    return batch
+
+
+@dataclass
+class PolicyConfig:
+    """Every knob of every policy; defaults follow the paper's artifact (DESIGN §8)."""
+
+    name: str = "skip-join-mlfq"
+    base_quantum: float | None = None  # seconds; None = one profiled decode iteration
+    quantum_ratio: float = 2.0
+    num_queues: int = 16
+    starvation_threshold: float = 3.0  # α, seconds without running before promotion to Q0
+    starvation_period: int = 1000  # iterations between starvation checks
+    extra: dict = field(default_factory=dict)
