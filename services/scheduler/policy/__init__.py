@@ -17,4 +17,14 @@ def make_policy(config: PolicyConfig, cost_model=None) -> Policy:
     return cls(config, cost_model)  # type: ignore[call-arg]
 
 
-__all__ = ["BatchLimits", "Job", "Policy", "PolicyConfig", "Transition", "form_batch", "make_policy", "POLICIES", "FCFS"]
+__all__ = [
+    "BatchLimits",
+    "Job",
+    "Policy",
+    "PolicyConfig",
+    "Transition",
+    "form_batch",
+    "make_policy",
+    "POLICIES",
+    "FCFS",
+]

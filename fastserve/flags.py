@@ -1,0 +1,80 @@
+"""Command-line flags that also read an environment variable.
+
+Every knob is `--some-flag` on the command line and `FASTSERVE_SOME_FLAG` in the
+environment; the flag wins, then the variable, then the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+
+def env_name(flag: str) -> str:
+    return "FASTSERVE_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def add_flag(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    *,
+    default: Any,
+    help: str,
+    type: Callable[[str], Any] | None = None,
+    choices: list[Any] | None = None,
+    env: str | None = None,
+) -> None:
+    """Adds `flag` with its environment variable (FASTSERVE_<FLAG> unless `env` names another)."""
+    env = env or env_name(flag)
+    if type is None:
+        type = _parse_bool if isinstance(default, bool) else (builtin_type(default) or str)
+    value = default
+    if env in os.environ:
+        try:
+            value = type(os.environ[env])
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            parser.error(f"environment variable {env}={os.environ[env]!r} is not valid for {flag}: {exc}")
+    if isinstance(default, bool):
+        parser.add_argument(
+            flag,
+            default=value,
+            type=_parse_bool,
+            nargs="?",
+            const=True,
+            metavar="BOOL",
+            help=f"{help} [env {env}; default {default}]",
+        )
+        return
+    parser.add_argument(
+        flag, default=value, type=type, choices=choices, help=f"{help} [env {env}; default {default}]"
+    )
+
+
+def builtin_type(value: Any) -> Callable[[str], Any] | None:
+    return {int: int, float: float, str: str}.get(value.__class__) if value is not None else None
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(
+        parser,
+        "--log-level",
+        default="INFO",
+        help="logging level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    )
+
+
+def setup_logging(level: str, service: str) -> logging.Logger:
+    logging.basicConfig(level=level, format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s")
+    return logging.getLogger(f"fastserve.{service}")

@@ -1,0 +1,100 @@
+"""gRPC plumbing every service shares: servers with health and reflection, channels, waiting for peers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger("fastserve.rpc")
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # internal messages carry block tables of many jobs
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+]
+
+
+def create_server(max_receive_bytes: int = MAX_MESSAGE_BYTES, interceptors=None) -> grpc.aio.Server:
+    return grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_receive_bytes),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+        interceptors=interceptors,
+    )
+
+
+class ServingState:
+    """Health and reflection for a server; mark_serving() once the service can do its job."""
+
+    def __init__(self, server: grpc.aio.Server, service_names: list[str]) -> None:
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        self.service_names = service_names
+
+    async def _set(self, status: int) -> None:
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def mark_serving(self) -> None:
+        await self._set(health_pb2.HealthCheckResponse.SERVING)
+
+    async def mark_not_serving(self) -> None:
+        await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+async def start_server(
+    server: grpc.aio.Server, service_names: list[str], host: str, port: int
+) -> tuple[ServingState, str]:
+    """Adds health + reflection, binds and starts; health stays NOT_SERVING until state.mark_serving()."""
+    state = ServingState(server, service_names)
+    await state.mark_not_serving()
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise SystemExit(f"cannot listen on {host}:{port} (--host/--port): address in use or not available")
+    await server.start()
+    return state, f"{host}:{bound}"
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+async def wait_serving(chan: grpc.aio.Channel, address: str, timeout: float = 300.0) -> None:
+    """Waits until the peer at `address` answers SERVING on grpc.health.v1."""
+    stub = health_pb2_grpc.HealthStub(chan)
+    deadline = time.monotonic() + timeout
+    last_error = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            last_error = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.aio.AioRpcError as exc:
+            last_error = exc.code().name
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"{address} not SERVING after {timeout:.0f}s (last: {last_error})")
+
+
+def check_serving_sync(address: str, timeout: float = 1.0) -> bool:
+    """Blocking health probe, for the launcher and tests."""
+    with grpc.insecure_channel(address) as chan:
+        try:
+            reply = health_pb2_grpc.HealthStub(chan).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING

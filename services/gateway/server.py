@@ -1,0 +1,259 @@
+"""The gateway service: the public fastserve.v1.Gateway API.
+
+Validates, tokenizes, records the request in Redis, hands it to the scheduler on a
+stream of its own and turns the tokens coming back into text deltas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from fastserve.flags import add_common_flags, add_flag, setup_logging
+from fastserve.rpc import channel, create_server, start_server, wait_serving
+from fastserve.store import RequestStore
+from fastserve.tokenizer import Tokenizer, load_tokenizer
+from fastserve.v1 import common_pb2, scheduler_pb2
+from fastserve.v1 import gateway_pb2 as pb
+from fastserve.v1 import gateway_pb2_grpc as pb_grpc
+from fastserve.v1.scheduler_pb2_grpc import SchedulerStub
+
+from .text_stream import TextStream
+from .validation import InvalidRequest, Limits, check_envelope, check_length, resolve_sampling
+
+log = logging.getLogger("fastserve.gateway")
+FR = common_pb2.FinishReason
+VERSION = "0.1.0"
+
+
+class GatewayService(pb_grpc.GatewayServicer):
+    def __init__(
+        self,
+        scheduler: SchedulerStub,
+        store: RequestStore,
+        tokenizer: Tokenizer,
+        info: scheduler_pb2.SchedulerInfo,
+        limits: Limits,
+    ) -> None:
+        self.scheduler = scheduler
+        self.store = store
+        self.tokenizer = tokenizer
+        self.info = info
+        self.limits = limits
+        self.in_flight: set[str] = set()
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        arrival = time.time()
+        try:
+            check_envelope(request, self.limits)
+            sampling = resolve_sampling(request, self.limits)
+            prompt_ids = list(request.prompt_token_ids) or self.tokenizer.encode(request.prompt)
+            check_length(len(prompt_ids), sampling.max_tokens, self.limits)
+            request_id = request.request_id or uuid.uuid4().hex
+            if request_id in self.in_flight:
+                raise InvalidRequest(f"request_id: {request_id!r} is already in flight")
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+        self.in_flight.add(request_id)
+        call = None
+        try:
+            await self.store.write(
+                {
+                    request_id: {
+                        "state": "queued",
+                        "prompt_tokens": len(prompt_ids),
+                        "generated_tokens": 0,
+                        "max_tokens": sampling.max_tokens,
+                        "arrival_time": arrival,
+                        "first_token_time": 0,
+                        "finish_time": 0,
+                        "model": self.info.model,
+                    }
+                }
+            )
+            submit = scheduler_pb2.SubmitRequest(
+                request_id=request_id,
+                prompt_token_ids=prompt_ids,
+                max_tokens=sampling.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                ignore_eos=sampling.ignore_eos,
+                arrival_time=arrival,
+                seed=sampling.seed,
+            )
+            call = self.scheduler.Submit(submit)
+            async for reply in self._relay(
+                request_id, call, TextStream(self.tokenizer, sampling.stop), len(prompt_ids)
+            ):
+                yield reply
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.details())
+            log.error("request %s: scheduler failed: %s %s", request_id, exc.code().name, exc.details())
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"scheduler: {exc.code().name}: {exc.details()}")
+        finally:
+            self.in_flight.discard(request_id)
+            if call is not None and not call.done():
+                call.cancel()  # the client went away: the scheduler drops the job
+
+    async def _relay(
+        self, request_id: str, call, text: TextStream, prompt_len: int
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        completion = 0
+        async for reply in call:
+            completion += len(reply.token_ids)
+            delta = text.add(list(reply.token_ids)) if reply.token_ids else ""
+            if text.stopped:
+                await self.scheduler.Abort(
+                    scheduler_pb2.AbortRequest(request_id=request_id, reason=FR.FINISH_REASON_STOP)
+                )
+                yield self._final(
+                    request_id, reply.token_ids, delta, FR.FINISH_REASON_STOP, prompt_len, completion
+                )
+                return
+            if reply.finish_reason:
+                delta += text.finish()
+                reason = FR.FINISH_REASON_STOP if text.stopped else reply.finish_reason
+                yield self._final(
+                    request_id, reply.token_ids, delta, reason, prompt_len, completion, reply.error
+                )
+                return
+            if reply.token_ids:
+                yield pb.GenerateResponse(request_id=request_id, token_ids=reply.token_ids, text=delta)
+        yield self._final(
+            request_id,
+            [],
+            text.finish(),
+            FR.FINISH_REASON_ERROR,
+            prompt_len,
+            completion,
+            "the scheduler closed the stream before the request finished",
+        )
+
+    @staticmethod
+    def _final(
+        request_id: str, token_ids, text: str, reason: int, prompt_len: int, completion: int, error: str = ""
+    ) -> pb.GenerateResponse:
+        return pb.GenerateResponse(
+            request_id=request_id,
+            token_ids=token_ids,
+            text=text,
+            finish_reason=reason,
+            usage=common_pb2.Usage(prompt_tokens=prompt_len, completion_tokens=completion),
+            error=error,
+        )
+
+    async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
+        reply = await self.scheduler.Abort(scheduler_pb2.AbortRequest(request_id=request.request_id))
+        return pb.CancelResponse(cancelled=reply.found)
+
+    async def GetRequest(
+        self, request: pb.GetRequestRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RequestInfo:
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
+        record = await self.store.read(request.request_id)
+        if record is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"request_id: no record of {request.request_id!r} (records expire after --request-ttl)",
+            )
+        fields = {f.name for f in pb.RequestInfo.DESCRIPTOR.fields}
+        return pb.RequestInfo(
+            request_id=request.request_id, **{k: v for k, v in record.items() if k in fields}
+        )
+
+    async def ServerInfo(
+        self, request: pb.ServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerInfoResponse:
+        i = self.info
+        return pb.ServerInfoResponse(
+            model=i.model,
+            dtype=i.dtype,
+            device=i.device,
+            policy=i.policy,
+            tensor_parallel_size=i.tensor_parallel_size,
+            pipeline_parallel_size=i.pipeline_parallel_size,
+            max_batch_size=i.max_batch_size,
+            max_num_batched_tokens=i.max_num_batched_tokens,
+            max_model_len=self.limits.max_model_len,
+            max_tokens_limit=self.limits.max_tokens_limit,
+            vocab_size=i.vocab_size,
+            block_size=i.block_size,
+            num_gpu_blocks=i.num_gpu_blocks,
+            num_host_blocks=i.num_host_blocks,
+            swap_policy=i.swap_policy,
+            version=VERSION,
+        )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="fastserve gateway", description="FastServe gateway: the public gRPC API"
+    )
+    add_flag(parser, "--host", default="0.0.0.0", help="address to listen on", env="FASTSERVE_GATEWAY_HOST")
+    add_flag(parser, "--port", default=50051, help="port to listen on")
+    add_flag(parser, "--scheduler-address", default="127.0.0.1:50052", help="the scheduler")
+    add_flag(parser, "--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for request metadata")
+    add_flag(parser, "--request-ttl", default=86400, help="seconds a request's Redis record is kept")
+    add_flag(
+        parser, "--tokenizer", default="auto", help="auto (the model's), byte, or a Hugging Face tokenizer"
+    )
+    add_flag(parser, "--max-tokens-limit", default=2048, help="largest sampling.max_tokens accepted")
+    add_flag(
+        parser, "--max-request-bytes", default=1 << 20, help="largest GenerateRequest accepted, in bytes"
+    )
+    add_flag(parser, "--max-stop-strings", default=16, help="most sampling.stop strings in one request")
+    add_flag(parser, "--connect-timeout", default=600.0, help="seconds to wait for the scheduler")
+    add_common_flags(parser)
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    sched_channel = channel(args.scheduler_address)
+    await wait_serving(sched_channel, args.scheduler_address, args.connect_timeout)
+    scheduler = SchedulerStub(sched_channel)
+    info = await scheduler.Info(scheduler_pb2.SchedulerInfoRequest())
+    log.info(
+        "connected to scheduler at %s (model %s, policy %s)", args.scheduler_address, info.model, info.policy
+    )
+    store = RequestStore(args.redis_url, args.request_ttl)
+    await store.ping()
+    log.info("connected to Redis at %s", args.redis_url.split("@")[-1])
+    tokenizer = load_tokenizer(info.tokenizer if args.tokenizer == "auto" else args.tokenizer)
+    limits = Limits(
+        vocab_size=info.vocab_size,
+        max_model_len=info.max_model_len,
+        max_tokens_limit=args.max_tokens_limit,
+        max_request_bytes=args.max_request_bytes,
+        max_stop_strings=args.max_stop_strings,
+    )
+
+    # the transport cap sits above --max-request-bytes so an oversized request gets our message
+    server = create_server(max_receive_bytes=4 * args.max_request_bytes + 4096)
+    pb_grpc.add_GatewayServicer_to_server(GatewayService(scheduler, store, tokenizer, info, limits), server)
+    state, address = await start_server(
+        server, [pb.DESCRIPTOR.services_by_name["Gateway"].full_name], args.host, args.port
+    )
+    await state.mark_serving()
+    log.info("listening on %s", address)
+    await server.wait_for_termination()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level, "gateway")
+    asyncio.run(serve(args))
+    return 0

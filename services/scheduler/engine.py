@@ -1,0 +1,315 @@
+"""The iteration loop: before every model iteration, ask the policy which jobs run.
+
+Per iteration: order the jobs (policy), form a batch within the limits and the KV
+budget, get block tables from the kvmanager, run the step on every worker rank,
+hand each job its token, account the iteration to the policy (demotions,
+promotions), and write what changed to Redis in one pipeline. With pipeline
+parallelism k batches of disjoint jobs are in flight at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from fastserve.store import RequestStore
+from fastserve.v1 import common_pb2, kvmanager_pb2, scheduler_pb2, worker_pb2
+from fastserve.v1.kvmanager_pb2_grpc import KVManagerStub
+
+from .policy import BatchLimits, Job, Policy, Transition, form_batch
+from .workers import WorkerError, WorkerGroup
+
+log = logging.getLogger("fastserve.scheduler.engine")
+
+FR = common_pb2.FinishReason
+STATE_OF_REASON = {
+    FR.FINISH_REASON_STOP: "finished",
+    FR.FINISH_REASON_LENGTH: "finished",
+    FR.FINISH_REASON_CANCELLED: "cancelled",
+    FR.FINISH_REASON_ERROR: "failed",
+}
+
+
+@dataclass
+class LiveJob:
+    """A job in the live system: the policy's view plus its tokens, sampling and output stream."""
+
+    job: Job
+    prompt: list[int]
+    request: scheduler_pb2.SubmitRequest
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    generated: list[int] = field(default_factory=list)
+    state: str = "queued"
+    first_token_time: float = 0.0
+    finish_time: float = 0.0
+    finish_reason: int = FR.FINISH_REASON_UNSPECIFIED
+    abort_reason: int | None = None  # asked to stop while its iteration was in flight
+    in_flight: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return self.job.request_id
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason != FR.FINISH_REASON_UNSPECIFIED
+
+    def step_input(self, block_table: list[int]) -> worker_pb2.SeqStep:
+        tokens = self.prompt + self.generated
+        prefill = self.job.needs_prefill
+        seq = worker_pb2.SeqStep(
+            request_id=self.request_id,
+            token_ids=tokens if prefill else tokens[-1:],
+            start_pos=0 if prefill else len(tokens) - 1,
+            block_table=block_table,
+            temperature=self.request.temperature,
+            top_p=self.request.top_p,
+            top_k=self.request.top_k,
+            sample_index=len(self.generated),
+        )
+        if self.request.HasField("seed"):
+            seq.seed = self.request.seed
+        return seq
+
+    def record(self) -> dict[str, object]:
+        job = self.job
+        return {
+            "state": self.state,
+            "prompt_tokens": job.prompt_len,
+            "generated_tokens": len(self.generated),
+            "queue_level": job.level,
+            "first_token_time": self.first_token_time,
+            "finish_time": self.finish_time,
+            "preemptions": job.preemptions,
+            "demotions": job.demotions,
+            "promotions": job.promotions,
+            "finish_reason": FR.Name(self.finish_reason).removeprefix("FINISH_REASON_").lower()
+            if self.finished
+            else "",
+        }
+
+
+class Engine:
+    def __init__(
+        self,
+        policy: Policy,
+        limits: BatchLimits,
+        workers: WorkerGroup,
+        kv: KVManagerStub,
+        store: RequestStore,
+        *,
+        eos_token_id: int,
+        block_size: int,
+        num_gpu_blocks: int,
+        pp_size: int,
+    ) -> None:
+        self.policy = policy
+        self.limits = limits
+        self.workers = workers
+        self.kv = kv
+        self.store = store
+        self.eos_token_id = eos_token_id
+        self.block_size = block_size
+        self.pp_size = pp_size
+        self.jobs: dict[str, LiveJob] = {}
+        self.free_blocks = num_gpu_blocks
+        self.blocks_held: dict[str, int] = {}
+        self.running: set[str] = set()
+        self.pending_free: list[str] = []
+        self.dirty: dict[str, LiveJob] = {}
+        self.iterations = 0
+        self.wakeup = asyncio.Event()
+
+    # -- requests in and out -------------------------------------------------------------
+
+    def submit(self, request: scheduler_pb2.SubmitRequest) -> LiveJob:
+        now = time.monotonic()
+        job = Job(
+            request_id=request.request_id,
+            prompt_len=len(request.prompt_token_ids),
+            max_tokens=request.max_tokens,
+            arrival_time=now,
+        )
+        live = LiveJob(job=job, prompt=list(request.prompt_token_ids), request=request)
+        self.jobs[job.request_id] = live
+        self._apply(self.policy.add(job, now))
+        self.dirty[job.request_id] = live
+        self.wakeup.set()
+        return live
+
+    def abort(self, request_id: str, reason: int = FR.FINISH_REASON_CANCELLED) -> bool:
+        live = self.jobs.get(request_id)
+        if live is None or live.finished:
+            return False
+        if live.in_flight:
+            live.abort_reason = reason  # finished when its iteration comes back
+        else:
+            self._finish(live, reason)
+        self.wakeup.set()
+        return True
+
+    def _finish(self, live: LiveJob, reason: int, error: str = "") -> None:
+        live.finish_reason = reason
+        live.state = STATE_OF_REASON[reason]
+        live.finish_time = time.time()
+        self.policy.remove(live.request_id)
+        self.jobs.pop(live.request_id, None)
+        self.running.discard(live.request_id)
+        if self.blocks_held.pop(live.request_id, 0):
+            self.pending_free.append(live.request_id)
+        self.dirty[live.request_id] = live
+        live.outbox.put_nowait(
+            scheduler_pb2.SubmitResponse(
+                finish_reason=reason,
+                prompt_tokens=live.job.prompt_len,
+                completion_tokens=len(live.generated),
+                error=error,
+            )
+        )
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        in_flight: dict[asyncio.Task, list[LiveJob]] = {}
+        while True:
+            await self._free_finished()
+            while len(in_flight) < self.pp_size:
+                batch, tables = await self._next_batch()
+                if not batch:
+                    break
+                for live in batch:
+                    live.in_flight = True
+                task = asyncio.create_task(self._execute(batch, tables))
+                in_flight[task] = batch
+            if not in_flight:
+                await self._write_store()
+                await self.wakeup.wait()
+                self.wakeup.clear()
+                continue
+            done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                self._complete(in_flight.pop(task), *task.result())
+            await self._write_store()
+
+    async def _next_batch(self) -> tuple[list[LiveJob], dict[str, list[int]]]:
+        now = time.monotonic()
+        busy = {rid for rid, live in self.jobs.items() if live.in_flight}
+        chosen = form_batch(
+            self.policy.order(now),
+            self.limits,
+            busy=busy,
+            free_blocks=self.free_blocks,
+            block_size=self.block_size,
+            blocks_held=self.blocks_held,
+        )
+        if not chosen:
+            return [], {}
+        plan = await self.kv.Plan(
+            kvmanager_pb2.PlanRequest(
+                iteration=self.iterations,
+                batch=[
+                    kvmanager_pb2.JobDemand(request_id=j.request_id, num_tokens=j.context_len) for j in chosen
+                ],
+            )
+        )
+        self.free_blocks = plan.free_gpu_blocks
+        tables = {t.request_id: list(t.blocks) for t in plan.tables}
+        for rid, table in tables.items():
+            self.blocks_held[rid] = len(table)
+        batch = [
+            self.jobs[j.request_id] for j in chosen if j.request_id in tables and j.request_id in self.jobs
+        ]
+        self._mark_preempted({live.request_id for live in batch} | busy)
+        for live in batch:
+            if live.state != "running":
+                live.state = "running"
+                self.dirty[live.request_id] = live
+        return batch, tables
+
+    def _mark_preempted(self, scheduled: set[str]) -> None:
+        """Jobs that ran last time and are left out now were preempted at this iteration boundary."""
+        for rid in self.running - scheduled:
+            live = self.jobs.get(rid)
+            if live is not None:
+                live.state = "preempted"
+                live.job.preemptions += 1
+                self.dirty[rid] = live
+        self.running = scheduled
+
+    async def _execute(
+        self, batch: list[LiveJob], tables: dict[str, list[int]]
+    ) -> tuple[list[int] | None, float, str]:
+        self.iterations += 1
+        request = worker_pb2.StepRequest(
+            step_id=self.iterations, seqs=[live.step_input(tables[live.request_id]) for live in batch]
+        )
+        started = time.monotonic()
+        try:
+            reply = await self.workers.step(request)
+        except WorkerError as exc:
+            return None, time.monotonic() - started, str(exc)
+        if len(reply.token_ids) != len(batch):
+            return (
+                None,
+                time.monotonic() - started,
+                f"driver returned {len(reply.token_ids)} tokens for {len(batch)} jobs",
+            )
+        return list(reply.token_ids), time.monotonic() - started, ""
+
+    def _complete(self, batch: list[LiveJob], tokens: list[int] | None, elapsed: float, error: str) -> None:
+        now = time.monotonic()
+        for live in batch:
+            live.in_flight = False
+        if tokens is None:
+            log.error("iteration failed for %d jobs: %s", len(batch), error)
+            for live in batch:
+                self._finish(live, FR.FINISH_REASON_ERROR, error)
+            return
+        for live, token in zip(batch, tokens, strict=True):
+            if live.finished:
+                continue
+            self._emit(live, token)
+        self._apply(self.policy.on_iteration_done([live.job for live in batch], elapsed, now))
+        for live in batch:
+            if not live.finished and live.abort_reason is not None:
+                self._finish(live, live.abort_reason)
+
+    def _emit(self, live: LiveJob, token: int) -> None:
+        live.generated.append(token)
+        live.job.num_generated += 1
+        live.job.needs_prefill = False
+        if not live.first_token_time:
+            live.first_token_time = time.time()
+        self.dirty[live.request_id] = live
+        reason = FR.FINISH_REASON_UNSPECIFIED
+        if token == self.eos_token_id and not live.request.ignore_eos:
+            reason = FR.FINISH_REASON_STOP
+        elif len(live.generated) >= live.job.max_tokens:
+            reason = FR.FINISH_REASON_LENGTH
+        live.outbox.put_nowait(scheduler_pb2.SubmitResponse(token_ids=[token]))
+        if reason != FR.FINISH_REASON_UNSPECIFIED:
+            self._finish(live, reason)
+
+    def _apply(self, transitions: list[Transition]) -> None:
+        for t in transitions:
+            live = self.jobs.get(t.request_id)
+            if live is not None:
+                self.dirty[t.request_id] = live
+
+    async def _free_finished(self) -> None:
+        if not self.pending_free:
+            return
+        ids, self.pending_free = self.pending_free, []
+        reply = await self.kv.Free(kvmanager_pb2.FreeRequest(request_ids=ids))
+        self.free_blocks = reply.free_gpu_blocks
+
+    async def _write_store(self) -> None:
+        if not self.dirty:
+            return
+        updates, self.dirty = {rid: live.record() for rid, live in self.dirty.items()}, {}
+        try:
+            await self.store.write(updates)
+        except Exception as exc:  # Redis trouble must not stop serving
+            log.warning("could not write %d request records to Redis: %s", len(updates), exc)

@@ -1,0 +1,202 @@
+"""The scheduler service: owns the iteration loop and the scheduling policy."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from fastserve.model_spec import resolve_model
+
+from fastserve.flags import add_common_flags, add_flag, setup_logging
+from fastserve.rpc import channel, create_server, start_server, wait_serving
+from fastserve.store import RequestStore
+from fastserve.v1 import common_pb2, kvmanager_pb2
+from fastserve.v1 import scheduler_pb2 as pb
+from fastserve.v1 import scheduler_pb2_grpc as pb_grpc
+from fastserve.v1.kvmanager_pb2_grpc import KVManagerStub
+
+from .engine import Engine
+from .policy import POLICIES, BatchLimits, PolicyConfig, make_policy
+from .workers import WorkerGroup
+
+log = logging.getLogger("fastserve.scheduler")
+
+
+class SchedulerService(pb_grpc.SchedulerServicer):
+    """Registered before the server starts; answers UNAVAILABLE until `ready` hands it the engine."""
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.info = pb.SchedulerInfo()
+
+    def ready(self, engine: Engine, info: pb.SchedulerInfo) -> None:
+        self.engine, self.info = engine, info
+
+    async def _require_engine(self, context: grpc.aio.ServicerContext) -> Engine:
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler is still connecting to its workers")
+        return self.engine
+
+    async def Submit(
+        self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SubmitResponse]:
+        await self._require_engine(context)
+        problem = self._check(request)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        live = self.engine.submit(request)
+        try:
+            while True:
+                message = await live.outbox.get()
+                yield message
+                if message.finish_reason:
+                    return
+        finally:
+            if not live.finished:  # the gateway went away: the job leaves within one iteration
+                self.engine.abort(request.request_id)
+
+    def _check(self, request: pb.SubmitRequest) -> str:
+        if not request.request_id:
+            return "request_id: must not be empty"
+        if request.request_id in self.engine.jobs:
+            return f"request_id: {request.request_id!r} is already in flight"
+        if not request.prompt_token_ids:
+            return "prompt_token_ids: must not be empty"
+        if request.max_tokens < 1:
+            return "max_tokens: must be >= 1"
+        total = len(request.prompt_token_ids) + request.max_tokens
+        if total > self.info.max_model_len:
+            return f"prompt ({len(request.prompt_token_ids)} tokens) + max_tokens ({request.max_tokens}) = {total} exceeds max_model_len {self.info.max_model_len}"
+        bad = next((t for t in request.prompt_token_ids if t >= self.info.vocab_size), None)
+        if bad is not None:
+            return f"prompt_token_ids: {bad} is outside the vocabulary [0, {self.info.vocab_size})"
+        return ""
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        engine = await self._require_engine(context)
+        reason = request.reason or common_pb2.FINISH_REASON_CANCELLED
+        return pb.AbortResponse(found=engine.abort(request.request_id, reason))
+
+    async def Info(
+        self, request: pb.SchedulerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SchedulerInfo:
+        engine = await self._require_engine(context)
+        info = pb.SchedulerInfo()
+        info.CopyFrom(self.info)
+        info.num_running = sum(1 for j in engine.jobs.values() if j.state == "running")
+        info.num_waiting = len(engine.jobs) - info.num_running
+        info.iterations = engine.iterations
+        return info
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fastserve scheduler", description="FastServe scheduler service")
+    add_flag(
+        parser, "--host", default="127.0.0.1", help="address to listen on", env="FASTSERVE_SCHEDULER_HOST"
+    )
+    add_flag(parser, "--port", default=50052, help="port to listen on", env="FASTSERVE_SCHEDULER_PORT")
+    add_flag(
+        parser,
+        "--worker-addresses",
+        default="127.0.0.1:50060",
+        help="comma-separated worker ranks, rank order",
+    )
+    add_flag(parser, "--kvmanager-address", default="127.0.0.1:50053", help="the KV manager")
+    add_flag(parser, "--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for request metadata")
+    add_flag(parser, "--request-ttl", default=86400, help="seconds a request's Redis record is kept")
+    add_flag(parser, "--policy", default="fcfs", help="scheduling policy", choices=sorted(POLICIES))
+    add_flag(parser, "--max-batch-size", default=16, help="most jobs in one iteration")
+    add_flag(parser, "--max-num-batched-tokens", default=2048, help="most tokens fed in one iteration")
+    add_flag(
+        parser, "--connect-timeout", default=600.0, help="seconds to wait for workers and the KV manager"
+    )
+    add_common_flags(parser)
+    args = parser.parse_args(argv)
+    if args.max_batch_size < 1:
+        parser.error(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if args.max_num_batched_tokens < 1:
+        parser.error(f"--max-num-batched-tokens must be >= 1, got {args.max_num_batched_tokens}")
+    return args
+
+
+async def serve(args: argparse.Namespace) -> None:
+    server = create_server()
+    service = SchedulerService()
+    pb_grpc.add_SchedulerServicer_to_server(service, server)
+    service_name = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
+    state, address = await start_server(server, [service_name], args.host, args.port)
+    log.info("listening on %s (NOT_SERVING until workers and KV manager answer)", address)
+
+    store = RequestStore(args.redis_url, args.request_ttl)
+    await store.ping()
+    log.info("connected to Redis at %s", args.redis_url.split("@")[-1])
+    kv_channel = channel(args.kvmanager_address)
+    await wait_serving(kv_channel, args.kvmanager_address, args.connect_timeout)
+    kv = KVManagerStub(kv_channel)
+    log.info("connected to KV manager at %s", args.kvmanager_address)
+    workers = WorkerGroup([a.strip() for a in args.worker_addresses.split(",") if a.strip()])
+    await workers.connect(args.connect_timeout)
+
+    first = workers.infos[0]
+    await kv.Configure(
+        kvmanager_pb2.ConfigureRequest(
+            num_gpu_blocks=workers.num_gpu_blocks,
+            num_host_blocks=workers.num_host_blocks,
+            block_size=first.block_size,
+        )
+    )
+    limits = BatchLimits(max_batch_size=args.max_batch_size, max_batched_tokens=args.max_num_batched_tokens)
+    policy = make_policy(PolicyConfig(name=args.policy))
+    engine = Engine(
+        policy,
+        limits,
+        workers,
+        kv,
+        store,
+        eos_token_id=first.eos_token_id,
+        block_size=first.block_size,
+        num_gpu_blocks=workers.num_gpu_blocks,
+        pp_size=first.pp_size,
+    )
+    info = pb.SchedulerInfo(
+        model=first.model,
+        dtype=first.dtype,
+        device=first.device,
+        policy=args.policy,
+        tensor_parallel_size=first.tp_size,
+        pipeline_parallel_size=first.pp_size,
+        max_batch_size=args.max_batch_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=first.block_size,
+        num_gpu_blocks=workers.num_gpu_blocks,
+        num_host_blocks=workers.num_host_blocks,
+        vocab_size=first.vocab_size,
+        max_model_len=min(first.max_positions, workers.num_gpu_blocks * first.block_size),
+        eos_token_id=first.eos_token_id,
+        tokenizer=resolve_model(first.model).tokenizer,
+    )
+    service.ready(engine, info)
+    loop_task = asyncio.create_task(engine.run())
+    await state.mark_serving()
+    log.info(
+        "serving: policy %s, max batch %d, max batched tokens %d, max model len %d",
+        args.policy,
+        args.max_batch_size,
+        args.max_num_batched_tokens,
+        info.max_model_len,
+    )
+    done, _ = await asyncio.wait(
+        [loop_task, asyncio.create_task(server.wait_for_termination())], return_when=asyncio.FIRST_COMPLETED
+    )
+    for task in done:
+        task.result()  # a crashed loop must take the service down loudly
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level, "scheduler")
+    asyncio.run(serve(args))
+    return 0

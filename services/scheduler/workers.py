@@ -1,0 +1,128 @@
+"""The scheduler's side of the worker streams: one bidirectional Step stream per rank."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from fastserve.rpc import channel, wait_serving
+from fastserve.v1 import worker_pb2 as pb
+from fastserve.v1 import worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger("fastserve.scheduler.workers")
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class WorkerGroup:
+    """Sends every step to every rank and returns the driver rank's answer.
+
+    Steps may overlap (pipeline parallelism keeps several in flight); writes are
+    serialised so every rank sees steps in the same order, and one reader per rank
+    matches answers to steps by id.
+    """
+
+    def __init__(self, addresses: list[str]) -> None:
+        if not addresses:
+            raise ValueError("--worker-addresses must name at least one worker")
+        self.addresses = addresses
+        self.infos: list[pb.WorkerInfo] = []
+        self._calls: list[grpc.aio.StreamStreamCall] = []
+        self._pending: dict[int, list[asyncio.Future]] = {}
+        self._write_lock = asyncio.Lock()
+        self._readers: list[asyncio.Task] = []
+        self.broken: WorkerError | None = None
+
+    async def connect(self, timeout: float) -> None:
+        channels = [channel(a) for a in self.addresses]
+        await asyncio.gather(
+            *(wait_serving(c, a, timeout) for c, a in zip(channels, self.addresses, strict=True))
+        )
+        stubs = [pb_grpc.WorkerStub(c) for c in channels]
+        self.infos = list(await asyncio.gather(*(s.Info(pb.WorkerInfoRequest()) for s in stubs)))
+        self._check_consistent()
+        self._calls = [stub.Step() for stub in stubs]
+        self._readers = [asyncio.create_task(self._read(rank, call)) for rank, call in enumerate(self._calls)]
+        for address, info in zip(self.addresses, self.infos, strict=True):
+            log.info(
+                "connected to worker rank %d at %s (%s, %s, %d KV blocks%s)",
+                info.rank,
+                address,
+                info.model,
+                info.device,
+                info.num_gpu_blocks,
+                ", driver" if info.is_driver else "",
+            )
+
+    def _check_consistent(self) -> None:
+        first = self.infos[0]
+        for info in self.infos:
+            if (info.model, info.block_size, info.world_size) != (
+                first.model,
+                first.block_size,
+                first.world_size,
+            ):
+                raise WorkerError(
+                    f"workers disagree: {info.model}/{info.block_size}/{info.world_size} vs "
+                    f"{first.model}/{first.block_size}/{first.world_size}"
+                )
+        if len(self.infos) != first.world_size:
+            raise WorkerError(
+                f"{len(self.infos)} worker addresses given but the world has {first.world_size} ranks"
+            )
+        if sum(info.is_driver for info in self.infos) != 1:
+            raise WorkerError("exactly one worker rank must be the driver (last stage, TP rank 0)")
+
+    @property
+    def driver(self) -> int:
+        return next(i for i, info in enumerate(self.infos) if info.is_driver)
+
+    @property
+    def num_gpu_blocks(self) -> int:
+        return min(info.num_gpu_blocks for info in self.infos)
+
+    @property
+    def num_host_blocks(self) -> int:
+        return min(info.num_host_blocks for info in self.infos)
+
+    async def _read(self, rank: int, call: grpc.aio.StreamStreamCall) -> None:
+        try:
+            async for reply in call:
+                futures = self._pending.get(reply.step_id)
+                if futures and not futures[rank].done():
+                    futures[rank].set_result(reply)
+            error = WorkerError(f"worker rank {rank} closed its step stream")
+        except grpc.aio.AioRpcError as exc:
+            error = WorkerError(
+                f"worker rank {rank} ({self.addresses[rank]}): {exc.code().name} {exc.details()}"
+            )
+        log.error("%s", error)
+        self.broken = error
+        for futures in self._pending.values():
+            if not futures[rank].done():
+                futures[rank].set_exception(error)
+
+    async def step(self, request: pb.StepRequest) -> pb.StepResponse:
+        """Runs one step on every rank; the driver's answer, or WorkerError if any rank failed."""
+        if self.broken is not None:
+            raise self.broken
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in self._calls]
+        self._pending[request.step_id] = futures
+        try:
+            async with self._write_lock:
+                for call in self._calls:
+                    await call.write(request)
+            replies = await asyncio.gather(*futures)
+        except grpc.aio.AioRpcError as exc:
+            raise WorkerError(f"sending step {request.step_id}: {exc.code().name} {exc.details()}") from exc
+        finally:
+            self._pending.pop(request.step_id, None)
+        errors = [f"rank {i}: {r.error}" for i, r in enumerate(replies) if r.error]
+        if errors:
+            raise WorkerError("; ".join(errors))
+        return replies[self.driver]

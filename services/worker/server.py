@@ -1,0 +1,251 @@
+"""The worker service: one rank (one TP shard of one PP stage) of the model.
+
+The scheduler holds one bidirectional Step stream per rank. Steps run one at a time
+in arrival order on a single thread, which is what keeps pipeline stages in step:
+every rank sees the same sequence of steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from fastserve.model_spec import ModelSpec, resolve_model
+
+from fastserve.flags import add_common_flags, add_flag, setup_logging
+from fastserve.rpc import create_server, start_server
+from fastserve.v1 import worker_pb2 as pb
+from fastserve.v1 import worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger("fastserve.worker")
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
+    if name not in table:
+        raise SystemExit(f"--dtype {name!r} is not one of auto, {', '.join(table)}")
+    return table[name]
+
+
+def kv_block_budget(args: argparse.Namespace, spec: ModelSpec, dtype, device: str, parallel) -> int:
+    """KV blocks this rank can hold: --num-gpu-blocks, else a share of free device memory."""
+    from .runner import ModelRunner
+
+    if args.num_gpu_blocks > 0:
+        return args.num_gpu_blocks
+    per_block = ModelRunner.kv_bytes_per_block(
+        spec, dtype, args.block_size, parallel.tp_size if parallel else 1, parallel.pp_size if parallel else 1
+    )
+    if device.startswith("cuda"):
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        budget = free - (1 - args.gpu_memory_utilization) * total
+    else:
+        budget = args.cpu_kv_cache_gib * 2**30
+    blocks = int(budget // per_block)
+    if blocks < 1:
+        raise SystemExit(
+            f"no memory left for the KV cache ({budget / 2**30:.2f} GiB for blocks of {per_block} bytes); "
+            "raise --gpu-memory-utilization / --cpu-kv-cache-gib or set --num-gpu-blocks"
+        )
+    return blocks
+
+
+class WorkerService(pb_grpc.WorkerServicer):
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.runner = None
+        self.info = pb.WorkerInfo()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
+        self.steps_done = 0
+
+    def load(self) -> None:
+        """Joins the torch.distributed world (when there is one), loads the shard and allocates the KV pool."""
+        import torch
+
+        from .runner import ModelRunner
+        from .tp import init_distributed
+
+        args = self.args
+        device = args.device if args.device != "auto" else default_device()
+        dtype = resolve_dtype(args.dtype, device)
+        spec = resolve_model(args.model)
+        parallel = None
+        if args.world_size > 1:
+            parallel = init_distributed(
+                args.rank, args.world_size, args.tp, args.pp, args.master_addr, args.master_port
+            )
+            log.info(
+                "joined torch.distributed world %d as rank %d (tp=%d, pp=%d) via %s:%d",
+                args.world_size,
+                args.rank,
+                args.tp,
+                args.pp,
+                args.master_addr,
+                args.master_port,
+            )
+        if device.startswith("cuda") and parallel is not None:
+            device = (
+                f"cuda:{args.local_rank if args.local_rank >= 0 else args.rank % torch.cuda.device_count()}"
+            )
+        num_blocks = kv_block_budget(args, spec, dtype, device, parallel)
+        started = time.perf_counter()
+        self.runner = ModelRunner(
+            spec,
+            dtype=dtype,
+            device=device,
+            num_gpu_blocks=num_blocks,
+            block_size=args.block_size,
+            parallel=parallel,
+            seed=args.seed,
+        )
+        log.info(
+            "loaded %s (%s, %s) in %.1fs; KV pool %d blocks of %d tokens",
+            spec.name,
+            dtype,
+            device,
+            time.perf_counter() - started,
+            num_blocks,
+            args.block_size,
+        )
+        self.info = pb.WorkerInfo(
+            model=spec.name,
+            dtype=str(dtype).removeprefix("torch."),
+            device=device,
+            rank=args.rank,
+            world_size=args.world_size,
+            tp_size=args.tp,
+            pp_size=args.pp,
+            is_driver=self.runner.is_driver,
+            num_gpu_blocks=num_blocks,
+            num_host_blocks=0,
+            block_size=args.block_size,
+            vocab_size=spec.vocab_size,
+            max_positions=spec.max_positions,
+            eos_token_id=spec.eos_token_id,
+        )
+
+    async def Info(self, request: pb.WorkerInfoRequest, context: grpc.aio.ServicerContext) -> pb.WorkerInfo:
+        return self.info
+
+    def _run_step(self, request: pb.StepRequest) -> pb.StepResponse:
+        from .runner import SeqWork
+
+        seqs = [
+            SeqWork(
+                request_id=s.request_id,
+                token_ids=list(s.token_ids),
+                start_pos=s.start_pos,
+                block_table=list(s.block_table),
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k,
+                seed=s.seed if s.HasField("seed") else None,
+                sample_index=s.sample_index,
+            )
+            for s in request.seqs
+        ]
+        started = time.perf_counter()
+        try:
+            tokens = self.runner.step(seqs) if seqs else None
+        except Exception as exc:  # a bad step fails its jobs, not the worker
+            log.exception("step %d failed", request.step_id)
+            return pb.StepResponse(step_id=request.step_id, error=f"{type(exc).__name__}: {exc}")
+        self.steps_done += 1
+        return pb.StepResponse(
+            step_id=request.step_id, token_ids=tokens or [], compute_seconds=time.perf_counter() - started
+        )
+
+    async def Step(
+        self, request_iterator: AsyncIterator[pb.StepRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StepResponse]:
+        loop = asyncio.get_running_loop()
+        log.info("scheduler opened a step stream from %s", context.peer())
+        async for request in request_iterator:
+            yield await loop.run_in_executor(self.executor, self._run_step, request)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fastserve worker", description="FastServe worker: one model shard")
+    add_flag(parser, "--host", default="127.0.0.1", help="address to listen on", env="FASTSERVE_WORKER_HOST")
+    add_flag(parser, "--port", default=50060, help="port to listen on", env="FASTSERVE_WORKER_PORT")
+    add_flag(parser, "--model", default="opt-tiny", help="preset name, checkpoint directory or hub id")
+    add_flag(
+        parser, "--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16"
+    )
+    add_flag(parser, "--device", default="auto", help="auto (cuda when present), cpu, cuda")
+    add_flag(parser, "--block-size", default=16, help="tokens per KV block")
+    add_flag(parser, "--num-gpu-blocks", default=0, help="KV blocks in the device pool; 0 = size from memory")
+    add_flag(
+        parser, "--gpu-memory-utilization", default=0.9, help="fraction of GPU memory the worker may fill"
+    )
+    add_flag(parser, "--cpu-kv-cache-gib", default=1.0, help="KV pool size on CPU when --num-gpu-blocks is 0")
+    add_flag(
+        parser, "--rank", default=0, help="this worker's rank in the torch.distributed world", env="RANK"
+    )
+    add_flag(
+        parser,
+        "--local-rank",
+        default=-1,
+        help="GPU index on this node; -1 = rank modulo GPUs",
+        env="LOCAL_RANK",
+    )
+    add_flag(parser, "--world-size", default=1, help="ranks in the world = tp * pp", env="WORLD_SIZE")
+    add_flag(parser, "--tp", default=1, help="tensor-parallel size")
+    add_flag(parser, "--pp", default=1, help="pipeline-parallel size")
+    add_flag(
+        parser, "--master-addr", default="127.0.0.1", help="rendezvous address of rank 0", env="MASTER_ADDR"
+    )
+    add_flag(parser, "--master-port", default=29500, help="rendezvous port of rank 0", env="MASTER_PORT")
+    add_flag(parser, "--seed", default=0, help="seed for dummy weights and unseeded sampling")
+    add_common_flags(parser)
+    args = parser.parse_args(argv)
+    if args.tp * args.pp != args.world_size:
+        parser.error(f"--world-size {args.world_size} must equal --tp {args.tp} x --pp {args.pp}")
+    if not 0 <= args.rank < args.world_size:
+        parser.error(f"--rank {args.rank} must be in [0, {args.world_size})")
+    return args
+
+
+async def serve(args: argparse.Namespace) -> None:
+    service = WorkerService(args)
+    server = create_server()
+    pb_grpc.add_WorkerServicer_to_server(service, server)
+    state, address = await start_server(
+        server, [pb.DESCRIPTOR.services_by_name["Worker"].full_name], args.host, args.port
+    )
+    log.info("listening on %s (NOT_SERVING until the model is loaded)", address)
+    await asyncio.get_running_loop().run_in_executor(service.executor, service.load)
+    await state.mark_serving()
+    log.info("rank %d serving %s on %s", args.rank, args.model, address)
+    await server.wait_for_termination()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level, f"worker{args.rank}")
+    asyncio.run(serve(args))
+    return 0
