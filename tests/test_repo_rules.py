@@ -1,0 +1,47 @@
+"""Rules that keep the layout a house and not a heap (DESIGN §6), and fresh generated stubs."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from fastserve.protogen import ROOT, generate
+
+SERVICES = ("gateway", "scheduler", "kvmanager", "worker")
+HEAVY = ("torch", "numpy", "grpc", "redis", "google", "transformers", "fastserve")
+
+
+def imports_of(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_a_service_never_imports_another_service():
+    for service in SERVICES:
+        for path in (ROOT / "services" / service).rglob("*.py"):
+            for name in imports_of(path):
+                other = name.split(".")[1] if name.startswith("services.") and "." in name else None
+                assert other in (None, service), f"{path} imports {name}"
+
+
+def test_shared_package_imports_no_service():
+    for path in (ROOT / "fastserve").rglob("*.py"):
+        assert not any(n.split(".")[0] == "services" for n in imports_of(path)), path
+
+
+def test_policy_package_imports_nothing_heavy():
+    for path in (ROOT / "services" / "scheduler" / "policy").rglob("*.py"):
+        heavy = [n for n in imports_of(path) if n.split(".")[0] in HEAVY]
+        assert not heavy, f"{path} imports {heavy}"
+
+
+def test_committed_stubs_match_the_protos(tmp_path):
+    for fresh in generate(tmp_path):
+        committed = ROOT / fresh.relative_to(tmp_path)
+        assert committed.exists(), f"{committed} is missing: run python -m fastserve.protogen"
+        assert committed.read_text() == fresh.read_text(), f"{committed} is stale: run python -m fastserve.protogen"

@@ -1,0 +1,156 @@
+"""The serving path through real processes: gateway -> scheduler -> kvmanager -> worker, with Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+import redis
+import torch
+
+from fastserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, kvmanager_pb2, kvmanager_pb2_grpc
+
+FR = common_pb2.FinishReason
+
+PROMPTS = [
+    [2, 100, 200, 300],
+    [2, 5, 17, 99, 250, 31, 7],
+    [2, 40],
+    [2, *range(10, 40)],
+    [2, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26],
+    [2, 300, 301, 302, 303, 304],
+    [2, 9, 8, 7, 6, 5, 4, 3, 50, 60, 70, 80, 90],
+    [2, *range(100, 145)],
+]
+MAX_TOKENS = [12, 20, 7, 16, 25, 9, 14, 18]
+
+
+def gateway(stack) -> gateway_pb2_grpc.GatewayStub:
+    return gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(stack.addresses["gateway"]))
+
+
+def greedy(prompt_ids: list[int], max_tokens: int, **extra) -> gateway_pb2.GenerateRequest:
+    sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return gateway_pb2.GenerateRequest(prompt_token_ids=prompt_ids, sampling=sampling, **extra)
+
+
+def collect(stub, request) -> tuple[list[int], gateway_pb2.GenerateResponse]:
+    tokens, last = [], None
+    for reply in stub.Generate(request, timeout=120):
+        tokens.extend(reply.token_ids)
+        last = reply
+    return tokens, last
+
+
+def hf_greedy(checkpoint: str, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    from transformers import GenerationConfig, OPTForCausalLM
+
+    model = OPTForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32).eval()
+    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=1)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), generation_config=config)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def test_greedy_tokens_of_eight_concurrent_requests_equal_transformers(checkpoint_stack, tiny_checkpoint):
+    stub = gateway(checkpoint_stack)
+    results: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        results[i] = collect(stub, greedy(PROMPTS[i], MAX_TOKENS[i]))[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    for i, prompt in enumerate(PROMPTS):
+        assert results[i] == hf_greedy(tiny_checkpoint, prompt, MAX_TOKENS[i]), f"request {i} differs"
+
+
+BAD_REQUESTS = {
+    "empty prompt": (gateway_pb2.GenerateRequest(prompt=""), "prompt"),
+    "neither input": (gateway_pb2.GenerateRequest(), "prompt"),
+    "both inputs": (gateway_pb2.GenerateRequest(prompt="hi", prompt_token_ids=[2, 3]), "both"),
+    "token outside vocabulary": (gateway_pb2.GenerateRequest(prompt_token_ids=[2, 10**6]), "vocabulary"),
+    "too long": (gateway_pb2.GenerateRequest(prompt_token_ids=[2] * 200,
+                                             sampling=common_pb2.SamplingParams(max_tokens=100)), "exceeds"),
+    "max_tokens 0": (gateway_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=0)),
+                     "max_tokens"),
+    "max_tokens above limit": (gateway_pb2.GenerateRequest(
+        prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=100000)), "max_tokens"),
+    "negative temperature": (gateway_pb2.GenerateRequest(
+        prompt="hi", sampling=common_pb2.SamplingParams(temperature=-0.5)), "temperature"),
+    "top_p zero": (gateway_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(top_p=0.0)), "top_p"),
+    "top_p above one": (gateway_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(top_p=1.5)),
+                        "top_p"),
+    "negative top_k": (gateway_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(top_k=-1)),
+                       "top_k"),
+    "oversized": (gateway_pb2.GenerateRequest(prompt="x" * (2 << 20)), "bytes"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_input_is_invalid_argument_and_service_keeps_serving(checkpoint_stack, name):
+    stub = gateway(checkpoint_stack)
+    request, word = BAD_REQUESTS[name]
+    with pytest.raises(grpc.RpcError) as info:
+        collect(stub, request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+    assert word in info.value.details()
+    tokens, last = collect(stub, greedy([2, 42, 43], 3))
+    assert len(tokens) == 3 and last.finish_reason == FR.FINISH_REASON_LENGTH
+
+
+def test_duplicate_in_flight_request_id_is_invalid_argument(checkpoint_stack):
+    stub = gateway(checkpoint_stack)
+    first = stub.Generate(greedy([2, 7, 8], 200, request_id="dup-1"), timeout=120)
+    next(first)  # in flight now
+    with pytest.raises(grpc.RpcError) as info:
+        collect(stub, greedy([2, 7, 8], 3, request_id="dup-1"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request_id" in info.value.details()
+    first.cancel()
+
+
+def test_redis_holds_final_state_and_counts(checkpoint_stack, redis_url):
+    stub = gateway(checkpoint_stack)
+    tokens, last = collect(stub, greedy([2, 60, 61, 62, 63], 6, request_id="redis-check"))
+    time.sleep(0.3)  # the scheduler writes once per iteration, after the stream's last message
+    record = redis.Redis.from_url(redis_url, decode_responses=True).hgetall("fastserve:req:redis-check")
+    assert record["state"] == "finished"
+    assert record["finish_reason"] == "length"
+    assert int(record["prompt_tokens"]) == 5
+    assert int(record["generated_tokens"]) == 6
+    assert float(record["finish_time"]) >= float(record["first_token_time"]) >= float(record["arrival_time"]) > 0
+    assert redis.Redis.from_url(redis_url).ttl("fastserve:req:redis-check") > 0
+    info = stub.GetRequest(gateway_pb2.GetRequestRequest(request_id="redis-check"))
+    assert (info.state, info.generated_tokens, info.prompt_tokens) == ("finished", 6, 5)
+
+
+def test_cancel_and_disconnect_free_kv(checkpoint_stack):
+    stub = gateway(checkpoint_stack)
+    kv = kvmanager_pb2_grpc.KVManagerStub(grpc.insecure_channel(checkpoint_stack.addresses["kvmanager"]))
+    stream = stub.Generate(greedy([2, 70, 71], 1000, request_id="to-cancel"), timeout=120)
+    next(stream)
+    assert stub.Cancel(gateway_pb2.CancelRequest(request_id="to-cancel")).cancelled
+    *_, last = stream
+    assert last.finish_reason == FR.FINISH_REASON_CANCELLED
+
+    dropped = stub.Generate(greedy([2, 80, 81], 1000, request_id="to-drop"), timeout=120)
+    next(dropped)
+    dropped.cancel()  # the client goes away
+    deadline = time.monotonic() + 10
+    while kv.Stats(kvmanager_pb2.StatsRequest()).num_jobs and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = kv.Stats(kvmanager_pb2.StatsRequest())
+    assert stats.num_jobs == 0 and stats.free_gpu_blocks == stats.num_gpu_blocks
+    assert stub.GetRequest(gateway_pb2.GetRequestRequest(request_id="to-drop")).state == "cancelled"
+
+
+def test_server_info_reports_deployment(checkpoint_stack, tiny_checkpoint):
+    info = gateway(checkpoint_stack).ServerInfo(gateway_pb2.ServerInfoRequest())
+    assert info.vocab_size > 0 and info.max_model_len == 256 and info.block_size == 16
+    assert info.num_gpu_blocks == 256 and info.policy and info.tensor_parallel_size == 1

@@ -1,0 +1,98 @@
+"""Unit tests of the small shared pieces: block manager, detokenizer, stop strings, flags, validation."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from fastserve.flags import add_flag
+from fastserve.tokenizer import ByteTokenizer, IncrementalDetokenizer
+from fastserve.v1 import common_pb2, gateway_pb2
+from services.gateway.text_stream import TextStream
+from services.gateway.validation import InvalidRequest, Limits, check_envelope, check_length, resolve_sampling
+from services.kvmanager.block_manager import BlockManager
+
+LIMITS = Limits(vocab_size=272, max_model_len=256, max_tokens_limit=128, max_request_bytes=1024, max_stop_strings=2)
+
+
+def test_block_manager_allocates_all_or_nothing_and_frees():
+    bm = BlockManager(num_gpu_blocks=4, block_size=16)
+    assert bm.allocate("a", 17) == [0, 1]
+    assert bm.allocate("a", 32) == [0, 1]  # still fits
+    assert bm.allocate("b", 40) is None and "b" not in bm.tables  # needs 3, only 2 free
+    assert bm.num_free == 2
+    assert bm.allocate("a", 33) == [0, 1, 2]
+    assert bm.free("a") == 3 and bm.num_free == 4
+    assert bm.allocate("b", 64) is not None and bm.num_free == 0
+
+
+def test_block_manager_refuses_zero_blocks():
+    with pytest.raises(ValueError, match="num_gpu_blocks"):
+        BlockManager(0, 16)
+
+
+def test_detokenizer_never_splits_multibyte_characters():
+    tok = ByteTokenizer()
+    text = "naïve 世界 🚀!"
+    ids = tok.encode(text)[1:]
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.add([i]) for i in ids]
+    assert "".join(pieces) + detok.flush() == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_text_stream_holds_back_only_possible_stop_prefixes_and_cuts_at_stop():
+    tok = ByteTokenizer()
+    stream = TextStream(tok, ("END",))
+    out = stream.add(tok.encode("hello E")[1:])
+    assert out == "hello" and not stream.stopped
+    out += stream.add(tok.encode("NDING")[1:])
+    assert stream.stopped and out == "hello "
+
+
+def test_text_stream_flushes_everything_without_stop():
+    tok = ByteTokenizer()
+    stream = TextStream(tok, ())
+    assert stream.add(tok.encode("abc")[1:]) == "abc"
+    assert stream.finish() == ""
+
+
+def test_flag_reads_environment(monkeypatch):
+    monkeypatch.setenv("FASTSERVE_MAX_BATCH_SIZE", "7")
+    parser = argparse.ArgumentParser()
+    add_flag(parser, "--max-batch-size", default=16, help="x")
+    add_flag(parser, "--demo", default=True, help="y")
+    assert parser.parse_args([]).max_batch_size == 7
+    assert parser.parse_args(["--max-batch-size", "3"]).max_batch_size == 3
+    assert parser.parse_args(["--demo", "false"]).demo is False
+
+
+def request(**sampling) -> gateway_pb2.GenerateRequest:
+    return gateway_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(**sampling))
+
+
+def test_defaults_are_documented_values_when_unset():
+    s = resolve_sampling(request(), LIMITS)
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.ignore_eos) == (16, 1.0, 1.0, 0, None, False)
+    assert resolve_sampling(request(temperature=0.0), LIMITS).temperature == 0.0  # an explicit zero is kept
+
+
+@pytest.mark.parametrize("sampling, field", [
+    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 129}, "128"), ({"temperature": -1}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k"),
+    ({"stop": ["a", "b", "c"]}, "stop"), ({"stop": [""]}, "stop"),
+])
+def test_sampling_errors_name_field_and_limit(sampling, field):
+    with pytest.raises(InvalidRequest, match=field):
+        resolve_sampling(request(**sampling), LIMITS)
+
+
+def test_envelope_and_length_errors():
+    with pytest.raises(InvalidRequest, match="1024"):
+        check_envelope(gateway_pb2.GenerateRequest(prompt="x" * 2000), LIMITS)
+    with pytest.raises(InvalidRequest, match=r"prompt_token_ids\[1\]: 272"):
+        check_envelope(gateway_pb2.GenerateRequest(prompt_token_ids=[2, 272]), LIMITS)
+    with pytest.raises(InvalidRequest, match="256"):
+        check_length(200, 57, LIMITS)
+    check_length(200, 56, LIMITS)
