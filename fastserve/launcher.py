@@ -57,12 +57,14 @@ class Stack:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.addresses: dict[str, str] = {}
 
     def spawn(self, name: str, module: str, flags: list[str]) -> None:
         cmd = [sys.executable, "-m", module, *flags, "--log-level", self.args.log_level]
         self.procs.append((name, popen_child(cmd)))
 
     def wait_serving(self, name: str, address: str) -> None:
+        self.addresses[name] = address
         proc = dict(self.procs)[name]
         deadline = time.monotonic() + self.args.start_timeout
         while not check_serving_sync(address):
@@ -81,6 +83,7 @@ class Stack:
 
             proc, redis_url = start_redis()
             self.procs.append(("redis", proc))
+        self.addresses["redis"] = redis_url
         kv_addr = f"127.0.0.1:{free_port()}"
         self.spawn("kvmanager", "services.kvmanager", ["--port", kv_addr.rsplit(":", 1)[1]])
         world = args.tp * args.pp
