@@ -28,8 +28,23 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 
 def start_stack(redis_url: str, *flags: str) -> Stack:
     """The whole stack as separate processes on free ports (what `fastserve up` runs)."""
-    args = parse_args(["--host", "127.0.0.1", "--port", str(free_port()), "--redis-url", redis_url,
-                       "--demo", "false", "--log-level", "WARNING", "--start-timeout", "180", *flags])
+    args = parse_args(
+        [
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(free_port()),
+            "--redis-url",
+            redis_url,
+            "--demo",
+            "false",
+            "--log-level",
+            "WARNING",
+            "--start-timeout",
+            "180",
+            *flags,
+        ]
+    )
     stack = Stack(args)
     try:
         stack.start()
@@ -49,7 +64,9 @@ def checkpoint_stack(redis_url, tiny_checkpoint):
 
 def alive(pid: int) -> bool:
     try:
-        state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+        state = subprocess.run(
+            ["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         return False
     return bool(state) and not state.startswith("Z")

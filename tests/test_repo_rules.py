@@ -44,4 +44,6 @@ def test_committed_stubs_match_the_protos(tmp_path):
     for fresh in generate(tmp_path):
         committed = ROOT / fresh.relative_to(tmp_path)
         assert committed.exists(), f"{committed} is missing: run python -m fastserve.protogen"
-        assert committed.read_text() == fresh.read_text(), f"{committed} is stale: run python -m fastserve.protogen"
+        assert committed.read_text() == fresh.read_text(), (
+            f"{committed} is stale: run python -m fastserve.protogen"
+        )

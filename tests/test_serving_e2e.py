@@ -51,7 +51,7 @@ def hf_greedy(checkpoint: str, prompt_ids: list[int], max_tokens: int) -> list[i
     config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=1)
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt_ids]), generation_config=config)
-    return out[0, len(prompt_ids):].tolist()
+    return out[0, len(prompt_ids) :].tolist()
 
 
 def test_greedy_tokens_of_eight_concurrent_requests_equal_transformers(checkpoint_stack, tiny_checkpoint):
@@ -75,19 +75,36 @@ BAD_REQUESTS = {
     "neither input": (gateway_pb2.GenerateRequest(), "prompt"),
     "both inputs": (gateway_pb2.GenerateRequest(prompt="hi", prompt_token_ids=[2, 3]), "both"),
     "token outside vocabulary": (gateway_pb2.GenerateRequest(prompt_token_ids=[2, 10**6]), "vocabulary"),
-    "too long": (gateway_pb2.GenerateRequest(prompt_token_ids=[2] * 200,
-                                             sampling=common_pb2.SamplingParams(max_tokens=100)), "exceeds"),
-    "max_tokens 0": (gateway_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=0)),
-                     "max_tokens"),
-    "max_tokens above limit": (gateway_pb2.GenerateRequest(
-        prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=100000)), "max_tokens"),
-    "negative temperature": (gateway_pb2.GenerateRequest(
-        prompt="hi", sampling=common_pb2.SamplingParams(temperature=-0.5)), "temperature"),
-    "top_p zero": (gateway_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(top_p=0.0)), "top_p"),
-    "top_p above one": (gateway_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(top_p=1.5)),
-                        "top_p"),
-    "negative top_k": (gateway_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(top_k=-1)),
-                       "top_k"),
+    "too long": (
+        gateway_pb2.GenerateRequest(
+            prompt_token_ids=[2] * 200, sampling=common_pb2.SamplingParams(max_tokens=100)
+        ),
+        "exceeds",
+    ),
+    "max_tokens 0": (
+        gateway_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=0)),
+        "max_tokens",
+    ),
+    "max_tokens above limit": (
+        gateway_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=100000)),
+        "max_tokens",
+    ),
+    "negative temperature": (
+        gateway_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(temperature=-0.5)),
+        "temperature",
+    ),
+    "top_p zero": (
+        gateway_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(top_p=0.0)),
+        "top_p",
+    ),
+    "top_p above one": (
+        gateway_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(top_p=1.5)),
+        "top_p",
+    ),
+    "negative top_k": (
+        gateway_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(top_k=-1)),
+        "top_k",
+    ),
     "oversized": (gateway_pb2.GenerateRequest(prompt="x" * (2 << 20)), "bytes"),
 }
 
@@ -124,7 +141,9 @@ def test_redis_holds_final_state_and_counts(checkpoint_stack, redis_url):
     assert record["finish_reason"] == "length"
     assert int(record["prompt_tokens"]) == 5
     assert int(record["generated_tokens"]) == 6
-    assert float(record["finish_time"]) >= float(record["first_token_time"]) >= float(record["arrival_time"]) > 0
+    assert (
+        float(record["finish_time"]) >= float(record["first_token_time"]) >= float(record["arrival_time"]) > 0
+    )
     assert redis.Redis.from_url(redis_url).ttl("fastserve:req:redis-check") > 0
     info = stub.GetRequest(gateway_pb2.GetRequestRequest(request_id="redis-check"))
     assert (info.state, info.generated_tokens, info.prompt_tokens) == ("finished", 6, 5)

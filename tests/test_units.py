@@ -13,7 +13,9 @@ from services.gateway.text_stream import TextStream
 from services.gateway.validation import InvalidRequest, Limits, check_envelope, check_length, resolve_sampling
 from services.kvmanager.block_manager import BlockManager
 
-LIMITS = Limits(vocab_size=272, max_model_len=256, max_tokens_limit=128, max_request_bytes=1024, max_stop_strings=2)
+LIMITS = Limits(
+    vocab_size=272, max_model_len=256, max_tokens_limit=128, max_request_bytes=1024, max_stop_strings=2
+)
 
 
 def test_block_manager_allocates_all_or_nothing_and_frees():
@@ -74,15 +76,30 @@ def request(**sampling) -> gateway_pb2.GenerateRequest:
 
 def test_defaults_are_documented_values_when_unset():
     s = resolve_sampling(request(), LIMITS)
-    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.ignore_eos) == (16, 1.0, 1.0, 0, None, False)
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.ignore_eos) == (
+        16,
+        1.0,
+        1.0,
+        0,
+        None,
+        False,
+    )
     assert resolve_sampling(request(temperature=0.0), LIMITS).temperature == 0.0  # an explicit zero is kept
 
 
-@pytest.mark.parametrize("sampling, field", [
-    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 129}, "128"), ({"temperature": -1}, "temperature"),
-    ({"temperature": float("nan")}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k"),
-    ({"stop": ["a", "b", "c"]}, "stop"), ({"stop": [""]}, "stop"),
-])
+@pytest.mark.parametrize(
+    "sampling, field",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 129}, "128"),
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"stop": ["a", "b", "c"]}, "stop"),
+        ({"stop": [""]}, "stop"),
+    ],
+)
 def test_sampling_errors_name_field_and_limit(sampling, field):
     with pytest.raises(InvalidRequest, match=field):
         resolve_sampling(request(**sampling), LIMITS)

@@ -33,16 +33,34 @@ def reflect_and_generate(address: str, prompt: str, max_tokens: int) -> list:
         request.sampling.max_tokens = max_tokens
         request.sampling.temperature = 0.0
         request.sampling.ignore_eos = True
-        call = chan.unary_stream("/fastserve.v1.Gateway/Generate", request_serializer=request_cls.SerializeToString,
-                                 response_deserializer=response_cls.FromString)
+        call = chan.unary_stream(
+            "/fastserve.v1.Gateway/Generate",
+            request_serializer=request_cls.SerializeToString,
+            response_deserializer=response_cls.FromString,
+        )
         return list(call(request, timeout=120))
 
 
 def test_up_serves_reflection_client_and_sigterm_leaves_no_child():
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    up = subprocess.Popen([sys.executable, "-m", "fastserve.cli", "up", "--port", str(port), "--host", "127.0.0.1",
-                           "--demo", "false", "--log-level", "WARNING"], env=env)
+    up = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fastserve.cli",
+            "up",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--demo",
+            "false",
+            "--log-level",
+            "WARNING",
+        ],
+        env=env,
+    )
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -52,7 +70,13 @@ def test_up_serves_reflection_client_and_sigterm_leaves_no_child():
             time.sleep(0.5)
         children = psutil.Process(up.pid).children(recursive=True)
         names = " ".join(" ".join(c.cmdline()) for c in children)
-        for part in ("redis-server", "services.kvmanager", "services.worker", "services.scheduler", "services.gateway"):
+        for part in (
+            "redis-server",
+            "services.kvmanager",
+            "services.worker",
+            "services.scheduler",
+            "services.gateway",
+        ):
             assert part in names, f"{part} is not running under fastserve up"
 
         messages = reflect_and_generate(address, "Hello, FastServe", max_tokens=8)

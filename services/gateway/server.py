@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from fastserve.flags import add_common_flags, add_flag, setup_logging
+from fastserve.metrics import serve_metrics
 from fastserve.rpc import channel, create_server, start_server, wait_serving
 from fastserve.store import RequestStore
 from fastserve.tokenizer import Tokenizer, load_tokenizer
@@ -24,6 +25,7 @@ from fastserve.v1 import gateway_pb2 as pb
 from fastserve.v1 import gateway_pb2_grpc as pb_grpc
 from fastserve.v1.scheduler_pb2_grpc import SchedulerStub
 
+from . import metrics
 from .text_stream import TextStream
 from .validation import InvalidRequest, Limits, check_envelope, check_length, resolve_sampling
 
@@ -61,8 +63,10 @@ class GatewayService(pb_grpc.GatewayServicer):
             if request_id in self.in_flight:
                 raise InvalidRequest(f"request_id: {request_id!r} is already in flight")
         except InvalidRequest as exc:
+            metrics.REJECTED.inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
+        metrics.PROMPT_TOKENS.inc(len(prompt_ids))
         self.in_flight.add(request_id)
         call = None
         try:
@@ -217,11 +221,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_flag(parser, "--max-stop-strings", default=16, help="most sampling.stop strings in one request")
     add_flag(parser, "--connect-timeout", default=600.0, help="seconds to wait for the scheduler")
+    add_flag(
+        parser,
+        "--metrics-port",
+        default=9100,
+        help="Prometheus /metrics port; 0 = off",
+        env="FASTSERVE_GATEWAY_METRICS_PORT",
+    )
     add_common_flags(parser)
     return parser.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> None:
+    serve_metrics(args.host, args.metrics_port)
     sched_channel = channel(args.scheduler_address)
     await wait_serving(sched_channel, args.scheduler_address, args.connect_timeout)
     scheduler = SchedulerStub(sched_channel)

@@ -18,6 +18,7 @@ from fastserve.store import RequestStore
 from fastserve.v1 import common_pb2, kvmanager_pb2, scheduler_pb2, worker_pb2
 from fastserve.v1.kvmanager_pb2_grpc import KVManagerStub
 
+from . import metrics
 from .policy import BatchLimits, Job, Policy, Transition, form_batch
 from .workers import WorkerError, WorkerGroup
 
@@ -114,7 +115,9 @@ class Engine:
         self.block_size = block_size
         self.pp_size = pp_size
         self.jobs: dict[str, LiveJob] = {}
+        self.num_gpu_blocks = num_gpu_blocks
         self.free_blocks = num_gpu_blocks
+        self._levels_seen: set[int] = set()
         self.blocks_held: dict[str, int] = {}
         self.running: set[str] = set()
         self.pending_free: list[str] = []
@@ -157,6 +160,7 @@ class Engine:
         self.policy.remove(live.request_id)
         self.jobs.pop(live.request_id, None)
         self.running.discard(live.request_id)
+        metrics.FINISHED.labels(live.state).inc()
         if self.blocks_held.pop(live.request_id, 0):
             self.pending_free.append(live.request_id)
         self.dirty[live.request_id] = live
@@ -224,9 +228,23 @@ class Engine:
         self._mark_preempted({live.request_id for live in batch} | busy)
         for live in batch:
             if live.state != "running":
+                if live.job.last_run_time is None:
+                    metrics.QUEUE_TIME.observe(now - live.job.arrival_time)
                 live.state = "running"
                 self.dirty[live.request_id] = live
+        self._observe_queues(batch)
         return batch, tables
+
+    def _observe_queues(self, batch: list[LiveJob]) -> None:
+        metrics.RUNNING.set(len(batch))
+        waiting: dict[int, int] = {}
+        for live in self.jobs.values():
+            if live.state != "running":
+                waiting[live.job.level] = waiting.get(live.job.level, 0) + 1
+        for level in set(waiting) | self._levels_seen:
+            metrics.WAITING.labels(str(level)).set(waiting.get(level, 0))
+        self._levels_seen |= set(waiting)
+        metrics.KV_BLOCKS_USED.labels("gpu").set(self.num_gpu_blocks - self.free_blocks)
 
     def _mark_preempted(self, scheduled: set[str]) -> None:
         """Jobs that ran last time and are left out now were preempted at this iteration boundary."""
@@ -235,6 +253,7 @@ class Engine:
             if live is not None:
                 live.state = "preempted"
                 live.job.preemptions += 1
+                metrics.PREEMPTIONS.inc()
                 self.dirty[rid] = live
         self.running = scheduled
 
@@ -262,6 +281,8 @@ class Engine:
         now = time.monotonic()
         for live in batch:
             live.in_flight = False
+        metrics.ITERATION_TIME.observe(elapsed)
+        metrics.ITERATION_TOKENS.observe(sum(live.job.tokens_this_iteration for live in batch))
         if tokens is None:
             log.error("iteration failed for %d jobs: %s", len(batch), error)
             for live in batch:
@@ -294,6 +315,10 @@ class Engine:
 
     def _apply(self, transitions: list[Transition]) -> None:
         for t in transitions:
+            if t.kind == "demoted":
+                metrics.DEMOTIONS.inc()
+            elif t.kind == "promoted":
+                metrics.PROMOTIONS.inc()
             live = self.jobs.get(t.request_id)
             if live is not None:
                 self.dirty[t.request_id] = live

@@ -8,9 +8,10 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from fastserve.model_spec import resolve_model
 
 from fastserve.flags import add_common_flags, add_flag, setup_logging
+from fastserve.metrics import serve_metrics
+from fastserve.model_spec import resolve_model
 from fastserve.rpc import channel, create_server, start_server, wait_serving
 from fastserve.store import RequestStore
 from fastserve.v1 import common_pb2, kvmanager_pb2
@@ -123,6 +124,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    serve_metrics(args.host, args.metrics_port)
     server = create_server()
     service = SchedulerService()
     pb_grpc.add_SchedulerServicer_to_server(service, server)
