@@ -14,7 +14,9 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 
+from fastserve import tracing
 from fastserve.flags import add_common_flags, add_flag, setup_logging
 from fastserve.metrics import serve_metrics
 from fastserve.rpc import channel, create_server, start_server, wait_serving
@@ -69,6 +71,20 @@ class GatewayService(pb_grpc.GatewayServicer):
         metrics.PROMPT_TOKENS.inc(len(prompt_ids))
         self.in_flight.add(request_id)
         call = None
+        span = self.tracer.start_span(
+            "fastserve.generate",
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                "gen_ai.operation.name": "text_completion",
+                "gen_ai.request.model": self.info.model,
+                "gen_ai.request.max_tokens": sampling.max_tokens,
+                "gen_ai.request.temperature": sampling.temperature,
+                "gen_ai.request.top_p": sampling.top_p,
+                "gen_ai.request.top_k": sampling.top_k,
+                "gen_ai.usage.input_tokens": len(prompt_ids),
+                "fastserve.request_id": request_id,
+            },
+        )
         try:
             await self.store.write(
                 {
@@ -94,11 +110,31 @@ class GatewayService(pb_grpc.GatewayServicer):
                 ignore_eos=sampling.ignore_eos,
                 arrival_time=arrival,
                 seed=sampling.seed,
+                trace_context=tracing.inject(trace.set_span_in_context(span)),
             )
             call = self.scheduler.Submit(submit)
-            async for reply in self._relay(
-                request_id, call, TextStream(self.tokenizer, sampling.stop), len(prompt_ids)
-            ):
+            stream = TextStream(self.tokenizer, sampling.stop)
+            last_sent = None
+            async for reply in self._relay(request_id, call, stream, len(prompt_ids)):
+                now = time.time()
+                if reply.token_ids:
+                    metrics.GENERATION_TOKENS.inc(len(reply.token_ids))
+                    if last_sent is None:
+                        metrics.TTFT.observe(now - arrival)
+                        span.add_event("first_token")
+                    else:
+                        metrics.INTER_TOKEN.observe(now - last_sent)
+                    last_sent = now
+                if reply.finish_reason:
+                    reason = FR.Name(reply.finish_reason).removeprefix("FINISH_REASON_").lower()
+                    metrics.E2E.observe(now - arrival)
+                    metrics.FINISHED.labels(reason).inc()
+                    span.set_attributes(
+                        {
+                            "gen_ai.usage.output_tokens": reply.usage.completion_tokens,
+                            "gen_ai.response.finish_reasons": [reason],
+                        }
+                    )
                 yield reply
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
@@ -106,6 +142,7 @@ class GatewayService(pb_grpc.GatewayServicer):
             log.error("request %s: scheduler failed: %s %s", request_id, exc.code().name, exc.details())
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"scheduler: {exc.code().name}: {exc.details()}")
         finally:
+            span.end()
             self.in_flight.discard(request_id)
             if call is not None and not call.done():
                 call.cancel()  # the client went away: the scheduler drops the job
@@ -229,11 +266,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         env="FASTSERVE_GATEWAY_METRICS_PORT",
     )
     add_common_flags(parser)
+    tracing.add_tracing_flags(parser)
     return parser.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> None:
     serve_metrics(args.host, args.metrics_port)
+    tracer = tracing.setup_tracing("gateway", args)
     sched_channel = channel(args.scheduler_address)
     await wait_serving(sched_channel, args.scheduler_address, args.connect_timeout)
     scheduler = SchedulerStub(sched_channel)
@@ -255,7 +294,9 @@ async def serve(args: argparse.Namespace) -> None:
 
     # the transport cap sits above --max-request-bytes so an oversized request gets our message
     server = create_server(max_receive_bytes=4 * args.max_request_bytes + 4096)
-    pb_grpc.add_GatewayServicer_to_server(GatewayService(scheduler, store, tokenizer, info, limits), server)
+    pb_grpc.add_GatewayServicer_to_server(
+        GatewayService(scheduler, store, tokenizer, info, limits, tracer), server
+    )
     state, address = await start_server(
         server, [pb.DESCRIPTOR.services_by_name["Gateway"].full_name], args.host, args.port
     )

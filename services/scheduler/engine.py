@@ -14,6 +14,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+
+from fastserve import tracing
 from fastserve.store import RequestStore
 from fastserve.v1 import common_pb2, kvmanager_pb2, scheduler_pb2, worker_pb2
 from fastserve.v1.kvmanager_pb2_grpc import KVManagerStub
@@ -48,6 +51,7 @@ class LiveJob:
     finish_reason: int = FR.FINISH_REASON_UNSPECIFIED
     abort_reason: int | None = None  # asked to stop while its iteration was in flight
     in_flight: bool = False
+    span: trace.Span = trace.INVALID_SPAN
 
     @property
     def request_id(self) -> str:
@@ -72,6 +76,8 @@ class LiveJob:
         )
         if self.request.HasField("seed"):
             seq.seed = self.request.seed
+        if self.span.is_recording():
+            seq.traceparent = tracing.inject(trace.set_span_in_context(self.span)).get("traceparent", "")
         return seq
 
     def record(self) -> dict[str, object]:
@@ -105,7 +111,9 @@ class Engine:
         block_size: int,
         num_gpu_blocks: int,
         pp_size: int,
+        tracer: trace.Tracer | None = None,
     ) -> None:
+        self.tracer = tracer or trace.get_tracer("fastserve.scheduler")
         self.policy = policy
         self.limits = limits
         self.workers = workers
@@ -136,8 +144,18 @@ class Engine:
             arrival_time=now,
         )
         live = LiveJob(job=job, prompt=list(request.prompt_token_ids), request=request)
+        live.span = self.tracer.start_span(
+            "fastserve.schedule",
+            context=tracing.extract(request.trace_context),
+            attributes={
+                "fastserve.request_id": job.request_id,
+                "gen_ai.usage.input_tokens": job.prompt_len,
+                "gen_ai.request.max_tokens": job.max_tokens,
+            },
+        )
         self.jobs[job.request_id] = live
         self._apply(self.policy.add(job, now))
+        live.span.add_event("queued", {"level": job.level})
         self.dirty[job.request_id] = live
         self.wakeup.set()
         return live
@@ -161,6 +179,11 @@ class Engine:
         self.jobs.pop(live.request_id, None)
         self.running.discard(live.request_id)
         metrics.FINISHED.labels(live.state).inc()
+        live.span.add_event(
+            live.state, {"finish_reason": live.record()["finish_reason"], "level": live.job.level}
+        )
+        live.span.set_attribute("gen_ai.usage.output_tokens", len(live.generated))
+        live.span.end()
         if self.blocks_held.pop(live.request_id, 0):
             self.pending_free.append(live.request_id)
         self.dirty[live.request_id] = live
@@ -230,6 +253,7 @@ class Engine:
             if live.state != "running":
                 if live.job.last_run_time is None:
                     metrics.QUEUE_TIME.observe(now - live.job.arrival_time)
+                live.span.add_event("scheduled", {"level": live.job.level})
                 live.state = "running"
                 self.dirty[live.request_id] = live
         self._observe_queues(batch)
@@ -254,6 +278,7 @@ class Engine:
                 live.state = "preempted"
                 live.job.preemptions += 1
                 metrics.PREEMPTIONS.inc()
+                live.span.add_event("preempted", {"level": live.job.level})
                 self.dirty[rid] = live
         self.running = scheduled
 
@@ -261,14 +286,26 @@ class Engine:
         self, batch: list[LiveJob], tables: dict[str, list[int]]
     ) -> tuple[list[int] | None, float, str]:
         self.iterations += 1
+        # The iteration joins the trace of its first (highest-priority) job and links to every job it served.
+        span = self.tracer.start_span(
+            "fastserve.iteration",
+            context=trace.set_span_in_context(batch[0].span),
+            links=[trace.Link(live.span.get_span_context()) for live in batch],
+            attributes={"fastserve.iteration": self.iterations, "fastserve.batch_size": len(batch)},
+        )
         request = worker_pb2.StepRequest(
-            step_id=self.iterations, seqs=[live.step_input(tables[live.request_id]) for live in batch]
+            step_id=self.iterations,
+            seqs=[live.step_input(tables[live.request_id]) for live in batch],
+            trace_context=tracing.inject(trace.set_span_in_context(span)),
         )
         started = time.monotonic()
         try:
             reply = await self.workers.step(request)
         except WorkerError as exc:
+            span.set_status(trace.StatusCode.ERROR, str(exc))
             return None, time.monotonic() - started, str(exc)
+        finally:
+            span.end()
         if len(reply.token_ids) != len(batch):
             return (
                 None,
@@ -303,6 +340,7 @@ class Engine:
         live.job.needs_prefill = False
         if not live.first_token_time:
             live.first_token_time = time.time()
+            live.span.add_event("first_token")
         self.dirty[live.request_id] = live
         reason = FR.FINISH_REASON_UNSPECIFIED
         if token == self.eos_token_id and not live.request.ignore_eos:
@@ -321,6 +359,7 @@ class Engine:
                 metrics.PROMOTIONS.inc()
             live = self.jobs.get(t.request_id)
             if live is not None:
+                live.span.add_event(t.kind, {"from_level": t.from_level, "to_level": t.to_level})
                 self.dirty[t.request_id] = live
 
     async def _free_finished(self) -> None:

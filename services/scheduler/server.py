@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from fastserve import tracing
 from fastserve.flags import add_common_flags, add_flag, setup_logging
 from fastserve.metrics import serve_metrics
 from fastserve.model_spec import resolve_model
@@ -115,6 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser, "--connect-timeout", default=600.0, help="seconds to wait for workers and the KV manager"
     )
     add_common_flags(parser)
+    tracing.add_tracing_flags(parser)
     args = parser.parse_args(argv)
     if args.max_batch_size < 1:
         parser.error(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
@@ -125,6 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 async def serve(args: argparse.Namespace) -> None:
     serve_metrics(args.host, args.metrics_port)
+    tracer = tracing.setup_tracing("scheduler", args)
     server = create_server()
     service = SchedulerService()
     pb_grpc.add_SchedulerServicer_to_server(service, server)
@@ -162,6 +165,7 @@ async def serve(args: argparse.Namespace) -> None:
         block_size=first.block_size,
         num_gpu_blocks=workers.num_gpu_blocks,
         pp_size=first.pp_size,
+        tracer=tracer,
     )
     info = pb.SchedulerInfo(
         model=first.model,

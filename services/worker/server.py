@@ -15,9 +15,11 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from fastserve.model_spec import ModelSpec, resolve_model
+from opentelemetry import trace
 
+from fastserve import tracing
 from fastserve.flags import add_common_flags, add_flag, setup_logging
+from fastserve.model_spec import ModelSpec, resolve_model
 from fastserve.rpc import create_server, start_server
 from fastserve.v1 import worker_pb2 as pb
 from fastserve.v1 import worker_pb2_grpc as pb_grpc
@@ -75,8 +77,9 @@ def kv_block_budget(args: argparse.Namespace, spec: ModelSpec, dtype, device: st
 
 
 class WorkerService(pb_grpc.WorkerServicer):
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, tracer: trace.Tracer) -> None:
         self.args = args
+        self.tracer = tracer
         self.runner = None
         self.info = pb.WorkerInfo()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
@@ -168,12 +171,30 @@ class WorkerService(pb_grpc.WorkerServicer):
             )
             for s in request.seqs
         ]
+        links = [
+            trace.Link(
+                trace.get_current_span(tracing.extract({"traceparent": s.traceparent})).get_span_context()
+            )
+            for s in request.seqs
+            if s.traceparent
+        ]
         started = time.perf_counter()
-        try:
-            tokens = self.runner.step(seqs) if seqs else None
-        except Exception as exc:  # a bad step fails its jobs, not the worker
-            log.exception("step %d failed", request.step_id)
-            return pb.StepResponse(step_id=request.step_id, error=f"{type(exc).__name__}: {exc}")
+        with self.tracer.start_as_current_span(
+            "fastserve.worker.step",
+            context=tracing.extract(request.trace_context),
+            links=links,
+            attributes={
+                "fastserve.rank": self.args.rank,
+                "fastserve.step_id": request.step_id,
+                "fastserve.batch_size": len(seqs),
+            },
+        ) as span:
+            try:
+                tokens = self.runner.step(seqs) if seqs else None
+            except Exception as exc:  # a bad step fails its jobs, not the worker
+                log.exception("step %d failed", request.step_id)
+                span.set_status(trace.StatusCode.ERROR, str(exc))
+                return pb.StepResponse(step_id=request.step_id, error=f"{type(exc).__name__}: {exc}")
         self.steps_done += 1
         return pb.StepResponse(
             step_id=request.step_id, token_ids=tokens or [], compute_seconds=time.perf_counter() - started
@@ -222,6 +243,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(parser, "--master-port", default=29500, help="rendezvous port of rank 0", env="MASTER_PORT")
     add_flag(parser, "--seed", default=0, help="seed for dummy weights and unseeded sampling")
     add_common_flags(parser)
+    tracing.add_tracing_flags(parser)
     args = parser.parse_args(argv)
     if args.tp * args.pp != args.world_size:
         parser.error(f"--world-size {args.world_size} must equal --tp {args.tp} x --pp {args.pp}")
@@ -231,7 +253,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    service = WorkerService(args)
+    service = WorkerService(args, tracing.setup_tracing("worker", args))
     server = create_server()
     pb_grpc.add_WorkerServicer_to_server(service, server)
     state, address = await start_server(
