@@ -7,14 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ConfigureRequest(_message.Message):
-    __slots__ = ("num_gpu_blocks", "num_host_blocks", "block_size")
+    __slots__ = ("num_gpu_blocks", "num_host_blocks", "block_size", "swap_policy", "reserve_blocks")
     NUM_GPU_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SWAP_POLICY_FIELD_NUMBER: _ClassVar[int]
+    RESERVE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     num_gpu_blocks: int
     num_host_blocks: int
     block_size: int
-    def __init__(self, num_gpu_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
+    swap_policy: str
+    reserve_blocks: int
+    def __init__(self, num_gpu_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., swap_policy: _Optional[str] = ..., reserve_blocks: _Optional[int] = ...) -> None: ...
 
 class ConfigureResponse(_message.Message):
     __slots__ = ()

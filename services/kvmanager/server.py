@@ -14,6 +14,7 @@ from fastserve.v1 import kvmanager_pb2 as pb
 from fastserve.v1 import kvmanager_pb2_grpc as pb_grpc
 
 from .block_manager import BlockManager
+from .planner import SWAP_POLICIES, make_plan
 
 log = logging.getLogger("fastserve.kvmanager")
 
@@ -21,59 +22,84 @@ log = logging.getLogger("fastserve.kvmanager")
 class KVManagerService(pb_grpc.KVManagerServicer):
     def __init__(self) -> None:
         self.blocks: BlockManager | None = None
-        self.num_host_blocks = 0
+        self.swap_policy = "proactive"
+        self.reserve = 0
+        self.counters = {"out": 0, "in": 0, "recompute": 0}
 
-    async def Configure(
-        self, request: pb.ConfigureRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ConfigureResponse:
-        try:
-            manager = BlockManager(request.num_gpu_blocks, request.block_size or 16)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if self.blocks is not None and self.blocks.tables:
-            log.warning(
-                "reconfigured while %d jobs held blocks; their blocks are forgotten", len(self.blocks.tables)
-            )
-        self.blocks = manager
-        self.num_host_blocks = request.num_host_blocks
-        log.info(
-            "configured: %d GPU blocks, %d host blocks, block size %d",
-            request.num_gpu_blocks,
-            request.num_host_blocks,
-            manager.block_size,
-        )
-        return pb.ConfigureResponse()
-
-    async def Plan(self, request: pb.PlanRequest, context: grpc.aio.ServicerContext) -> pb.PlanResponse:
+    async def _configured(self, context: grpc.aio.ServicerContext) -> BlockManager:
         if self.blocks is None:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, "KV manager is not configured yet (Configure first)"
             )
-        reply = pb.PlanResponse()
-        for demand in request.batch:
-            table = self.blocks.allocate(demand.request_id, demand.num_tokens)
-            if table is None:
-                reply.deferred.append(demand.request_id)
-            else:
-                reply.tables.add(request_id=demand.request_id, blocks=table)
-        reply.free_gpu_blocks = self.blocks.num_free
-        return reply
+        return self.blocks
+
+    async def Configure(
+        self, request: pb.ConfigureRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ConfigureResponse:
+        swap_policy = request.swap_policy or "proactive"
+        try:
+            if swap_policy not in SWAP_POLICIES:
+                raise ValueError(f"swap_policy: {swap_policy!r} is not one of {', '.join(SWAP_POLICIES)}")
+            manager = BlockManager(request.num_gpu_blocks, request.block_size or 16, request.num_host_blocks)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.blocks is not None and (self.blocks.tables or self.blocks.host_tables):
+            log.warning("reconfigured while jobs held blocks; their blocks are forgotten")
+        self.blocks, self.swap_policy, self.reserve = manager, swap_policy, request.reserve_blocks
+        log.info(
+            "configured: %d GPU blocks, %d host blocks, block size %d, swap policy %s, reserve %d",
+            request.num_gpu_blocks,
+            request.num_host_blocks,
+            manager.block_size,
+            swap_policy,
+            self.reserve,
+        )
+        return pb.ConfigureResponse()
+
+    async def Plan(self, request: pb.PlanRequest, context: grpc.aio.ServicerContext) -> pb.PlanResponse:
+        blocks = await self._configured(context)
+        plan = make_plan(
+            blocks,
+            [(d.request_id, d.num_tokens) for d in request.batch],
+            [(w.request_id, w.enst) for w in request.waiting],
+            self.swap_policy,
+            self.reserve,
+        )
+        self.counters["out"] += len(plan.swap_out)
+        self.counters["in"] += len(plan.swap_in) + len(plan.prefetch)
+        self.counters["recompute"] += len(plan.recompute)
+        copy = pb.BlockCopy
+        return pb.PlanResponse(
+            tables=[pb.BlockTable(request_id=rid, blocks=table) for rid, table in plan.tables.items()],
+            deferred=plan.deferred,
+            swap_in=[copy(src=s, dst=d) for s, d in plan.swap_in],
+            swap_out=[copy(src=s, dst=d) for s, d in plan.swap_out],
+            prefetch=[copy(src=s, dst=d) for s, d in plan.prefetch],
+            swapped_in=plan.swapped_in,
+            swapped_out=plan.swapped_out,
+            recompute=plan.recompute,
+            free_gpu_blocks=blocks.num_free,
+        )
 
     async def Free(self, request: pb.FreeRequest, context: grpc.aio.ServicerContext) -> pb.FreeResponse:
-        if self.blocks is None:
-            return pb.FreeResponse()
+        blocks = await self._configured(context)
         for request_id in request.request_ids:
-            self.blocks.free(request_id)
-        return pb.FreeResponse(free_gpu_blocks=self.blocks.num_free)
+            blocks.free(request_id)
+        return pb.FreeResponse(free_gpu_blocks=blocks.num_free)
 
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.KVStats:
         if self.blocks is None:
             return pb.KVStats()
+        b = self.blocks
         return pb.KVStats(
-            num_gpu_blocks=self.blocks.num_gpu_blocks,
-            num_host_blocks=self.num_host_blocks,
-            free_gpu_blocks=self.blocks.num_free,
-            num_jobs=len(self.blocks.tables),
+            num_gpu_blocks=b.num_gpu_blocks,
+            num_host_blocks=b.host.size,
+            free_gpu_blocks=b.num_free,
+            free_host_blocks=b.num_host_free,
+            num_jobs=len(b.tables) + len(b.host_tables),
+            blocks_swapped_out=self.counters["out"],
+            blocks_swapped_in=self.counters["in"],
+            recomputes=self.counters["recompute"],
         )
 
 

@@ -1,0 +1,97 @@
+"""One iteration's KV plan: block tables for the batch and the swaps that make room. Pure Python.
+
+Swap policies (the paper's comparison):
+- proactive: keep `reserve` GPU blocks free by swapping out the waiting jobs that
+  will run last (largest ENST), and, when nothing was swapped out this round,
+  prefetch the host jobs that will run next (smallest ENST) into spare room;
+- reactive: swap out only when the batch itself needs room, swap in only when a
+  host job is scheduled;
+- recompute: never use the host tier; a job that must give up its blocks drops its
+  KV and is rebuilt later from its tokens.
+With proactive or reactive, a job falls back to recompute when the host tier is full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+
+SWAP_POLICIES = ("proactive", "reactive", "recompute")
+
+
+@dataclass
+class Plan:
+    tables: dict[str, list[int]] = field(default_factory=dict)
+    deferred: list[str] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # host -> gpu, before compute
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # gpu -> host
+    prefetch: list[tuple[int, int]] = field(default_factory=list)  # host -> gpu, background
+    swapped_in: list[str] = field(default_factory=list)
+    swapped_out: list[str] = field(default_factory=list)
+    recompute: list[str] = field(default_factory=list)
+
+
+def make_plan(
+    blocks: BlockManager,
+    batch: list[tuple[str, int]],
+    waiting: list[tuple[str, float]],
+    swap_policy: str = "proactive",
+    reserve: int = 0,
+) -> Plan:
+    """`batch`: (job, tokens it will hold) in priority order; `waiting`: (job, ENST seconds) of idle jobs."""
+    if swap_policy not in SWAP_POLICIES:
+        raise ValueError(f"swap policy {swap_policy!r} is not one of {SWAP_POLICIES}")
+    plan = Plan()
+    in_batch = {rid for rid, _ in batch}
+    # victims run last: largest ENST first; only idle jobs that hold GPU blocks
+    victims = [
+        rid for rid, _ in sorted(waiting, key=lambda w: -w[1]) if rid in blocks.tables and rid not in in_batch
+    ]
+
+    def evict_one() -> bool:
+        while victims:
+            rid = victims.pop(0)
+            moves = None if swap_policy == "recompute" else blocks.swap_out(rid)
+            if moves is None:
+                blocks.free(rid)
+                plan.recompute.append(rid)
+            else:
+                plan.swap_out.extend(moves)
+                plan.swapped_out.append(rid)
+            return True
+        return False
+
+    def make_room(need: int) -> bool:
+        while blocks.num_free < need:
+            if not evict_one():
+                return False
+        return True
+
+    for rid, num_tokens in batch:
+        if blocks.on_host(rid):
+            if not make_room(len(blocks.host_tables[rid])):
+                plan.deferred.append(rid)
+                continue
+            plan.swap_in.extend(blocks.swap_in(rid) or [])
+            plan.swapped_in.append(rid)
+        held = len(blocks.tables.get(rid, []))
+        need = -(-num_tokens // blocks.block_size) - held
+        if need > 0 and not make_room(need):
+            plan.deferred.append(rid)
+            continue
+        plan.tables[rid] = blocks.allocate(rid, num_tokens)
+
+    if swap_policy == "proactive":
+        while blocks.num_free < reserve and evict_one():
+            pass
+        if not plan.swapped_out:
+            for rid, _ in sorted(waiting, key=lambda w: w[1]):
+                host = blocks.host_tables.get(rid)
+                if host is None or rid in in_batch:
+                    continue
+                if blocks.num_free - len(host) < reserve:
+                    break
+                plan.prefetch.extend(blocks.swap_in(rid) or [])
+                plan.swapped_in.append(rid)
+    return plan

@@ -1,0 +1,83 @@
+"""The KV manager's two tiers and its per-iteration plans under each swap policy."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.kvmanager.block_manager import BlockManager
+from services.kvmanager.planner import make_plan
+
+
+def full_gpu() -> BlockManager:
+    """8 GPU blocks of 16 tokens, held by two idle jobs: a (3 blocks) and b (4 blocks)."""
+    bm = BlockManager(num_gpu_blocks=8, block_size=16, num_host_blocks=8)
+    bm.allocate("a", 40)
+    bm.allocate("b", 64)
+    return bm
+
+
+def test_swap_out_and_in_round_trip_moves_every_block():
+    bm = full_gpu()
+    moves = bm.swap_out("a")
+    assert [g for g, _ in moves] == [0, 1, 2] and bm.on_host("a") and bm.num_free == 4
+    back = bm.swap_in("a")
+    assert [h for h, _ in back] == [h for _, h in moves] and not bm.on_host("a") and bm.num_host_free == 8
+
+
+def test_batch_that_needs_room_evicts_the_job_that_runs_last():
+    bm = full_gpu()
+    plan = make_plan(bm, [("c", 48)], waiting=[("a", 0.5), ("b", 9.0)], swap_policy="reactive")
+    assert plan.swapped_out == ["b"] and len(plan.swap_out) == 4
+    assert plan.tables["c"] == sorted(plan.tables["c"]) and len(plan.tables["c"]) == 3
+    assert not plan.deferred and bm.on_host("b") and "a" in bm.tables
+
+
+def test_priority_order_option_is_just_a_different_enst():
+    bm = full_gpu()
+    plan = make_plan(bm, [("c", 48)], waiting=[("a", 2.0), ("b", 1.0)], swap_policy="reactive")
+    assert plan.swapped_out == ["a"] and "b" in bm.tables
+
+
+def test_recompute_policy_drops_kv_instead_of_swapping():
+    bm = full_gpu()
+    plan = make_plan(bm, [("c", 48)], waiting=[("a", 0.5), ("b", 9.0)], swap_policy="recompute")
+    assert plan.recompute == ["b"] and not plan.swap_out and not bm.on_host("b") and "b" not in bm.tables
+
+
+def test_full_host_tier_falls_back_to_recompute():
+    bm = BlockManager(num_gpu_blocks=8, block_size=16, num_host_blocks=2)
+    bm.allocate("a", 40)
+    bm.allocate("b", 64)
+    plan = make_plan(bm, [("c", 48)], waiting=[("b", 9.0)], swap_policy="proactive")
+    assert plan.recompute == ["b"] and not plan.swap_out
+
+
+def test_scheduled_host_job_is_swapped_in_before_it_grows():
+    bm = full_gpu()
+    bm.swap_out("a")
+    plan = make_plan(bm, [("a", 49)], waiting=[("b", 1.0)], swap_policy="reactive")
+    assert plan.swapped_in == ["a"] and len(plan.swap_in) == 3 and len(plan.tables["a"]) == 4
+
+
+def test_proactive_keeps_a_reserve_then_prefetches_only_when_nothing_left():
+    bm = full_gpu()
+    plan = make_plan(bm, [("a", 41)], waiting=[("b", 5.0)], swap_policy="proactive", reserve=2)
+    assert plan.swapped_out == ["b"] and not plan.prefetch  # 1 block free < reserve 2: b goes
+    plan = make_plan(bm, [("a", 42)], waiting=[("b", 5.0)], swap_policy="proactive", reserve=2)
+    assert not plan.prefetch  # 5 free - 4 for b would break the reserve
+    plan = make_plan(bm, [("a", 42)], waiting=[("b", 5.0)], swap_policy="proactive", reserve=1)
+    assert plan.swapped_in == ["b"] and len(plan.prefetch) == 4 and bm.num_free == 1
+
+
+def test_reactive_never_prefetches_and_unfittable_job_is_deferred():
+    bm = full_gpu()
+    bm.swap_out("b")
+    plan = make_plan(bm, [("a", 41)], waiting=[("b", 0.1)], swap_policy="reactive")
+    assert not plan.prefetch and bm.on_host("b")
+    plan = make_plan(bm, [("huge", 16 * 9)], waiting=[], swap_policy="reactive")
+    assert plan.deferred == ["huge"] and "huge" not in bm.tables
+
+
+def test_unknown_swap_policy_is_refused():
+    with pytest.raises(ValueError, match="swap policy"):
+        make_plan(full_gpu(), [], [], swap_policy="lazy")
