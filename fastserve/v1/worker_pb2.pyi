@@ -11,7 +11,7 @@ class WorkerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("model", "dtype", "device", "rank", "world_size", "tp_size", "pp_size", "is_driver", "num_gpu_blocks", "num_host_blocks", "block_size", "vocab_size", "max_positions", "eos_token_id")
+    __slots__ = ("model", "dtype", "device", "rank", "world_size", "tp_size", "pp_size", "is_driver", "num_gpu_blocks", "num_host_blocks", "block_size", "vocab_size", "max_positions", "eos_token_id", "kv_block_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class WorkerInfo(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     dtype: str
     device: str
@@ -40,7 +41,8 @@ class WorkerInfo(_message.Message):
     vocab_size: int
     max_positions: int
     eos_token_id: int
-    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., tp_size: _Optional[int] = ..., pp_size: _Optional[int] = ..., is_driver: _Optional[bool] = ..., num_gpu_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_positions: _Optional[int] = ..., eos_token_id: _Optional[int] = ...) -> None: ...
+    kv_block_bytes: int
+    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., tp_size: _Optional[int] = ..., pp_size: _Optional[int] = ..., is_driver: _Optional[bool] = ..., num_gpu_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_positions: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., kv_block_bytes: _Optional[int] = ...) -> None: ...
 
 class SeqStep(_message.Message):
     __slots__ = ("request_id", "token_ids", "start_pos", "block_table", "temperature", "top_p", "top_k", "seed", "sample_index", "traceparent")

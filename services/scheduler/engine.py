@@ -22,6 +22,7 @@ from fastserve.v1 import common_pb2, kvmanager_pb2, scheduler_pb2, worker_pb2
 from fastserve.v1.kvmanager_pb2_grpc import KVManagerStub
 
 from . import metrics
+from .enst import EnstEstimator
 from .policy import BatchLimits, Job, Policy, Transition, form_batch
 from .workers import WorkerError, WorkerGroup
 
@@ -50,6 +51,8 @@ class LiveJob:
     finish_time: float = 0.0
     finish_reason: int = FR.FINISH_REASON_UNSPECIFIED
     abort_reason: int | None = None  # asked to stop while its iteration was in flight
+    swaps_out: int = 0
+    recomputes: int = 0
     in_flight: bool = False
     span: trace.Span = trace.INVALID_SPAN
 
@@ -92,46 +95,53 @@ class LiveJob:
             "preemptions": job.preemptions,
             "demotions": job.demotions,
             "promotions": job.promotions,
+            "swaps_out": self.swaps_out,
+            "recomputes": self.recomputes,
             "finish_reason": FR.Name(self.finish_reason).removeprefix("FINISH_REASON_").lower()
             if self.finished
             else "",
         }
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the loop needs to know about the deployment (the workers tell most of it)."""
+
+    limits: BatchLimits
+    eos_token_id: int
+    num_gpu_blocks: int
+    block_bytes: int  # bytes of one KV block on one rank, for swap metrics
+    pp_size: int = 1
+
+
 class Engine:
     def __init__(
         self,
+        config: EngineConfig,
         policy: Policy,
-        limits: BatchLimits,
         workers: WorkerGroup,
         kv: KVManagerStub,
         store: RequestStore,
-        *,
-        eos_token_id: int,
-        block_size: int,
-        num_gpu_blocks: int,
-        pp_size: int,
+        enst: EnstEstimator,
         tracer: trace.Tracer | None = None,
     ) -> None:
-        self.tracer = tracer or trace.get_tracer("fastserve.scheduler")
+        self.config = config
+        self.limits = config.limits
         self.policy = policy
-        self.limits = limits
         self.workers = workers
         self.kv = kv
         self.store = store
-        self.eos_token_id = eos_token_id
-        self.block_size = block_size
-        self.pp_size = pp_size
+        self.enst = enst
+        self.tracer = tracer or trace.get_tracer("fastserve.scheduler")
         self.jobs: dict[str, LiveJob] = {}
-        self.num_gpu_blocks = num_gpu_blocks
-        self.free_blocks = num_gpu_blocks
-        self._levels_seen: set[int] = set()
-        self.blocks_held: dict[str, int] = {}
+        self.free_blocks = config.num_gpu_blocks
+        self.holds_kv: set[str] = set()  # jobs with KV blocks in either tier
         self.running: set[str] = set()
         self.pending_free: list[str] = []
         self.dirty: dict[str, LiveJob] = {}
         self.iterations = 0
         self.wakeup = asyncio.Event()
+        self._levels_seen: set[int] = set()
 
     # -- requests in and out -------------------------------------------------------------
 
@@ -184,7 +194,8 @@ class Engine:
         )
         live.span.set_attribute("gen_ai.usage.output_tokens", len(live.generated))
         live.span.end()
-        if self.blocks_held.pop(live.request_id, 0):
+        if live.request_id in self.holds_kv:
+            self.holds_kv.discard(live.request_id)
             self.pending_free.append(live.request_id)
         self.dirty[live.request_id] = live
         live.outbox.put_nowait(
@@ -202,13 +213,13 @@ class Engine:
         in_flight: dict[asyncio.Task, list[LiveJob]] = {}
         while True:
             await self._free_finished()
-            while len(in_flight) < self.pp_size:
-                batch, tables = await self._next_batch()
+            while len(in_flight) < self.config.pp_size:
+                batch, step = await self._next_batch()
                 if not batch:
                     break
                 for live in batch:
                     live.in_flight = True
-                task = asyncio.create_task(self._execute(batch, tables))
+                task = asyncio.create_task(self._execute(batch, step))
                 in_flight[task] = batch
             if not in_flight:
                 await self._write_store()
@@ -220,34 +231,36 @@ class Engine:
                 self._complete(in_flight.pop(task), *task.result())
             await self._write_store()
 
-    async def _next_batch(self) -> tuple[list[LiveJob], dict[str, list[int]]]:
+    async def _next_batch(self) -> tuple[list[LiveJob], worker_pb2.StepRequest]:
         now = time.monotonic()
         busy = {rid for rid, live in self.jobs.items() if live.in_flight}
-        chosen = form_batch(
-            self.policy.order(now),
-            self.limits,
-            busy=busy,
-            free_blocks=self.free_blocks,
-            block_size=self.block_size,
-            blocks_held=self.blocks_held,
-        )
+        ordered = self.policy.order(now)
+        # No KV budget here: the kvmanager makes room by swapping out (or dropping) idle jobs, or defers.
+        chosen = form_batch(ordered, self.limits, busy=busy)
         if not chosen:
-            return [], {}
+            return [], worker_pb2.StepRequest()
+        chosen_ids = {j.request_id for j in chosen}
+        waiting = [
+            kvmanager_pb2.JobHint(request_id=rid, enst=enst)
+            for rid, enst in self.enst(ordered, now).items()
+            if rid in self.holds_kv and rid not in chosen_ids and rid not in busy
+        ]
         plan = await self.kv.Plan(
             kvmanager_pb2.PlanRequest(
                 iteration=self.iterations,
+                waiting=waiting,
                 batch=[
                     kvmanager_pb2.JobDemand(request_id=j.request_id, num_tokens=j.context_len) for j in chosen
                 ],
             )
         )
         self.free_blocks = plan.free_gpu_blocks
+        self._apply_plan(plan)
         tables = {t.request_id: list(t.blocks) for t in plan.tables}
-        for rid, table in tables.items():
-            self.blocks_held[rid] = len(table)
         batch = [
             self.jobs[j.request_id] for j in chosen if j.request_id in tables and j.request_id in self.jobs
         ]
+        self.holds_kv.update(tables)
         self._mark_preempted({live.request_id for live in batch} | busy)
         for live in batch:
             if live.state != "running":
@@ -257,7 +270,41 @@ class Engine:
                 live.state = "running"
                 self.dirty[live.request_id] = live
         self._observe_queues(batch)
-        return batch, tables
+        move = worker_pb2.BlockMove
+        step = worker_pb2.StepRequest(
+            seqs=[live.step_input(tables[live.request_id]) for live in batch],
+            swap_in=[move(src=c.src, dst=c.dst) for c in plan.swap_in],
+            swap_out=[move(src=c.src, dst=c.dst) for c in plan.swap_out],
+            prefetch=[move(src=c.src, dst=c.dst) for c in plan.prefetch],
+        )
+        return batch, step
+
+    def _apply_plan(self, plan: kvmanager_pb2.PlanResponse) -> None:
+        """Records what the plan did to idle jobs' KV: swapped out, back in, or dropped for recompute."""
+        for rid in plan.swapped_out:
+            if live := self.jobs.get(rid):
+                live.swaps_out += 1
+                live.state = "swapped"
+                live.span.add_event("swapped_out", {"level": live.job.level})
+                self.dirty[rid] = live
+        for rid in plan.swapped_in:
+            if live := self.jobs.get(rid):
+                live.span.add_event("swapped_in", {"level": live.job.level})
+                if live.state == "swapped":
+                    live.state = "preempted"
+                    self.dirty[rid] = live
+        for rid in plan.recompute:
+            self.holds_kv.discard(rid)
+            if live := self.jobs.get(rid):
+                live.recomputes += 1
+                live.job.needs_prefill = True
+                live.state = "preempted"
+                live.span.add_event("recomputed", {"level": live.job.level})
+                self.dirty[rid] = live
+        metrics.SWAP_BYTES.labels("out").inc(len(plan.swap_out) * self.config.block_bytes)
+        metrics.SWAP_BYTES.labels("in").inc(
+            (len(plan.swap_in) + len(plan.prefetch)) * self.config.block_bytes
+        )
 
     def _observe_queues(self, batch: list[LiveJob]) -> None:
         metrics.RUNNING.set(len(batch))
@@ -268,7 +315,7 @@ class Engine:
         for level in set(waiting) | self._levels_seen:
             metrics.WAITING.labels(str(level)).set(waiting.get(level, 0))
         self._levels_seen |= set(waiting)
-        metrics.KV_BLOCKS_USED.labels("gpu").set(self.num_gpu_blocks - self.free_blocks)
+        metrics.KV_BLOCKS_USED.labels("gpu").set(self.config.num_gpu_blocks - self.free_blocks)
 
     def _mark_preempted(self, scheduled: set[str]) -> None:
         """Jobs that ran last time and are left out now were preempted at this iteration boundary."""
@@ -283,7 +330,7 @@ class Engine:
         self.running = scheduled
 
     async def _execute(
-        self, batch: list[LiveJob], tables: dict[str, list[int]]
+        self, batch: list[LiveJob], request: worker_pb2.StepRequest
     ) -> tuple[list[int] | None, float, str]:
         self.iterations += 1
         # The iteration joins the trace of its first (highest-priority) job and links to every job it served.
@@ -293,11 +340,8 @@ class Engine:
             links=[trace.Link(live.span.get_span_context()) for live in batch],
             attributes={"fastserve.iteration": self.iterations, "fastserve.batch_size": len(batch)},
         )
-        request = worker_pb2.StepRequest(
-            step_id=self.iterations,
-            seqs=[live.step_input(tables[live.request_id]) for live in batch],
-            trace_context=tracing.inject(trace.set_span_in_context(span)),
-        )
+        request.step_id = self.iterations
+        request.trace_context.update(tracing.inject(trace.set_span_in_context(span)))
         started = time.monotonic()
         try:
             reply = await self.workers.step(request)
@@ -319,6 +363,7 @@ class Engine:
         for live in batch:
             live.in_flight = False
         metrics.ITERATION_TIME.observe(elapsed)
+        self.enst.observe(elapsed)
         metrics.ITERATION_TOKENS.observe(sum(live.job.tokens_this_iteration for live in batch))
         if tokens is None:
             log.error("iteration failed for %d jobs: %s", len(batch), error)
@@ -343,7 +388,7 @@ class Engine:
             live.span.add_event("first_token")
         self.dirty[live.request_id] = live
         reason = FR.FINISH_REASON_UNSPECIFIED
-        if token == self.eos_token_id and not live.request.ignore_eos:
+        if token == self.config.eos_token_id and not live.request.ignore_eos:
             reason = FR.FINISH_REASON_STOP
         elif len(live.generated) >= live.job.max_tokens:
             reason = FR.FINISH_REASON_LENGTH

@@ -20,7 +20,8 @@ from fastserve.v1 import scheduler_pb2 as pb
 from fastserve.v1 import scheduler_pb2_grpc as pb_grpc
 from fastserve.v1.kvmanager_pb2_grpc import KVManagerStub
 
-from .engine import Engine
+from .engine import Engine, EngineConfig
+from .enst import EnstEstimator
 from .policy import POLICIES, BatchLimits, PolicyConfig, make_policy
 from .workers import WorkerGroup
 
@@ -146,27 +147,32 @@ async def serve(args: argparse.Namespace) -> None:
     await workers.connect(args.connect_timeout)
 
     first = workers.infos[0]
+    reserve = args.kv_reserve_blocks if args.kv_reserve_blocks >= 0 else -(-workers.num_gpu_blocks // 20)
     await kv.Configure(
         kvmanager_pb2.ConfigureRequest(
             num_gpu_blocks=workers.num_gpu_blocks,
             num_host_blocks=workers.num_host_blocks,
             block_size=first.block_size,
+            swap_policy=args.swap_policy,
+            reserve_blocks=reserve,
         )
     )
     limits = BatchLimits(max_batch_size=args.max_batch_size, max_batched_tokens=args.max_num_batched_tokens)
     policy = make_policy(PolicyConfig(name=args.policy))
-    engine = Engine(
-        policy,
-        limits,
-        workers,
-        kv,
-        store,
-        eos_token_id=first.eos_token_id,
-        block_size=first.block_size,
-        num_gpu_blocks=workers.num_gpu_blocks,
-        pp_size=first.pp_size,
-        tracer=tracer,
+    enst = EnstEstimator(
+        args.max_batch_size,
+        getattr(policy, "starvation_threshold", None),
+        getattr(policy, "quantum", None),
+        by=args.swap_order,
     )
+    config = EngineConfig(
+        limits=limits,
+        eos_token_id=first.eos_token_id,
+        num_gpu_blocks=workers.num_gpu_blocks,
+        block_bytes=first.kv_block_bytes,
+        pp_size=first.pp_size,
+    )
+    engine = Engine(config, policy, workers, kv, store, enst, tracer)
     info = pb.SchedulerInfo(
         model=first.model,
         dtype=first.dtype,
@@ -183,6 +189,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_model_len=min(first.max_positions, workers.num_gpu_blocks * first.block_size),
         eos_token_id=first.eos_token_id,
         tokenizer=resolve_model(first.model).tokenizer,
+        swap_policy=args.swap_policy,
     )
     service.ready(engine, info)
     loop_task = asyncio.create_task(engine.run())

@@ -24,6 +24,8 @@ from fastserve.rpc import create_server, start_server
 from fastserve.v1 import worker_pb2 as pb
 from fastserve.v1 import worker_pb2_grpc as pb_grpc
 
+from .swapper import Swapper
+
 log = logging.getLogger("fastserve.worker")
 
 
@@ -55,6 +57,10 @@ def kv_block_budget(args: argparse.Namespace, spec: ModelSpec, dtype, device: st
     """KV blocks this rank can hold: --num-gpu-blocks, else a share of free device memory."""
     from .runner import ModelRunner
 
+    if args.num_gpu_blocks < 0:
+        raise SystemExit(
+            f"--num-gpu-blocks must be >= 0 (0 sizes the pool from memory), got {args.num_gpu_blocks}"
+        )
     if args.num_gpu_blocks > 0:
         return args.num_gpu_blocks
     per_block = ModelRunner.kv_bytes_per_block(
@@ -76,11 +82,27 @@ def kv_block_budget(args: argparse.Namespace, spec: ModelSpec, dtype, device: st
     return blocks
 
 
+def host_block_budget(swap_space_gib: float, bytes_per_block: int) -> int:
+    """Host KV blocks for --swap-space; refuses more than this machine's memory."""
+    import psutil
+
+    if swap_space_gib < 0:
+        raise SystemExit(f"--swap-space must be >= 0 GiB, got {swap_space_gib}")
+    total = psutil.virtual_memory().total
+    if swap_space_gib * 2**30 > total:
+        raise SystemExit(
+            f"--swap-space {swap_space_gib} GiB is larger than this machine's memory "
+            f"({total / 2**30:.1f} GiB)"
+        )
+    return int(swap_space_gib * 2**30 // bytes_per_block)
+
+
 class WorkerService(pb_grpc.WorkerServicer):
     def __init__(self, args: argparse.Namespace, tracer: trace.Tracer) -> None:
         self.args = args
         self.tracer = tracer
         self.runner = None
+        self.swapper: Swapper | None = None
         self.info = pb.WorkerInfo()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
         self.steps_done = 0
@@ -134,6 +156,16 @@ class WorkerService(pb_grpc.WorkerServicer):
             num_blocks,
             args.block_size,
         )
+        per_block = ModelRunner.kv_bytes_per_block(spec, dtype, args.block_size, args.tp, args.pp)
+        num_host_blocks = host_block_budget(args.swap_space, per_block)
+        if num_host_blocks:
+            self.swapper = Swapper(self.runner.kv_cache, num_host_blocks)
+            log.info(
+                "host KV pool: %d blocks (%.2f GiB%s)",
+                num_host_blocks,
+                num_host_blocks * per_block / 2**30,
+                ", pinned" if self.swapper.cuda else "",
+            )
         self.info = pb.WorkerInfo(
             model=spec.name,
             dtype=str(dtype).removeprefix("torch."),
@@ -144,7 +176,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             pp_size=args.pp,
             is_driver=self.runner.is_driver,
             num_gpu_blocks=num_blocks,
-            num_host_blocks=0,
+            num_host_blocks=num_host_blocks,
+            kv_block_bytes=per_block,
             block_size=args.block_size,
             vocab_size=spec.vocab_size,
             max_positions=spec.max_positions,
@@ -179,6 +212,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             if s.traceparent
         ]
         started = time.perf_counter()
+        exposed = 0.0
+        swap_before = self.swapper.stats.transfer_seconds if self.swapper else 0.0
         with self.tracer.start_as_current_span(
             "fastserve.worker.step",
             context=tracing.extract(request.trace_context),
@@ -190,6 +225,15 @@ class WorkerService(pb_grpc.WorkerServicer):
             },
         ) as span:
             try:
+                if self.swapper is not None:
+                    self.swapper.submit(
+                        [(m.src, m.dst) for m in request.swap_out],
+                        [(m.src, m.dst) for m in request.swap_in],
+                        [(m.src, m.dst) for m in request.prefetch],
+                    )
+                    exposed = self.swapper.wait_for({b for s in seqs for b in s.block_table})
+                elif request.swap_out or request.swap_in or request.prefetch:
+                    raise RuntimeError("swap orders for a worker without a host KV pool (--swap-space 0)")
                 tokens = self.runner.step(seqs) if seqs else None
             except Exception as exc:  # a bad step fails its jobs, not the worker
                 log.exception("step %d failed", request.step_id)
@@ -197,7 +241,11 @@ class WorkerService(pb_grpc.WorkerServicer):
                 return pb.StepResponse(step_id=request.step_id, error=f"{type(exc).__name__}: {exc}")
         self.steps_done += 1
         return pb.StepResponse(
-            step_id=request.step_id, token_ids=tokens or [], compute_seconds=time.perf_counter() - started
+            step_id=request.step_id,
+            token_ids=tokens or [],
+            compute_seconds=time.perf_counter() - started,
+            exposed_swap_seconds=exposed,
+            swap_seconds=(self.swapper.stats.transfer_seconds - swap_before) if self.swapper else 0.0,
         )
 
     async def Step(
@@ -222,6 +270,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(parser, "--num-gpu-blocks", default=0, help="KV blocks in the device pool; 0 = size from memory")
     add_flag(
         parser, "--gpu-memory-utilization", default=0.9, help="fraction of GPU memory the worker may fill"
+    )
+    add_flag(
+        parser, "--swap-space", default=4.0, help="GiB of host memory for swapped-out KV blocks; 0 = none"
     )
     add_flag(parser, "--cpu-kv-cache-gib", default=1.0, help="KV pool size on CPU when --num-gpu-blocks is 0")
     add_flag(
