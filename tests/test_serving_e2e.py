@@ -15,12 +15,12 @@ from fastserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, kvmanager_pb
 FR = common_pb2.FinishReason
 
 PROMPTS = [
-    [2, 100, 200, 300],
+    [2, 100, 200, 260],
     [2, 5, 17, 99, 250, 31, 7],
     [2, 40],
     [2, *range(10, 40)],
     [2, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26],
-    [2, 300, 301, 302, 303, 304],
+    [2, 230, 231, 232, 233, 234],
     [2, 9, 8, 7, 6, 5, 4, 3, 50, 60, 70, 80, 90],
     [2, *range(100, 145)],
 ]
@@ -152,13 +152,13 @@ def test_redis_holds_final_state_and_counts(checkpoint_stack, redis_url):
 def test_cancel_and_disconnect_free_kv(checkpoint_stack):
     stub = gateway(checkpoint_stack)
     kv = kvmanager_pb2_grpc.KVManagerStub(grpc.insecure_channel(checkpoint_stack.addresses["kvmanager"]))
-    stream = stub.Generate(greedy([2, 70, 71], 1000, request_id="to-cancel"), timeout=120)
+    stream = stub.Generate(greedy([2, 70, 71], 250, request_id="to-cancel"), timeout=120)
     next(stream)
     assert stub.Cancel(gateway_pb2.CancelRequest(request_id="to-cancel")).cancelled
     *_, last = stream
     assert last.finish_reason == FR.FINISH_REASON_CANCELLED
 
-    dropped = stub.Generate(greedy([2, 80, 81], 1000, request_id="to-drop"), timeout=120)
+    dropped = stub.Generate(greedy([2, 80, 81], 250, request_id="to-drop"), timeout=120)
     next(dropped)
     dropped.cancel()  # the client goes away
     deadline = time.monotonic() + 10

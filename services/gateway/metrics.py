@@ -2,12 +2,12 @@
 
 from prometheus_client import Counter, Histogram
 
-from fastserve.metrics import REQUEST_BUCKETS, TOKEN_BUCKETS
+from fastserve.metrics import REQUEST_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS
 
 TTFT = Histogram(
     "fastserve:time_to_first_token_seconds",
     "Arrival to first token",
-    buckets=TOKEN_BUCKETS + REQUEST_BUCKETS[5:],
+    buckets=TTFT_BUCKETS,
 )
 INTER_TOKEN = Histogram(
     "fastserve:inter_token_latency_seconds", "Time between two streamed messages", buckets=TOKEN_BUCKETS

@@ -44,7 +44,9 @@ class GatewayService(pb_grpc.GatewayServicer):
         tokenizer: Tokenizer,
         info: scheduler_pb2.SchedulerInfo,
         limits: Limits,
+        tracer: trace.Tracer,
     ) -> None:
+        self.tracer = tracer
         self.scheduler = scheduler
         self.store = store
         self.tokenizer = tokenizer

@@ -159,7 +159,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         per_block = ModelRunner.kv_bytes_per_block(spec, dtype, args.block_size, args.tp, args.pp)
         num_host_blocks = host_block_budget(args.swap_space, per_block)
         if num_host_blocks:
-            self.swapper = Swapper(self.runner.kv_cache, num_host_blocks)
+            self.swapper = Swapper(self.runner.kv, num_host_blocks)
             log.info(
                 "host KV pool: %d blocks (%.2f GiB%s)",
                 num_host_blocks,
