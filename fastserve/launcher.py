@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(parser, "--max-batch-size", default=16, help="most jobs in one iteration")
     add_flag(parser, "--max-num-batched-tokens", default=2048, help="most tokens fed in one iteration")
     add_flag(parser, "--num-gpu-blocks", default=0, help="KV blocks per worker; 0 = size from memory")
+    add_flag(parser, "--num-host-blocks", default=0, help="host KV blocks per worker; 0 = from --swap-space")
+    add_flag(parser, "--swap-space", default=4.0, help="GiB of host memory per worker for swapped-out KV")
+    add_flag(parser, "--swap-policy", default="proactive", help="KV swapping: proactive, reactive, recompute")
     add_flag(parser, "--demo", default=True, help="stream a few generations once the stack is up")
     add_flag(parser, "--exit-after-demo", default=False, help="stop the stack after the demo (for scripts)")
     add_flag(parser, "--start-timeout", default=600.0, help="seconds to wait for every service to be SERVING")
@@ -104,6 +107,10 @@ class Stack:
                     args.device,
                     "--num-gpu-blocks",
                     str(args.num_gpu_blocks),
+                    "--num-host-blocks",
+                    str(args.num_host_blocks),
+                    "--swap-space",
+                    str(args.swap_space),
                     "--rank",
                     str(rank),
                     "--world-size",
@@ -133,6 +140,8 @@ class Stack:
                 redis_url,
                 "--policy",
                 args.policy,
+                "--swap-policy",
+                args.swap_policy,
                 "--max-batch-size",
                 str(args.max_batch_size),
                 "--max-num-batched-tokens",

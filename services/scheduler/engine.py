@@ -297,6 +297,7 @@ class Engine:
             self.holds_kv.discard(rid)
             if live := self.jobs.get(rid):
                 live.recomputes += 1
+                metrics.RECOMPUTES.inc()
                 live.job.needs_prefill = True
                 live.state = "preempted"
                 live.span.add_event("recomputed", {"level": live.job.level})
@@ -350,6 +351,8 @@ class Engine:
             return None, time.monotonic() - started, str(exc)
         finally:
             span.end()
+        metrics.SWAP_SECONDS.inc(reply.swap_seconds)
+        metrics.SWAP_EXPOSED_SECONDS.inc(reply.exposed_swap_seconds)
         if len(reply.token_ids) != len(batch):
             return (
                 None,

@@ -27,3 +27,8 @@ ITERATION_TOKENS = Histogram(
 KV_BLOCKS_USED = Gauge("fastserve:kv_blocks_used", "KV blocks in use, by tier", ["tier"])
 SWAP_BYTES = Counter("fastserve:swap_bytes", "KV bytes moved between tiers, by direction", ["direction"])
 FINISHED = Counter("fastserve:request_finished", "Jobs that left the scheduler, by state", ["state"])
+SWAP_SECONDS = Counter("fastserve:swap_transfer_seconds", "Time workers spent moving KV blocks (driver rank)")
+SWAP_EXPOSED_SECONDS = Counter(
+    "fastserve:swap_exposed_seconds", "Time compute waited for KV transfers (driver rank)"
+)
+RECOMPUTES = Counter("fastserve:num_recomputes", "Jobs whose KV was dropped, to be rebuilt from their tokens")

@@ -116,14 +116,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(
         parser, "--connect-timeout", default=600.0, help="seconds to wait for workers and the KV manager"
     )
-    add_flag(parser, "--swap-policy", default="proactive", help="KV swapping: proactive, reactive, recompute",
-             choices=["proactive", "reactive", "recompute"])
-    add_flag(parser, "--swap-order", default="enst", help="which idle jobs swap first: enst or priority",
-             choices=["enst", "priority"])
-    add_flag(parser, "--kv-reserve-blocks", default=-1,
-             help="free GPU blocks proactive swapping keeps; -1 = 5%% of the pool")
-    add_flag(parser, "--metrics-port", default=9101, help="Prometheus /metrics port; 0 = off",
-             env="FASTSERVE_SCHEDULER_METRICS_PORT")
+    add_flag(
+        parser,
+        "--swap-policy",
+        default="proactive",
+        help="KV swapping: proactive, reactive, recompute",
+        choices=["proactive", "reactive", "recompute"],
+    )
+    add_flag(
+        parser,
+        "--swap-order",
+        default="enst",
+        help="which idle jobs swap first: enst or priority",
+        choices=["enst", "priority"],
+    )
+    add_flag(
+        parser,
+        "--kv-reserve-blocks",
+        default=-1,
+        help="free GPU blocks proactive swapping keeps; -1 = 5%% of the pool",
+    )
+    add_flag(
+        parser,
+        "--metrics-port",
+        default=9101,
+        help="Prometheus /metrics port; 0 = off",
+        env="FASTSERVE_SCHEDULER_METRICS_PORT",
+    )
     add_common_flags(parser)
     tracing.add_tracing_flags(parser)
     args = parser.parse_args(argv)

@@ -157,7 +157,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             args.block_size,
         )
         per_block = ModelRunner.kv_bytes_per_block(spec, dtype, args.block_size, args.tp, args.pp)
-        num_host_blocks = host_block_budget(args.swap_space, per_block)
+        num_host_blocks = args.num_host_blocks or host_block_budget(args.swap_space, per_block)
         if num_host_blocks:
             self.swapper = Swapper(self.runner.kv, num_host_blocks)
             log.info(
@@ -270,6 +270,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(parser, "--num-gpu-blocks", default=0, help="KV blocks in the device pool; 0 = size from memory")
     add_flag(
         parser, "--gpu-memory-utilization", default=0.9, help="fraction of GPU memory the worker may fill"
+    )
+    add_flag(
+        parser, "--num-host-blocks", default=0, help="KV blocks in the host pool; 0 = size from --swap-space"
     )
     add_flag(
         parser, "--swap-space", default=4.0, help="GiB of host memory for swapped-out KV blocks; 0 = none"
