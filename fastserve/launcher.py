@@ -17,7 +17,7 @@ import sys
 import time
 
 from fastserve.flags import add_common_flags, add_flag, setup_logging
-from fastserve.procs import free_port, popen_child, stop_all
+from fastserve.procs import free_ports, popen_child, stop_all
 from fastserve.rpc import check_serving_sync
 
 log = logging.getLogger("fastserve.up")
@@ -56,6 +56,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def as_flags(**values: object) -> list[str]:
+    """as_flags(max_batch_size=4) -> ["--max-batch-size", "4"]"""
+    return [part for name, value in values.items() for part in (f"--{name.replace('_', '-')}", str(value))]
+
+
 class Stack:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -87,80 +92,58 @@ class Stack:
             proc, redis_url = start_redis()
             self.procs.append(("redis", proc))
         self.addresses["redis"] = redis_url
-        kv_addr = f"127.0.0.1:{free_port()}"
-        self.spawn("kvmanager", "services.kvmanager", ["--port", kv_addr.rsplit(":", 1)[1]])
         world = args.tp * args.pp
-        master_port = str(free_port())
-        worker_addrs = [f"127.0.0.1:{free_port()}" for _ in range(world)]
-        for rank, addr in enumerate(worker_addrs):
+        kv_port, sched_port, sched_metrics, gw_metrics, master_port, *worker_ports = free_ports(5 + world)
+        kv_addr, sched_addr = f"127.0.0.1:{kv_port}", f"127.0.0.1:{sched_port}"
+        worker_addrs = [f"127.0.0.1:{port}" for port in worker_ports]
+        self.addresses["scheduler-metrics"] = f"127.0.0.1:{sched_metrics}"
+        self.addresses["gateway-metrics"] = f"{args.host}:{gw_metrics}"
+        self.spawn("kvmanager", "services.kvmanager", as_flags(port=kv_port))
+        for rank, port in enumerate(worker_ports):
             self.spawn(
                 f"worker{rank}",
                 "services.worker",
-                [
-                    "--port",
-                    addr.rsplit(":", 1)[1],
-                    "--model",
-                    args.model,
-                    "--dtype",
-                    args.dtype,
-                    "--device",
-                    args.device,
-                    "--num-gpu-blocks",
-                    str(args.num_gpu_blocks),
-                    "--num-host-blocks",
-                    str(args.num_host_blocks),
-                    "--swap-space",
-                    str(args.swap_space),
-                    "--rank",
-                    str(rank),
-                    "--world-size",
-                    str(world),
-                    "--tp",
-                    str(args.tp),
-                    "--pp",
-                    str(args.pp),
-                    "--master-addr",
-                    "127.0.0.1",
-                    "--master-port",
-                    master_port,
-                ],
+                as_flags(
+                    port=port,
+                    model=args.model,
+                    dtype=args.dtype,
+                    device=args.device,
+                    num_gpu_blocks=args.num_gpu_blocks,
+                    num_host_blocks=args.num_host_blocks,
+                    swap_space=args.swap_space,
+                    rank=rank,
+                    world_size=world,
+                    tp=args.tp,
+                    pp=args.pp,
+                    master_addr="127.0.0.1",
+                    master_port=master_port,
+                ),
             )
-        sched_addr = f"127.0.0.1:{free_port()}"
         self.spawn(
             "scheduler",
             "services.scheduler",
-            [
-                "--port",
-                sched_addr.rsplit(":", 1)[1],
-                "--worker-addresses",
-                ",".join(worker_addrs),
-                "--kvmanager-address",
-                kv_addr,
-                "--redis-url",
-                redis_url,
-                "--policy",
-                args.policy,
-                "--swap-policy",
-                args.swap_policy,
-                "--max-batch-size",
-                str(args.max_batch_size),
-                "--max-num-batched-tokens",
-                str(args.max_num_batched_tokens),
-            ],
+            as_flags(
+                port=sched_port,
+                metrics_port=sched_metrics,
+                worker_addresses=",".join(worker_addrs),
+                kvmanager_address=kv_addr,
+                redis_url=redis_url,
+                policy=args.policy,
+                swap_policy=args.swap_policy,
+                max_batch_size=args.max_batch_size,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+            ),
         )
         self.spawn(
             "gateway",
             "services.gateway",
-            [
-                "--host",
-                args.host,
-                "--port",
-                str(args.port),
-                "--scheduler-address",
-                sched_addr,
-                "--redis-url",
-                redis_url,
-            ],
+            as_flags(
+                host=args.host,
+                port=args.port,
+                metrics_port=gw_metrics,
+                scheduler_address=sched_addr,
+                redis_url=redis_url,
+            ),
         )
         self.wait_serving("kvmanager", kv_addr)
         for rank, addr in enumerate(worker_addrs):

@@ -2,72 +2,26 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import grpc
 import pytest
 import redis
-import torch
 
 from fastserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, kvmanager_pb2, kvmanager_pb2_grpc
+from tests.reference import MAX_TOKENS, PROMPTS, collect, generate_concurrently, greedy, hf_greedy
 
 FR = common_pb2.FinishReason
-
-PROMPTS = [
-    [2, 100, 200, 260],
-    [2, 5, 17, 99, 250, 31, 7],
-    [2, 40],
-    [2, *range(10, 40)],
-    [2, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26],
-    [2, 230, 231, 232, 233, 234],
-    [2, 9, 8, 7, 6, 5, 4, 3, 50, 60, 70, 80, 90],
-    [2, *range(100, 145)],
-]
-MAX_TOKENS = [12, 20, 7, 16, 25, 9, 14, 18]
 
 
 def gateway(stack) -> gateway_pb2_grpc.GatewayStub:
     return gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(stack.addresses["gateway"]))
 
 
-def greedy(prompt_ids: list[int], max_tokens: int, **extra) -> gateway_pb2.GenerateRequest:
-    sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    return gateway_pb2.GenerateRequest(prompt_token_ids=prompt_ids, sampling=sampling, **extra)
-
-
-def collect(stub, request) -> tuple[list[int], gateway_pb2.GenerateResponse]:
-    tokens, last = [], None
-    for reply in stub.Generate(request, timeout=120):
-        tokens.extend(reply.token_ids)
-        last = reply
-    return tokens, last
-
-
-def hf_greedy(checkpoint: str, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    from transformers import GenerationConfig, OPTForCausalLM
-
-    model = OPTForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32).eval()
-    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=1)
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), generation_config=config)
-    return out[0, len(prompt_ids) :].tolist()
-
-
 def test_greedy_tokens_of_eight_concurrent_requests_equal_transformers(checkpoint_stack, tiny_checkpoint):
-    stub = gateway(checkpoint_stack)
-    results: dict[int, list[int]] = {}
-
-    def run(i: int) -> None:
-        results[i] = collect(stub, greedy(PROMPTS[i], MAX_TOKENS[i]))[0]
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
+    results = generate_concurrently(gateway(checkpoint_stack))
     for i, prompt in enumerate(PROMPTS):
-        assert results[i] == hf_greedy(tiny_checkpoint, prompt, MAX_TOKENS[i]), f"request {i} differs"
+        assert results[i] == hf_greedy(tiny_checkpoint, tuple(prompt), MAX_TOKENS[i]), f"request {i} differs"
 
 
 BAD_REQUESTS = {

@@ -1,0 +1,136 @@
+"""Traces and metrics of the live stack: a real OTLP/gRPC receiver on loopback, real /metrics pages."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from concurrent import futures
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from fastserve.procs import free_port
+from fastserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from tests.conftest import start_stack
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """Collects every exported span as (trace id, service name, span)."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[bytes, str, object]] = []
+        self.lock = threading.Lock()
+
+    def Export(self, request, context):
+        with self.lock:
+            for resource_spans in request.resource_spans:
+                attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+                for scope in resource_spans.scope_spans:
+                    for span in scope.spans:
+                        self.spans.append((span.trace_id, attrs.get("service.name", ""), span))
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    sink = Receiver()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    yield sink, f"http://127.0.0.1:{port}"
+    server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def traced_stack(redis_url, tiny_checkpoint, receiver, monkeypatch_module):
+    _, endpoint = receiver
+    monkeypatch_module.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    monkeypatch_module.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
+    stack = start_stack(redis_url, "--model", tiny_checkpoint, "--num-gpu-blocks", "128", "--policy",
+                        "skip-join-mlfq", "--max-batch-size", "1")
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def generate(stub, prompt_ids, max_tokens, request_id):
+    sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return list(stub.Generate(gateway_pb2.GenerateRequest(prompt_token_ids=prompt_ids, sampling=sampling,
+                                                          request_id=request_id), timeout=120))
+
+
+def test_one_trace_spans_services_and_preemption_events_carry_levels(traced_stack, receiver):
+    sink, _ = receiver
+    stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(traced_stack.addresses["gateway"]))
+    long_job = threading.Thread(target=generate, args=(stub, [2, *range(10, 60)], 200, "long-traced"))
+    long_job.start()
+    time.sleep(1.0)  # the long job is demoted by now; then a short one arrives and preempts it
+    generate(stub, [2, 5, 6], 4, "short-traced")
+    long_job.join(120)
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        by_trace = defaultdict(set)
+        with sink.lock:
+            for trace_id, service, _ in sink.spans:
+                by_trace[trace_id].add(service)
+        if any({"fastserve-gateway", "fastserve-scheduler", "fastserve-worker"} <= s for s in by_trace.values()):
+            break
+        time.sleep(0.5)
+    assert any({"fastserve-gateway", "fastserve-scheduler", "fastserve-worker"} <= s for s in by_trace.values()), \
+        dict(by_trace)
+
+    with sink.lock:
+        schedule_spans = [span for _, service, span in sink.spans
+                          if service == "fastserve-scheduler" and span.name == "fastserve.schedule"]
+    long_span = next(s for s in schedule_spans
+                     if any(a.key == "fastserve.request_id" and a.value.string_value == "long-traced"
+                            for a in s.attributes))
+    events = {e.name: {a.key: a.value.int_value for a in e.attributes} for e in long_span.events}
+    assert "preempted" in events and "level" in events["preempted"]
+    assert "demoted" in events and events["demoted"]["to_level"] == events["demoted"]["from_level"] + 1
+    assert "queued" in events and "finished" in events
+
+
+def scrape(address: str) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def test_metrics_agree_with_what_was_served(traced_stack):
+    stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(traced_stack.addresses["gateway"]))
+    before = scrape(traced_stack.addresses["gateway-metrics"])
+    for i in range(3):
+        generate(stub, [2, 7, 8, 9], 5, f"metrics-{i}")
+    gateway = scrape(traced_stack.addresses["gateway-metrics"])
+    scheduler = scrape(traced_stack.addresses["scheduler-metrics"])
+
+    def delta(name):
+        return gateway.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta("fastserve:generation_tokens_total") == 15
+    assert delta("fastserve:prompt_tokens_total") == 12
+    assert delta('fastserve:request_success_total{finished_reason="length"}') == 3
+    assert delta("fastserve:time_to_first_token_seconds_count") == 3
+    assert delta("fastserve:e2e_request_latency_seconds_count") == 3
+    for name in ("fastserve:iteration_time_seconds_count", "fastserve:num_requests_running",
+                 'fastserve:kv_blocks_used{tier="gpu"}', "fastserve:num_preemptions_total",
+                 "fastserve:num_demotions_total", "fastserve:request_queue_time_seconds_count"):
+        assert name in scheduler, name
+    assert scheduler['fastserve:request_finished_total{state="finished"}'] >= 3
+    assert scheduler["fastserve:iteration_time_seconds_count"] >= 15
