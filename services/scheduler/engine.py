@@ -234,9 +234,10 @@ class Engine:
     async def _next_batch(self) -> tuple[list[LiveJob], worker_pb2.StepRequest]:
         now = time.monotonic()
         busy = {rid for rid, live in self.jobs.items() if live.in_flight}
-        ordered = self.policy.order(now)
+        ordered = list(self.policy.order(now))
         # No KV budget here: the kvmanager makes room by swapping out (or dropping) idle jobs, or defers.
         chosen = form_batch(ordered, self.limits, busy=busy)
+        metrics.POLICY_TIME.observe(time.monotonic() - now)
         if not chosen:
             return [], worker_pb2.StepRequest()
         chosen_ids = {j.request_id for j in chosen}
@@ -245,6 +246,7 @@ class Engine:
             for rid, enst in self.enst(ordered, now).items()
             if rid in self.holds_kv and rid not in chosen_ids and rid not in busy
         ]
+        plan_started = time.monotonic()
         plan = await self.kv.Plan(
             kvmanager_pb2.PlanRequest(
                 iteration=self.iterations,
@@ -254,6 +256,7 @@ class Engine:
                 ],
             )
         )
+        metrics.PLAN_TIME.observe(time.monotonic() - plan_started)
         self.free_blocks = plan.free_gpu_blocks
         self._apply_plan(plan)
         tables = {t.request_id: list(t.blocks) for t in plan.tables}
@@ -351,6 +354,7 @@ class Engine:
             return None, time.monotonic() - started, str(exc)
         finally:
             span.end()
+        metrics.COMPUTE_TIME.observe(reply.compute_seconds)
         metrics.SWAP_SECONDS.inc(reply.swap_seconds)
         metrics.SWAP_EXPOSED_SECONDS.inc(reply.exposed_swap_seconds)
         if len(reply.token_ids) != len(batch):
