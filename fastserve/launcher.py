@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_flag(parser, "--device", default="auto", help="auto (cuda when present), cpu, cuda")
     add_flag(parser, "--redis-url", default="", help="Redis to use; empty = start an embedded redis-server")
-    add_flag(parser, "--policy", default="fcfs", help="scheduling policy")
+    add_flag(parser, "--policy", default="skip-join-mlfq", help="fcfs, mlfq, skip-join-mlfq or srpt-oracle")
     add_flag(parser, "--tp", default=1, help="tensor-parallel size")
     add_flag(parser, "--pp", default=1, help="pipeline-parallel size")
     add_flag(parser, "--max-batch-size", default=16, help="most jobs in one iteration")

@@ -74,28 +74,26 @@ def test_one_trace_spans_services_and_preemption_events_carry_levels(traced_stac
     stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(traced_stack.addresses["gateway"]))
     long_job = threading.Thread(target=generate, args=(stub, [2, *range(10, 60)], 200, "long-traced"))
     long_job.start()
-    time.sleep(1.0)  # the long job is demoted by now; then a short one arrives and preempts it
+    time.sleep(0.3)  # the long job is demoted by now; then a short one arrives and preempts it
     generate(stub, [2, 5, 6], 4, "short-traced")
     long_job.join(120)
 
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        by_trace = defaultdict(set)
+    services = {"fastserve-gateway", "fastserve-scheduler", "fastserve-worker"}
+    deadline = time.monotonic() + 20
+    while True:  # spans arrive in batches; wait for both requests' traces
         with sink.lock:
+            by_trace = defaultdict(set)
             for trace_id, service, _ in sink.spans:
                 by_trace[trace_id].add(service)
-        if any({"fastserve-gateway", "fastserve-scheduler", "fastserve-worker"} <= s for s in by_trace.values()):
+            long_span = next((span for _, service, span in sink.spans
+                              if service == "fastserve-scheduler" and span.name == "fastserve.schedule"
+                              and any(a.key == "fastserve.request_id" and a.value.string_value == "long-traced"
+                                      for a in span.attributes)), None)
+        if (long_span is not None and any(services <= s for s in by_trace.values())) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert any({"fastserve-gateway", "fastserve-scheduler", "fastserve-worker"} <= s for s in by_trace.values()), \
-        dict(by_trace)
-
-    with sink.lock:
-        schedule_spans = [span for _, service, span in sink.spans
-                          if service == "fastserve-scheduler" and span.name == "fastserve.schedule"]
-    long_span = next(s for s in schedule_spans
-                     if any(a.key == "fastserve.request_id" and a.value.string_value == "long-traced"
-                            for a in s.attributes))
+    assert any(services <= s for s in by_trace.values()), dict(by_trace)
+    assert long_span is not None, "the long request's scheduler span never arrived"
     events = {e.name: {a.key: a.value.int_value for a in e.attributes} for e in long_span.events}
     assert "preempted" in events and "level" in events["preempted"]
     assert "demoted" in events and events["demoted"]["to_level"] == events["demoted"]["from_level"] + 1

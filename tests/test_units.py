@@ -113,3 +113,27 @@ def test_envelope_and_length_errors():
     with pytest.raises(InvalidRequest, match="256"):
         check_length(200, 57, LIMITS)
     check_length(200, 56, LIMITS)
+
+
+def test_child_dies_when_parent_is_killed():
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import alive
+
+    code = (
+        "import sys, time; from fastserve.procs import popen_child; "
+        "p = popen_child(['sleep', '60']); print(p.pid, flush=True); time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    time.sleep(0.3)
+    assert alive(child)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(child)

@@ -23,7 +23,7 @@ from fastserve.v1.kvmanager_pb2_grpc import KVManagerStub
 
 from . import metrics
 from .enst import EnstEstimator
-from .policy import BatchLimits, Job, Policy, Transition, form_batch
+from .policy import BatchLimits, CostModel, Job, Policy, Transition, form_batch
 from .workers import WorkerError, WorkerGroup
 
 log = logging.getLogger("fastserve.scheduler.engine")
@@ -123,8 +123,10 @@ class Engine:
         kv: KVManagerStub,
         store: RequestStore,
         enst: EnstEstimator,
+        cost_model: CostModel,
         tracer: trace.Tracer | None = None,
     ) -> None:
+        self.cost_model = cost_model
         self.config = config
         self.limits = config.limits
         self.policy = policy
@@ -371,6 +373,12 @@ class Engine:
             live.in_flight = False
         metrics.ITERATION_TIME.observe(elapsed)
         self.enst.observe(elapsed)
+        if tokens is not None:
+            jobs = [live.job for live in batch]
+            prefill = sum(j.context_len for j in jobs if j.needs_prefill)
+            self.cost_model.observe(
+                (prefill, sum(not j.needs_prefill for j in jobs), sum(j.context_len for j in jobs), elapsed)
+            )
         metrics.ITERATION_TOKENS.observe(sum(live.job.tokens_this_iteration for live in batch))
         if tokens is None:
             log.error("iteration failed for %d jobs: %s", len(batch), error)

@@ -32,8 +32,16 @@ SWAP_EXPOSED_SECONDS = Counter(
     "fastserve:swap_exposed_seconds", "Time compute waited for KV transfers (driver rank)"
 )
 RECOMPUTES = Counter("fastserve:num_recomputes", "Jobs whose KV was dropped, to be rebuilt from their tokens")
-POLICY_TIME = Histogram("fastserve:policy_decision_seconds", "Policy order + batch formation, per iteration",
-                        buckets=(1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2))
-PLAN_TIME = Histogram("fastserve:kv_plan_seconds", "KV manager Plan round trip, per iteration",
-                      buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2))
-COMPUTE_TIME = Histogram("fastserve:worker_compute_seconds", "The driver rank's own step time", buckets=TOKEN_BUCKETS)
+POLICY_TIME = Histogram(
+    "fastserve:policy_decision_seconds",
+    "Policy order + batch formation, per iteration",
+    buckets=(1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2),
+)
+PLAN_TIME = Histogram(
+    "fastserve:kv_plan_seconds",
+    "KV manager Plan round trip, per iteration",
+    buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2),
+)
+COMPUTE_TIME = Histogram(
+    "fastserve:worker_compute_seconds", "The driver rank's own step time", buckets=TOKEN_BUCKETS
+)

@@ -57,7 +57,9 @@ async def profile(
     usable_len = min(max_len, num_blocks * block_size, max_batched_tokens)
     blocks = list(range(min(num_blocks, -(-usable_len // block_size))))
     await timed([_seq(0, [4] * min(8, usable_len), 0, blocks)])  # warm-up
-    for length in sorted({n for n in (16, 64, 128, 256, 512, 1024) if n <= usable_len} | {usable_len}):
+    for length in sorted(
+        {n for n in (16, 64, 128, 256, 512, 1024) if n <= usable_len} | {min(usable_len, 1024)}
+    ):
         samples.append((length, 0, length, await timed([_seq(0, [4] * length, 0, blocks)])))
     context = min(64, usable_len)
     ctx_blocks = blocks[: -(-context // block_size)]

@@ -22,7 +22,8 @@ from fastserve.v1.kvmanager_pb2_grpc import KVManagerStub
 
 from .engine import Engine, EngineConfig
 from .enst import EnstEstimator
-from .policy import POLICIES, BatchLimits, PolicyConfig, make_policy
+from .policy import POLICIES, BatchLimits, CostModel, PolicyConfig, make_policy
+from .profiler import profile
 from .workers import WorkerGroup
 
 log = logging.getLogger("fastserve.scheduler")
@@ -110,7 +111,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(parser, "--kvmanager-address", default="127.0.0.1:50053", help="the KV manager")
     add_flag(parser, "--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for request metadata")
     add_flag(parser, "--request-ttl", default=86400, help="seconds a request's Redis record is kept")
-    add_flag(parser, "--policy", default="fcfs", help="scheduling policy", choices=sorted(POLICIES))
+    add_flag(parser, "--policy", default="skip-join-mlfq", help="scheduling policy", choices=sorted(POLICIES))
+    add_flag(
+        parser,
+        "--base-quantum",
+        default=0.0,
+        help="quantum of Q0 in seconds; 0 = one profiled decode iteration",
+    )
+    add_flag(parser, "--quantum-ratio", default=2.0, help="q_i = base * ratio^i")
+    add_flag(parser, "--num-queues", default=16, help="MLFQ queue count")
+    add_flag(
+        parser, "--starvation-threshold", default=3.0, help="seconds without running before promotion to Q0"
+    )
+    add_flag(parser, "--starvation-period", default=1000, help="iterations between starvation checks")
     add_flag(parser, "--max-batch-size", default=16, help="most jobs in one iteration")
     add_flag(parser, "--max-num-batched-tokens", default=2048, help="most tokens fed in one iteration")
     add_flag(
@@ -185,7 +198,33 @@ async def serve(args: argparse.Namespace) -> None:
         )
     )
     limits = BatchLimits(max_batch_size=args.max_batch_size, max_batched_tokens=args.max_num_batched_tokens)
-    policy = make_policy(PolicyConfig(name=args.policy))
+    samples = await profile(
+        workers,
+        block_size=first.block_size,
+        num_blocks=workers.num_gpu_blocks,
+        max_len=min(first.max_positions, workers.num_gpu_blocks * first.block_size),
+        max_batch_size=args.max_batch_size,
+        max_batched_tokens=args.max_num_batched_tokens,
+    )
+    cost_model = CostModel().fit(samples)
+    # the paper's base quantum: one decode iteration, measured rather than fitted
+    decode_one = min(t for p, d, _, t in samples if d == 1 and not p)
+    log.info(
+        "cost model: %s; one decode iteration %.4fs",
+        {k: f"{v:.3g}" for k, v in cost_model.to_dict().items()},
+        decode_one,
+    )
+    policy = make_policy(
+        PolicyConfig(
+            name=args.policy,
+            base_quantum=args.base_quantum or decode_one,
+            quantum_ratio=args.quantum_ratio,
+            num_queues=args.num_queues,
+            starvation_threshold=args.starvation_threshold,
+            starvation_period=args.starvation_period,
+        ),
+        cost_model,
+    )
     enst = EnstEstimator(
         args.max_batch_size,
         getattr(policy, "starvation_threshold", None),
@@ -199,7 +238,7 @@ async def serve(args: argparse.Namespace) -> None:
         block_bytes=first.kv_block_bytes,
         pp_size=first.pp_size,
     )
-    engine = Engine(config, policy, workers, kv, store, enst, tracer)
+    engine = Engine(config, policy, workers, kv, store, enst, cost_model, tracer)
     info = pb.SchedulerInfo(
         model=first.model,
         dtype=first.dtype,

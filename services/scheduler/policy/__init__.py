@@ -1,13 +1,21 @@
 """Scheduling policies (pure Python): see base.Policy."""
 
 from .base import BatchLimits, Job, Policy, PolicyConfig, Transition, form_batch
+from .cost_model import CostModel
 from .fcfs import FCFS
+from .mlfq import MLFQ, SkipJoinMLFQ
+from .srpt import SRPTOracle
 
-POLICIES: dict[str, type[Policy]] = {"fcfs": FCFS}
+POLICIES: dict[str, type[Policy]] = {
+    "fcfs": FCFS,
+    "mlfq": MLFQ,
+    "skip-join-mlfq": SkipJoinMLFQ,
+    "srpt-oracle": SRPTOracle,
+}
 
 
-def make_policy(config: PolicyConfig, cost_model=None) -> Policy:
-    """Build the policy named in `config`."""
+def make_policy(config: PolicyConfig, cost_model: CostModel | None = None) -> Policy:
+    """Builds the policy named in `config`."""
     try:
         cls = POLICIES[config.name]
     except KeyError:
@@ -19,6 +27,7 @@ def make_policy(config: PolicyConfig, cost_model=None) -> Policy:
 
 __all__ = [
     "BatchLimits",
+    "CostModel",
     "Job",
     "Policy",
     "PolicyConfig",
@@ -27,4 +36,7 @@ __all__ = [
     "make_policy",
     "POLICIES",
     "FCFS",
+    "MLFQ",
+    "SkipJoinMLFQ",
+    "SRPTOracle",
 ]
