@@ -81,3 +81,11 @@ def test_reactive_never_prefetches_and_unfittable_job_is_deferred():
 def test_unknown_swap_policy_is_refused():
     with pytest.raises(ValueError, match="swap policy"):
         make_plan(full_gpu(), [], [], swap_policy="lazy")
+
+
+def test_batch_that_cannot_grow_preempts_its_own_lowest_priority_job():
+    bm = BlockManager(num_gpu_blocks=4, block_size=16, num_host_blocks=4)
+    bm.allocate("hi", 32)
+    bm.allocate("lo", 32)  # the GPU is full and both want one more block
+    plan = make_plan(bm, [("hi", 33), ("lo", 33)], waiting=[], swap_policy="reactive")
+    assert plan.deferred == ["lo"] and plan.swapped_out == ["lo"] and len(plan.tables["hi"]) == 3

@@ -62,22 +62,34 @@ def make_plan(
             return True
         return False
 
-    def make_room(need: int) -> bool:
+    def make_room(need: int, later: list[str]) -> bool:
+        """Idle jobs go first; then the batch's own lower-priority jobs (`later`), which then wait."""
         while blocks.num_free < need:
-            if not evict_one():
+            if evict_one():
+                continue
+            holders = [rid for rid in later if rid in blocks.tables]
+            if not holders:
                 return False
+            victims.append(holders[-1])
+            plan.deferred.append(holders[-1])
+            skip.add(holders[-1])
         return True
 
-    for rid, num_tokens in batch:
+    skip: set[str] = set()
+    batch_ids = [rid for rid, _ in batch]
+    for index, (rid, num_tokens) in enumerate(batch):
+        if rid in skip:
+            continue
+        later = [r for r in batch_ids[index + 1 :] if r not in skip]
         if blocks.on_host(rid):
-            if not make_room(len(blocks.host_tables[rid])):
+            if not make_room(len(blocks.host_tables[rid]), later):
                 plan.deferred.append(rid)
                 continue
             plan.swap_in.extend(blocks.swap_in(rid) or [])
             plan.swapped_in.append(rid)
         held = len(blocks.tables.get(rid, []))
         need = -(-num_tokens // blocks.block_size) - held
-        if need > 0 and not make_room(need):
+        if need > 0 and not make_room(need, later):
             plan.deferred.append(rid)
             continue
         plan.tables[rid] = blocks.allocate(rid, num_tokens)

@@ -1,0 +1,123 @@
+"""Request traces: synthetic ShareGPT-like and Alpaca-like lengths, real dataset files, arrivals.
+
+Synthetic lengths are lognormal (heavy right tail, as conversational data has),
+clipped to the artifact's filters (prompt <= 1024 tokens, prompt + output <= 2048),
+with the location chosen so the clipped mean equals the published mean:
+
+| workload | input: mean, sigma | output: mean, sigma |
+|---|---|---|
+| sharegpt | 161, 1.0 | 338, 1.0 |
+| alpaca   | 19, 0.8  | 58, 0.9  |
+
+Arrivals are Gamma renewals with shape 1/CV^2 and scale CV^2/rate (CV = 1 is Poisson).
+A trace is a list of (arrival_time, input_len, output_len).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable
+
+MAX_INPUT = 1024
+MAX_TOTAL = 2048
+SHAPES = {"sharegpt": ((161, 1.0), (338, 1.0)), "alpaca": ((19, 0.8), (58, 0.9))}
+
+Trace = list[tuple[float, int, int]]
+
+
+def _clipped_mean(mu: float, sigma: float, cap: float) -> float:
+    """E[min(X, cap)] for X ~ LogNormal(mu, sigma)."""
+    phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
+    log_cap = math.log(cap)
+    return math.exp(mu + sigma**2 / 2) * phi((log_cap - mu - sigma**2) / sigma) + cap * (
+        1 - phi((log_cap - mu) / sigma)
+    )
+
+
+def calibrated_mu(mean: float, sigma: float, cap: float) -> float:
+    """The lognormal location whose mean after clipping at `cap` is `mean` (bisection)."""
+    lo, hi = math.log(mean) - 5, math.log(cap) + 5
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _clipped_mean(mid, sigma, cap) < mean else (lo, mid)
+    return (lo + hi) / 2
+
+
+def synthetic_lengths(name: str, n: int, seed: int) -> list[tuple[int, int]]:
+    if name not in SHAPES:
+        raise ValueError(f"--workload {name!r}: choose sharegpt, alpaca or a .jsonl file")
+    (in_mean, in_sigma), (out_mean, out_sigma) = SHAPES[name]
+    in_mu = calibrated_mu(in_mean, in_sigma, MAX_INPUT)
+    out_mu = calibrated_mu(out_mean, out_sigma, MAX_TOTAL - in_mean)
+    rng = random.Random(seed)
+    lengths = []
+    for _ in range(n):
+        inp = max(1, min(MAX_INPUT, round(rng.lognormvariate(in_mu, in_sigma))))
+        out = max(1, min(MAX_TOTAL - inp, round(rng.lognormvariate(out_mu, out_sigma))))
+        lengths.append((inp, out))
+    return lengths
+
+
+def arrivals(n: int, rate: float, cv: float, seed: int) -> list[float]:
+    """Gamma inter-arrival times: shape 1/CV^2, scale CV^2/rate."""
+    if rate <= 0 or cv <= 0:
+        raise ValueError(f"--rate and --cv must be > 0, got {rate} and {cv}")
+    rng = random.Random(seed + 1)
+    shape, scale = 1 / cv**2, cv**2 / rate
+    t, times = 0.0, []
+    for _ in range(n):
+        t += rng.gammavariate(shape, scale)
+        times.append(t)
+    return times
+
+
+def load_jsonl(path: str) -> list[tuple[float | None, int, int]]:
+    """One request a line: {"arrival_time": optional, "input_len": .., "output_len": ..}."""
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                row = json.loads(line)
+                try:
+                    rows.append((row.get("arrival_time"), int(row["input_len"]), int(row["output_len"])))
+                except KeyError as exc:
+                    raise ValueError(f"{path}:{number}: missing {exc.args[0]}") from None
+    return rows
+
+
+def load_dataset(path: str, tokenize: Callable[[str], list[int]]) -> list[tuple[int, int]]:
+    """(input, output) token lengths of a ShareGPT or Alpaca JSON file, with the artifact's filters.
+
+    ShareGPT: a list of {"conversations": [{"from": "human", "value": ..}, {"from": "gpt", ..}, ..]}
+    (the first human/gpt pair is used); Alpaca: a list of {"instruction", "input", "output"}.
+    Kept: prompt <= 1024 tokens, prompt + output <= 2048, and not both under 4 tokens.
+    """
+    with open(path) as f:
+        data = json.load(f)
+    pairs = []
+    for item in data:
+        if "conversations" in item:
+            turns = item["conversations"]
+            if len(turns) < 2:
+                continue
+            prompt, output = turns[0]["value"], turns[1]["value"]
+        else:
+            prompt = item["instruction"] + ("\n" + item["input"] if item.get("input") else "")
+            output = item["output"]
+        inp, out = len(tokenize(prompt)), len(tokenize(output))
+        if inp > MAX_INPUT or inp + out > MAX_TOTAL or (inp < 4 and out < 4):
+            continue
+        pairs.append((inp, out))
+    return pairs
+
+
+def load_trace(workload: str, num_requests: int, rate: float, cv: float = 1.0, seed: int = 0) -> Trace:
+    """The trace for a workload name or a JSONL file (its own arrival times win when present)."""
+    if workload.endswith(".jsonl"):
+        rows = load_jsonl(workload)[:num_requests]
+        times = arrivals(len(rows), rate, cv, seed)
+        return sorted((a if a is not None else t, i, o) for (a, i, o), t in zip(rows, times, strict=True))
+    lengths = synthetic_lengths(workload, num_requests, seed)
+    return [(t, i, o) for t, (i, o) in zip(arrivals(num_requests, rate, cv, seed), lengths, strict=True)]

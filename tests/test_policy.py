@@ -1,0 +1,152 @@
+"""The scheduling rules, pinned: skip-join placement, demotion, starvation promotion, batch limits, SRPT."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.scheduler.enst import EnstEstimator
+from services.scheduler.policy import BatchLimits, CostModel, Job, PolicyConfig, form_batch, make_policy
+
+
+def job(rid: str, prompt: int = 10, max_tokens: int = 100, arrival: float = 0.0, **kw) -> Job:
+    return Job(rid, prompt, max_tokens, arrival, **kw)
+
+
+def mlfq(name: str = "skip-join-mlfq", **knobs) -> object:
+    # prefill time = 0.01 + 0.001 * tokens; quanta 0.02, 0.04, 0.08, 0.16
+    cost = CostModel(c0=0.01, c_prefill=0.001)
+    config = PolicyConfig(name=name, base_quantum=0.02, quantum_ratio=2, num_queues=4, **knobs)
+    return make_policy(config, cost)
+
+
+@pytest.mark.parametrize(
+    "prompt, level", [(5, 0), (10, 0), (11, 1), (30, 1), (31, 2), (70, 2), (71, 3), (5000, 3)]
+)
+def test_skip_join_places_job_in_first_queue_whose_quantum_covers_prefill(prompt, level):
+    policy = mlfq()
+    j = job("a", prompt=prompt)
+    policy.add(j, 0.0)
+    assert j.level == level
+
+
+def test_naive_mlfq_joins_everything_at_q0():
+    policy = mlfq("mlfq")
+    j = job("a", prompt=5000)
+    policy.add(j, 0.0)
+    assert j.level == 0
+
+
+def test_demotion_at_quantum_exhaustion_resets_account_and_goes_to_tail():
+    policy = mlfq("mlfq")
+    a, b, c = job("a"), job("b"), job("c")
+    for j in (a, b, c):
+        policy.add(j, 0.0)
+    assert policy.on_iteration_done([a], 0.015, 1.0) == []
+    assert a.level == 0 and a.quantum_used == pytest.approx(0.015)
+    (t,) = policy.on_iteration_done([a], 0.01, 2.0)  # 0.025 >= q0 = 0.02
+    assert (t.kind, t.from_level, t.to_level) == ("demoted", 0, 1)
+    assert a.level == 1 and a.quantum_used == 0 and a.demotions == 1
+    assert [j.request_id for j in policy.order(2.0)] == ["b", "c", "a"]
+
+
+def test_unfinished_job_keeps_its_place_and_higher_priority_arrival_preempts():
+    policy = mlfq("mlfq")
+    long = job("long")
+    policy.add(long, 0.0)
+    policy.on_iteration_done([long], 0.03, 1.0)  # demoted to Q1
+    short = job("short", arrival=1.0)
+    policy.add(short, 1.0)
+    batch = form_batch(policy.order(1.0), BatchLimits(max_batch_size=1))
+    assert [j.request_id for j in batch] == ["short"]
+
+
+def test_last_queue_never_demotes_further():
+    policy = mlfq("mlfq")
+    a = job("a")
+    policy.add(a, 0.0)
+    for t in range(20):
+        policy.on_iteration_done([a], 1.0, float(t))
+    assert a.level == 3
+
+
+def test_starvation_promotes_to_q0_only_on_check_iterations():
+    policy = mlfq("mlfq", starvation_threshold=5.0, starvation_period=3)
+    runner, starved = job("runner"), job("starved")
+    policy.add(runner, 0.0)
+    policy.add(starved, 0.0)
+    policy.on_iteration_done([starved], 1.0, 1.0)  # demoted to Q1, last ran at t=1
+    assert starved.level == 1
+    assert policy.on_iteration_done([runner], 0.001, 7.0) == []  # 6 s starved, but iteration 2 is no check
+    assert starved.level == 1
+    transitions = policy.on_iteration_done([runner], 0.001, 8.0)  # check: 7s without running >= 5s
+    assert [(t.kind, t.request_id, t.from_level, t.to_level) for t in transitions] == [
+        ("promoted", "starved", 1, 0)
+    ]
+    assert starved.level == 0 and starved.promotions == 1
+
+
+def test_finished_jobs_in_the_batch_are_ignored():
+    policy = mlfq()
+    a = job("a")
+    policy.add(a, 0.0)
+    policy.remove("a")
+    assert policy.on_iteration_done([a], 1.0, 1.0) == []
+
+
+def test_srpt_orders_by_remaining_tokens_then_arrival():
+    policy = make_policy(PolicyConfig(name="srpt-oracle"))
+    policy.add(job("a", max_tokens=50, output_len=30), 0.0)
+    policy.add(job("b", max_tokens=50, output_len=10, arrival=1.0), 1.0)
+    policy.add(job("c", max_tokens=50, output_len=10, arrival=2.0), 2.0)
+    assert [j.request_id for j in policy.order(3.0)] == ["b", "c", "a"]
+
+
+def test_fcfs_is_arrival_order():
+    policy = make_policy(PolicyConfig(name="fcfs"))
+    for rid in "xyz":
+        policy.add(job(rid), 0.0)
+    assert [j.request_id for j in policy.order(0.0)] == ["x", "y", "z"]
+
+
+def test_form_batch_respects_size_tokens_blocks_and_pipeline_slots():
+    jobs = [
+        job("p", prompt=100),
+        job("d1", prompt=10, needs_prefill=False),
+        job("d2", prompt=10, needs_prefill=False),
+        job("big", prompt=300),
+        job("d3", prompt=10, needs_prefill=False),
+    ]
+    assert [j.request_id for j in form_batch(jobs, BatchLimits(max_batch_size=2))] == ["p", "d1"]
+    assert [j.request_id for j in form_batch(jobs, BatchLimits(16, max_batched_tokens=250))] == [
+        "p",
+        "d1",
+        "d2",
+        "d3",
+    ]
+    assert [j.request_id for j in form_batch(jobs, BatchLimits(16, 2048), busy={"p", "d2"})] == [
+        "d1",
+        "big",
+        "d3",
+    ]
+    chosen = form_batch(
+        jobs, BatchLimits(16, 2048), free_blocks=8, block_size=16, blocks_held={"d1": 1, "d2": 1}
+    )
+    assert [j.request_id for j in chosen] == ["p", "d1", "d2", "d3"]  # big needs 19 blocks
+
+
+def test_invalid_knobs_are_refused():
+    with pytest.raises(ValueError, match="num-queues"):
+        make_policy(PolicyConfig(name="mlfq", num_queues=0, base_quantum=0.1))
+    with pytest.raises(ValueError, match="unknown"):
+        make_policy(PolicyConfig(name="lifo"))
+
+
+def test_enst_is_min_of_starvation_and_drain_time():
+    est = EnstEstimator(max_batch_size=2, starvation_threshold=10.0, quantum=lambda level: 1.0 * 2**level)
+    est.observe(0.1)
+    a, b, c = job("a", last_run_time=9.0), job("b", last_run_time=9.0), job("c", last_run_time=0.5)
+    enst = est([a, b, c], now=10.0)
+    assert enst["a"] == 0.0
+    assert enst["b"] == pytest.approx(0.5)  # a's 1 s of quantum left, over 2 batch slots
+    assert enst["c"] == pytest.approx(0.5)  # starvation: 10 - 9.5 = 0.5 < 2 s of work over 2 slots = 1.0
+    assert EnstEstimator(2, None, None, by="priority")([a, b, c], 10.0) == {"a": 0.0, "b": 1.0, "c": 2.0}
