@@ -21,7 +21,9 @@ def test_swap_out_and_in_round_trip_moves_every_block():
     moves = bm.swap_out("a")
     assert [g for g, _ in moves] == [0, 1, 2] and bm.on_host("a") and bm.num_free == 4
     back = bm.swap_in("a")
-    assert [h for h, _ in back] == [h for _, h in moves] and not bm.on_host("a") and bm.num_host_free == 8
+    assert [h for h, _ in back] == [h for _, h in moves] and not bm.on_host("a")
+    bm.begin_plan()
+    assert bm.num_host_free == 8
 
 
 def test_batch_that_needs_room_evicts_the_job_that_runs_last():
@@ -89,3 +91,15 @@ def test_batch_that_cannot_grow_preempts_its_own_lowest_priority_job():
     bm.allocate("lo", 32)  # the GPU is full and both want one more block
     plan = make_plan(bm, [("hi", 33), ("lo", 33)], waiting=[], swap_policy="reactive")
     assert plan.deferred == ["lo"] and plan.swapped_out == ["lo"] and len(plan.tables["hi"]) == 3
+
+
+def test_host_blocks_read_by_a_swap_in_are_not_reused_by_the_same_plan():
+    bm = BlockManager(num_gpu_blocks=4, block_size=16, num_host_blocks=2)
+    bm.allocate("a", 32)
+    bm.swap_out("a")  # a's KV in host blocks 0, 1
+    bm.allocate("b", 32)
+    plan = make_plan(bm, [("a", 33)], waiting=[("b", 1.0)], swap_policy="reactive")
+    # a comes back; b must leave, but a's host blocks are still being read: b is recomputed instead
+    assert plan.swapped_in == ["a"] and plan.recompute == ["b"] and not plan.swap_out
+    make_plan(bm, [], waiting=[])
+    assert bm.num_host_free == 2  # released at the next plan

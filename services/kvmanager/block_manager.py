@@ -17,6 +17,7 @@ class BlockPool:
     def __init__(self, size: int) -> None:
         self.size = size
         self.free: list[int] = list(range(size - 1, -1, -1))  # pop() hands out low ids first
+        self.settling: list[int] = []
 
     def take(self, n: int) -> list[int]:
         assert n <= len(self.free)
@@ -24,6 +25,14 @@ class BlockPool:
 
     def give(self, blocks: list[int]) -> None:
         self.free.extend(reversed(blocks))
+
+    def give_later(self, blocks: list[int]) -> None:
+        """Free only after `settle()`: something queued in this plan still reads them."""
+        self.settling.extend(blocks)
+
+    def settle(self) -> None:
+        self.give(self.settling)
+        self.settling = []
 
 
 class BlockManager:
@@ -83,9 +92,14 @@ class BlockManager:
         if host is None or len(host) > self.num_free:
             return None
         gpu = self.gpu.take(len(host))
-        self.host.give(self.host_tables.pop(request_id))
+        # Workers run a step's swap-outs before its swap-ins; a swap-out into these host blocks
+        # in the same plan would overwrite them before they are read. They free at the next plan.
+        self.host.give_later(self.host_tables.pop(request_id))
         self.tables[request_id] = gpu
         return list(zip(host, gpu, strict=True))
+
+    def begin_plan(self) -> None:
+        self.host.settle()
 
     def free(self, request_id: str) -> int:
         """Returns the job's blocks of both tiers to their pools; how many GPU blocks were freed."""

@@ -42,6 +42,7 @@ def make_plan(
     """`batch`: (job, tokens it will hold) in priority order; `waiting`: (job, ENST seconds) of idle jobs."""
     if swap_policy not in SWAP_POLICIES:
         raise ValueError(f"swap policy {swap_policy!r} is not one of {SWAP_POLICIES}")
+    blocks.begin_plan()
     plan = Plan()
     in_batch = {rid for rid, _ in batch}
     # victims run last: largest ENST first; only idle jobs that hold GPU blocks
