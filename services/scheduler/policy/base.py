@@ -72,8 +72,8 @@ class Policy(ABC):
         return self.jobs.pop(request_id, None)
 
     @abstractmethod
-    def order(self, now: float) -> list[Job]:
-        """Every live job, highest priority first."""
+    def order(self, now: float) -> Iterable[Job]:
+        """Every live job, highest priority first (lazily: callers usually stop after one batch)."""
 
     def on_iteration_done(self, batch: list[Job], elapsed: float, now: float) -> list[Transition]:
         """Account an iteration of `elapsed` seconds that ran `batch`; returns transitions it caused."""
@@ -83,6 +83,9 @@ class Policy(ABC):
 
     def __len__(self) -> int:
         return len(self.jobs)
+
+
+LOOKAHEAD = 64  # jobs form_batch may pass over for not fitting before it stops looking
 
 
 def form_batch(
@@ -101,14 +104,18 @@ def form_batch(
     """
     batch: list[Job] = []
     tokens = 0
+    skipped = 0
     held = blocks_held or {}
     for job in ordered:
-        if len(batch) >= limits.max_batch_size:
+        if len(batch) >= limits.max_batch_size or tokens >= limits.max_batched_tokens:
             break
         if job.request_id in busy:
             continue
         need_tokens = job.tokens_this_iteration
         if tokens + need_tokens > limits.max_batched_tokens:
+            skipped += 1
+            if skipped > LOOKAHEAD:  # a long queue of big prompts: stop looking, keep the decision cheap
+                break
             continue
         if free_blocks is not None:
             need_blocks = -(-(job.context_len + 1) // block_size) - held.get(job.request_id, 0)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from .base import Job, Policy
 
 
 class FCFS(Policy):
     name = "fcfs"
 
-    def order(self, now: float) -> list[Job]:
-        # dicts keep insertion order, which is arrival order
-        return list(self.jobs.values())
+    def order(self, now: float) -> Iterator[Job]:
+        return iter(self.jobs.values())  # dicts keep insertion order, which is arrival order
