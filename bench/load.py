@@ -41,7 +41,9 @@ async def send_one(stub, request_id: str, prompt: list[int], max_tokens: int, st
     count = 0
     reason = "error"
     sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    call = stub.Generate(gateway_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling))
+    call = stub.Generate(
+        gateway_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling)
+    )
     async for reply in call:
         if reply.token_ids and not first:
             first = time.monotonic() - start
@@ -53,7 +55,9 @@ async def send_one(stub, request_id: str, prompt: list[int], max_tokens: int, st
     return RequestRecord(arrival, first or finish, finish, len(prompt), count, info.preemptions, reason)
 
 
-async def replay(address: str, trace: list[tuple[float, int, int]], seed: int, run_id: str) -> tuple[list[RequestRecord], dict]:
+async def replay(
+    address: str, trace: list[tuple[float, int, int]], seed: int, run_id: str
+) -> tuple[list[RequestRecord], dict]:
     """Sends (arrival_time, input_len, output_len) requests on schedule; returns records and the server's info."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
@@ -74,24 +78,34 @@ async def replay(address: str, trace: list[tuple[float, int, int]], seed: int, r
             tasks.append(task)
         records = await asyncio.gather(*tasks)
         progress.close()
-    server = {"model": info.model, "policy": info.policy, "max_batch_size": info.max_batch_size,
-              "device": info.device, "swap_policy": info.swap_policy}
+    server = {
+        "model": info.model,
+        "policy": info.policy,
+        "max_batch_size": info.max_batch_size,
+        "device": info.device,
+        "swap_policy": info.swap_policy,
+    }
     return list(records), server
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="fastserve bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fastserve bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--address", default="127.0.0.1:50051", help="gateway address")
     parser.add_argument("--workload", default="alpaca", help="sharegpt | alpaca | FILE.jsonl")
     parser.add_argument("--rate", type=float, default=4.0, help="requests per second")
-    parser.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of arrivals (1 = Poisson)")
+    parser.add_argument(
+        "--cv", type=float, default=1.0, help="coefficient of variation of arrivals (1 = Poisson)"
+    )
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-input-len", type=int, default=0, help="clip prompts (0 = the server's limit)")
     parser.add_argument("--max-output-len", type=int, default=0, help="clip outputs (0 = the server's limit)")
     parser.add_argument("--slo", type=float, default=0.3, help="seconds per output token")
-    parser.add_argument("--label", default="", help="name for this run in the report (default: the server's policy)")
+    parser.add_argument(
+        "--label", default="", help="name for this run in the report (default: the server's policy)"
+    )
     parser.add_argument("--json", default="", help="append the result object to this JSON file")
     return parser.parse_args(argv)
 
@@ -101,12 +115,19 @@ def main(argv: list[str] | None = None) -> int:
     from bench.workloads import load_trace
 
     args = parse_args(argv)
-    trace = load_trace(args.workload, num_requests=args.num_requests, rate=args.rate, cv=args.cv, seed=args.seed)
+    trace = load_trace(
+        args.workload, num_requests=args.num_requests, rate=args.rate, cv=args.cv, seed=args.seed
+    )
     if args.max_input_len or args.max_output_len:
         trace = [(a, min(i, args.max_input_len or i), min(o, args.max_output_len or o)) for a, i, o in trace]
     records, server = asyncio.run(replay(args.address, trace, args.seed, f"bench-{int(time.time() * 1000)}"))
-    result = {"policy": args.label or server["policy"], "rate": args.rate, "workload": args.workload,
-              "server": server, **summarize([asdict(r) for r in records], slo=args.slo)}
+    result = {
+        "policy": args.label or server["policy"],
+        "rate": args.rate,
+        "workload": args.workload,
+        "server": server,
+        **summarize([asdict(r) for r in records], slo=args.slo),
+    }
     print(json.dumps(result, indent=2))
     if args.json:
         try:

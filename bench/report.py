@@ -1,7 +1,14 @@
-"""Latency metrics of a run, shared by the simulator and the live load generator.
+"""Latency metrics of a run, shared by the simulator (`fastserve simulate`) and the live
+load generator (`fastserve bench`), so both report the same numbers the same way.
 
-Records are dicts with `arrival`, `first_token`, `finish` (seconds), `output_tokens`
-and `preemptions`. Latency per output token = (finish - arrival) / output tokens.
+A record is one request: a dict with `arrival`, `first_token`, `finish` (seconds, any
+common origin), `output_tokens`, and optionally `preemptions`, `demotions`, `promotions`.
+
+- JCT = finish - arrival; TTFT = first_token - arrival;
+- latency per output token = (finish - arrival) / output_tokens (the paper's metric);
+- TPOT = (finish - first_token) / (output_tokens - 1), for requests of 2+ tokens;
+- throughput at the SLO = the request rate at which the mean (or P95) latency per
+  output token crosses the SLO, linearly interpolated over a rate sweep.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ import math
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile, q in [0, 100]."""
+    """Linear-interpolated percentile, q in [0, 100] (numpy's default method)."""
     if not values:
         return math.nan
     ordered = sorted(values)
@@ -20,6 +27,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def stats(values: list[float]) -> dict[str, float]:
+    """mean, p50, p95, p99 (NaN when empty)."""
     mean = sum(values) / len(values) if values else math.nan
     return {
         "mean": mean,
@@ -30,30 +38,76 @@ def stats(values: list[float]) -> dict[str, float]:
 
 
 def summarize(records: list[dict], slo: float = 0.3) -> dict:
+    """The metrics of one run (one policy at one rate): times in seconds.
+
+    `slo_attainment` is the share of requests whose latency per output token is within `slo`.
+    """
     jct = [r["finish"] - r["arrival"] for r in records]
     ttft = [r["first_token"] - r["arrival"] for r in records]
     per_token = [(r["finish"] - r["arrival"]) / max(r["output_tokens"], 1) for r in records]
+    tpot = [
+        (r["finish"] - r["first_token"]) / (r["output_tokens"] - 1) for r in records if r["output_tokens"] > 1
+    ]
     return {
         "num_requests": len(records),
         "jct": stats(jct),
         "ttft": stats(ttft),
         "latency_per_token": stats(per_token),
+        "tpot": stats(tpot),
+        "slo": slo,
         "slo_attainment": sum(x <= slo for x in per_token) / len(per_token) if per_token else math.nan,
         "preemptions": sum(r.get("preemptions", 0) for r in records),
         "demotions": sum(r.get("demotions", 0) for r in records),
+        "promotions": sum(r.get("promotions", 0) for r in records),
         "output_tokens": sum(r["output_tokens"] for r in records),
     }
 
 
-def throughput_at_slo(points: list[tuple[float, float]], slo: float) -> float | None:
-    """The rate at which latency per token crosses `slo`, interpolated over (rate, latency) points.
+def slo_crossing(points: list[tuple[float, float]], slo: float) -> tuple[float | None, str]:
+    """Where (rate, latency) points first cross `slo` going up in rate.
 
-    None when no point is under the SLO; the highest rate when none is over it (a lower bound).
+    Returns (rate, "crossed") with the rate linearly interpolated between the last point
+    within the SLO and the first above it; (None, "always_above") when even the lowest
+    rate misses it; (None, "never_crossed") when every rate meets it (the sweep stopped
+    too low: the throughput is above the highest rate tried).
     """
     points = sorted(points)
-    if not points or points[0][1] > slo:
-        return None
+    if not points:
+        return None, "never_crossed"
+    if points[0][1] > slo:
+        return None, "always_above"
     for (r0, l0), (r1, l1) in zip(points, points[1:], strict=False):
         if l0 <= slo < l1:
-            return r0 + (slo - l0) * (r1 - r0) / (l1 - l0)
-    return points[-1][0]
+            return r0 + (slo - l0) * (r1 - r0) / (l1 - l0), "crossed"
+    return None, "never_crossed"
+
+
+def throughput_at_slo(points: list[tuple[float, float]], slo: float) -> float | None:
+    """The rate at which latency per token crosses `slo`; None if always above or never crossed."""
+    return slo_crossing(points, slo)[0]
+
+
+def sweep_throughput(results: list[dict], slo: float, key: str = "policy") -> dict[str, dict]:
+    """Throughput at the SLO per `key` (e.g. policy) from per-(policy, rate) result objects.
+
+    Each value: {"mean": rate | None, "p95": rate | None, "mean_status": .., "p95_status": ..,
+    "max_rate": highest rate tried}.
+    """
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(r[key], []).append(r)
+    out = {}
+    for name, points in groups.items():
+        entry: dict = {"max_rate": max(p["rate"] for p in points)}
+        for stat in ("mean", "p95"):
+            rate, status = slo_crossing([(p["rate"], p["latency_per_token"][stat]) for p in points], slo)
+            entry[stat], entry[f"{stat}_status"] = rate, status
+        out[name] = entry
+    return out
+
+
+def format_throughput(entry: dict, stat: str = "mean") -> str:
+    """'1.72', '>4' (never crossed up to the highest rate tried) or '<min' style text."""
+    if entry[stat] is not None:
+        return f"{entry[stat]:.2f}"
+    return f">{entry['max_rate']:g}" if entry[f"{stat}_status"] == "never_crossed" else "below sweep"

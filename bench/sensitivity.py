@@ -1,100 +1,189 @@
-"""Knob sensitivity of skip-join MLFQ, which the paper never measured.
+"""Knob sensitivity of skip-join MLFQ (the paper never measured it), in simulation.
 
-Varies one knob at a time around the defaults (ratio, base quantum, starvation
-threshold α, queue count) and reports throughput at the SLO (mean latency per
-output token) on each workload, from a simulated rate sweep.
+Varies one knob at a time around a base setting -- quantum ratio, base quantum (as
+a multiple of one batch-1 decode iteration), starvation threshold α, number of
+queues -- on each workload, and reports for every value the throughput at the SLO
+(mean and P95 latency per output token, interpolated over a rate sweep) and the
+mean latency per output token at a reference rate. The base setting is the
+artifact's (ratio 2, base = one decode iteration, 16 queues, check every 1000
+iterations) with α = --alpha (default 3 s, the artifact's); rerun with another
+--alpha to see the other knobs without starvation promotions dominating.
+
+    python -m bench.sensitivity --json s.json --plot s.png            # both workloads
+    python -m bench.sensitivity --workload alpaca --alpha 1e9 --jobs 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
-from bench.report import summarize, throughput_at_slo
-from bench.simulator import SimConfig, simulate
-from bench.workloads import load_trace
-from services.scheduler.policy import CostModel, PolicyConfig
+from bench.report import format_throughput, sweep_throughput
+from bench.simulator import SimConfig, run_points
+from services.scheduler.policy import BatchLimits, CostModel, PolicyConfig
 
-KNOBS = {
+# base quantum values are multiples of one decode iteration (batch 1) of the cost model
+KNOBS: dict[str, list[float]] = {
     "quantum_ratio": [1.5, 2.0, 4.0, 8.0],
-    "base_quantum": [0.005, 0.01, 0.021, 0.05, 0.1],
+    "base_quantum": [0.5, 1.0, 2.0, 4.0, 8.0],
     "starvation_threshold": [1.0, 3.0, 10.0, 30.0, 100.0, 1e9],
     "num_queues": [2, 4, 8, 16, 32],
 }
-RATES = {"sharegpt": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "alpaca": [5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 40.0]}
+RATES = {
+    "sharegpt": [1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0],
+    "alpaca": [4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 17.0, 20.0, 25.0],
+}
+REFERENCE_RATE = {"sharegpt": 1.5, "alpaca": 10.0}
 
 
-def throughput(
-    workload: str, knobs: dict, cost_model: CostModel, num_requests: int, slo: float
-) -> float | None:
-    points = []
-    for rate in RATES[workload]:
-        trace = load_trace(workload, num_requests, rate, 1.0, 0)
-        config = SimConfig(policy="skip-join-mlfq", policy_config=PolicyConfig(**knobs))
-        records = simulate(trace, config, cost_model)
-        points.append((rate, summarize(records, slo)["latency_per_token"]["mean"]))
-    return throughput_at_slo(points, slo)
+def label(knob: str, value: float) -> str:
+    if knob == "base_quantum":
+        return f"{value:g}x"
+    if knob == "starvation_threshold" and value >= 1e9:
+        return "off"
+    return f"{value:g}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.sensitivity", description=__doc__)
-    parser.add_argument("--workload", default="sharegpt,alpaca")
-    parser.add_argument("--num-requests", type=int, default=500)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.sensitivity",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--workload", default="sharegpt,alpaca", help="comma list")
+    parser.add_argument("--num-requests", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cost-model", default="opt-13b-a100")
     parser.add_argument(
-        "--starvation-threshold", type=float, default=100.0, help="α held fixed while others vary"
+        "--alpha", type=float, default=3.0, help="α (s) held fixed while the other knobs vary"
     )
+    parser.add_argument("--knobs", default=",".join(KNOBS), help="comma list of knobs to vary")
+    parser.add_argument("--sharegpt-rates", default=",".join(map(str, RATES["sharegpt"])))
+    parser.add_argument("--alpaca-rates", default=",".join(map(str, RATES["alpaca"])))
     parser.add_argument("--slo", type=float, default=0.3)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", default="")
     parser.add_argument("--plot", default="")
     args = parser.parse_args(argv)
     cost_model = CostModel.resolve(args.cost_model)
-    defaults = {
+    decode = cost_model.decode_time(1)
+    base = {
         "quantum_ratio": 2.0,
-        "base_quantum": cost_model.decode_time(1),
+        "base_quantum": 1.0,
         "num_queues": 16,
-        "starvation_threshold": args.starvation_threshold,
+        "starvation_threshold": args.alpha,
         "starvation_period": 1000,
     }
-    results = []
+    rates = {
+        "sharegpt": [float(r) for r in args.sharegpt_rates.split(",")],
+        "alpaca": [float(r) for r in args.alpaca_rates.split(",")],
+    }
+    knobs = args.knobs.split(",")
+    # one simulated sweep per distinct setting (the base setting recurs in every knob's row)
+    settings: dict[tuple, dict] = {}
+    rows = []
     for workload in args.workload.split(","):
-        for knob, values in KNOBS.items():
-            for value in values:
-                tput = throughput(
-                    workload, {**defaults, knob: value}, cost_model, args.num_requests, args.slo
+        for knob in knobs:
+            for value in KNOBS[knob]:
+                setting = {**base, knob: value}
+                key = (workload, *sorted(setting.items()))
+                settings.setdefault(key, {"workload": workload, "setting": setting})
+                rows.append({"workload": workload, "knob": knob, "value": value, "key": key})
+    tasks, owners = [], []
+    for key, entry in settings.items():
+        setting = entry["setting"]
+        config = SimConfig(
+            policy="skip-join-mlfq",
+            limits=BatchLimits(16, 2048),
+            policy_config=PolicyConfig(
+                base_quantum=setting["base_quantum"] * decode,
+                quantum_ratio=setting["quantum_ratio"],
+                num_queues=int(setting["num_queues"]),
+                starvation_threshold=setting["starvation_threshold"],
+                starvation_period=int(setting["starvation_period"]),
+            ),
+        )
+        for rate in rates[entry["workload"]]:
+            tasks.append(
+                (
+                    entry["workload"],
+                    args.num_requests,
+                    rate,
+                    1.0,
+                    args.seed,
+                    config,
+                    cost_model,
+                    args.slo,
+                    False,
                 )
-                results.append(
-                    {"workload": workload, "knob": knob, "value": value, "throughput_at_slo": tput}
-                )
-                print(
-                    f"{workload:<9} {knob:<21} {value:>10g}  throughput at SLO {tput if tput is None else round(tput, 2)}",
-                    flush=True,
-                )
+            )
+            owners.append(key)
+    print(
+        f"{len(settings)} settings x rates = {len(tasks)} simulated runs of {args.num_requests} requests "
+        f"(base: {base}, base quantum unit {decode * 1e3:.1f} ms)",
+        flush=True,
+    )
+    points = run_points(tasks, args.jobs, desc="sensitivity")
+    by_key: dict[tuple, list[dict]] = {}
+    for key, point in zip(owners, points, strict=True):
+        by_key.setdefault(key, []).append(point)
+
+    results = []
+    print(
+        f"\n{'workload':<9}{'knob':<22}{'value':>7}{'tput mean':>11}{'tput p95':>10}"
+        f"{'lat/tok @ref':>14}{'demotions':>11}{'promotions':>11}"
+    )
+    for row in rows:
+        workload, knob, value = row["workload"], row["knob"], row["value"]
+        sweep = by_key[row["key"]]
+        tput = sweep_throughput(sweep, args.slo)["skip-join-mlfq"]
+        ref = min(sweep, key=lambda p: abs(p["rate"] - REFERENCE_RATE.get(workload, p["rate"])))
+        result = {
+            "workload": workload,
+            "knob": knob,
+            "value": value,
+            "label": label(knob, value),
+            "is_default": value == base[knob],
+            "throughput_at_slo": tput["mean"],
+            "throughput_at_slo_p95": tput["p95"],
+            "throughput_status": tput["mean_status"],
+            "max_rate": tput["max_rate"],
+            "reference_rate": ref["rate"],
+            "latency_per_token_at_reference": ref["latency_per_token"]["mean"],
+            "demotions_at_reference": ref["demotions"],
+            "promotions_at_reference": ref["promotions"],
+            "sweep": [
+                {"rate": p["rate"], "latency_per_token": p["latency_per_token"], "ttft": p["ttft"]}
+                for p in sweep
+            ],
+        }
+        results.append(result)
+        print(
+            f"{workload:<9}{knob:<22}{result['label']:>7}{format_throughput(tput, 'mean'):>11}"
+            f"{format_throughput(tput, 'p95'):>10}{result['latency_per_token_at_reference']:>14.4f}"
+            f"{result['demotions_at_reference']:>11}{result['promotions_at_reference']:>11}"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"defaults": defaults, "results": results}, f, indent=2)
+            json.dump(
+                {
+                    "base": base,
+                    "base_quantum_unit_s": decode,
+                    "cost_model": cost_model.to_dict(),
+                    "num_requests": args.num_requests,
+                    "slo": args.slo,
+                    "rates": rates,
+                    "reference_rate": REFERENCE_RATE,
+                    "results": results,
+                },
+                f,
+                indent=2,
+            )
     if args.plot:
-        import matplotlib
+        from bench.plot import plot_sensitivity
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        workloads = args.workload.split(",")
-        fig, axes = plt.subplots(
-            len(workloads), len(KNOBS), figsize=(4 * len(KNOBS), 3 * len(workloads)), squeeze=False
-        )
-        for row, workload in enumerate(workloads):
-            for col, knob in enumerate(KNOBS):
-                pts = [
-                    (r["value"], r["throughput_at_slo"] or 0)
-                    for r in results
-                    if r["workload"] == workload and r["knob"] == knob
-                ]
-                axes[row][col].plot([str(v) for v, _ in pts], [t for _, t in pts], marker="o")
-                axes[row][col].set_title(f"{workload}: {knob}")
-                axes[row][col].set_ylabel("req/s at SLO")
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=110)
+        plot_sensitivity(results, args.plot)
     return 0
 
 

@@ -1,14 +1,28 @@
 """`fastserve simulate`: a discrete-event simulation running the live scheduler's own code.
 
-The same policy objects (services/scheduler/policy) order the jobs and the same KV
-planner (services/kvmanager/planner) hands out GPU blocks, swaps and recomputes;
-only the model is replaced by the cost model. With pipeline parallelism k, k
-batches of disjoint jobs are in flight, a new one starting every iteration/k.
+The same policy objects (services/scheduler/policy) order the jobs and form the
+batches, and the same KV planner (services/kvmanager/planner) hands out GPU blocks,
+swaps and recomputes; only the model is replaced by the cost model, which says how
+long each iteration takes. Time jumps from event to event: an arrival, the end of
+an iteration, the first pipeline stage freeing up.
 
-Swap costs: a block moves over the host link in block_bytes / --host-bandwidth.
-Swap-ins the batch needs sit on its critical path; proactive swap-outs and
-prefetches overlap with compute (only the part longer than the iteration shows);
-reactive swap-outs make room for the batch, so they are on its critical path too.
+Pipeline parallelism k (--pp): k batches of disjoint jobs are in flight; each stage
+takes iteration_time / k, so a new batch may start every iteration_time / k and a
+batch's tokens come out iteration_time after it started.
+
+KV: --num-gpu-blocks blocks of 16 tokens (default: OPT-13B on an A100-40GB, see
+below); --num-host-blocks more on the host. Swap policies (--swap-policy):
+- proactive | reactive | recompute: the KV manager's planner (DESIGN §4). A block
+  moves over the host link in block_bytes / --host-bandwidth seconds. Swap-ins the
+  batch needs sit on its critical path; proactive swap-outs and prefetches overlap
+  with compute (only the part longer than the iteration shows); reactive swap-outs
+  make room for the batch, so they are on its critical path too.
+- none: no host tier and no eviction: a job that cannot get its KV blocks waits
+  (form_batch's KV budget); only if nothing at all can run is the lowest-priority
+  holder's KV dropped for recompute, so the run cannot deadlock.
+
+Default KV capacity: (40 GB - 26 GB of OPT-13B weights) / (819 200 B of KV per token
+= 2 (K, V) * 40 layers * 5120 hidden * 2 B) = 17 090 tokens = 1068 blocks of 16.
 """
 
 from __future__ import annotations
@@ -16,12 +30,14 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
+import os
 import sys
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
-from bench.report import summarize, throughput_at_slo
+from bench.report import format_throughput, summarize, sweep_throughput
 from bench.workloads import Trace, load_trace
 from services.kvmanager.block_manager import BlockManager
 from services.kvmanager.planner import SWAP_POLICIES, make_plan
@@ -37,38 +53,77 @@ from services.scheduler.policy import (
 )
 
 OPT_13B_KV_BYTES_PER_TOKEN = 2 * 40 * 5120 * 2  # K and V, 40 layers, hidden 5120, fp16
+A100_40GB_KV_BYTES = 40e9 - 26e9  # memory left after OPT-13B's fp16 weights
+BLOCK_SIZE = 16
+OPT_13B_A100_BLOCKS = int(A100_40GB_KV_BYTES // (OPT_13B_KV_BYTES_PER_TOKEN * BLOCK_SIZE))  # 1068
 PCIE4_X16 = 25e9  # bytes/s, effective
+SIM_SWAP_POLICIES = (*SWAP_POLICIES, "none")
 
 
 @dataclass
 class SimConfig:
     policy: str = "skip-join-mlfq"
     limits: BatchLimits = field(default_factory=BatchLimits)
-    num_gpu_blocks: int = 900  # OPT-13B on an A100-40GB: ~12 GB of KV at 819 kB a token
-    num_host_blocks: int = 5000  # 64 GB of host memory
-    block_size: int = 16
+    num_gpu_blocks: int = OPT_13B_A100_BLOCKS
+    num_host_blocks: int = 5000  # 65 GB of host memory at 13 MB a block
+    block_size: int = BLOCK_SIZE
     kv_bytes_per_token: int = OPT_13B_KV_BYTES_PER_TOKEN
     host_bandwidth: float = PCIE4_X16
-    swap_policy: str = "proactive"
+    swap_policy: str = "proactive"  # or reactive, recompute, none
     reserve_blocks: int = -1  # -1: 5% of the GPU pool
     pp: int = 1
     policy_config: PolicyConfig = field(default_factory=PolicyConfig)
 
 
-def simulate(trace: Trace, config: SimConfig, cost_model: CostModel, progress: bool = False) -> list[dict]:
-    """Runs the trace; one record per request (times in seconds)."""
+class _Held:
+    """blocks_held for form_batch, read straight from the block manager."""
+
+    def __init__(self, blocks: BlockManager) -> None:
+        self.tables = blocks.tables
+
+    def get(self, request_id: str, default: int = 0) -> int:
+        table = self.tables.get(request_id)
+        return len(table) if table is not None else default
+
+
+def simulate(
+    trace: Trace,
+    config: SimConfig,
+    cost_model: CostModel,
+    progress: bool = False,
+    stats: dict | None = None,
+) -> list[dict]:
+    """Runs the trace of (arrival, input_len, output_len); one record per finished request.
+
+    Records carry `arrival`, `first_token`, `finish` (seconds), `output_tokens`,
+    `preemptions`, `demotions`, `promotions` (bench.report.summarize reads them). When
+    `stats` is given it receives run totals: iterations, mean batch size, swapped
+    blocks, recomputes, the simulated makespan.
+    """
+    if config.swap_policy not in SIM_SWAP_POLICIES:
+        raise ValueError(f"--swap-policy {config.swap_policy!r} is not one of {SIM_SWAP_POLICIES}")
+    if config.pp < 1:
+        raise ValueError(f"--pp must be >= 1, got {config.pp}")
     policy_config = PolicyConfig(**{**config.policy_config.__dict__, "name": config.policy})
     if policy_config.base_quantum is None:
         policy_config.base_quantum = cost_model.decode_time(1)
     policy = make_policy(policy_config, cost_model)
-    blocks = BlockManager(config.num_gpu_blocks, config.block_size, config.num_host_blocks)
+    bs = config.block_size
+    host_blocks = 0 if config.swap_policy == "none" else config.num_host_blocks
+    blocks = BlockManager(config.num_gpu_blocks, bs, host_blocks)
+    held = _Held(blocks)
     reserve = config.reserve_blocks if config.reserve_blocks >= 0 else -(-config.num_gpu_blocks // 20)
     enst = EnstEstimator(
         config.limits.max_batch_size,
         getattr(policy, "starvation_threshold", None),
         getattr(policy, "quantum", None),
     )
-    block_seconds = config.block_size * config.kv_bytes_per_token / config.host_bandwidth
+    block_seconds = bs * config.kv_bytes_per_token / config.host_bandwidth
+    totals = dict.fromkeys(
+        ("iterations", "batched_jobs", "swap_in_blocks", "swap_out_blocks", "prefetch_blocks", "recomputes"),
+        0,
+    )
+    totals["swap_seconds_on_path"] = 0.0
 
     records: dict[str, dict] = {}
     pending = sorted(trace)
@@ -76,12 +131,19 @@ def simulate(trace: Trace, config: SimConfig, cost_model: CostModel, progress: b
     now = 0.0
     stage_free_at = 0.0  # when the first pipeline stage can take the next batch
     in_flight: list[tuple[float, int, float, list[Job]]] = []  # (finish time, seq, elapsed, batch)
-    busy: set[str] = set()
-    running: set[str] = set()
+    busy: set[str] = set()  # jobs in an in-flight batch
+    last_running: set[str] = set()  # jobs in flight when the last batch started, and that batch
     seq = 0
-    bar = tqdm(total=len(trace), desc=config.policy, unit="req", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=len(pending),
+        desc=config.policy,
+        unit="req",
+        disable=None if progress else True,
+        file=sys.stderr,
+    )
 
-    while next_arrival < len(pending) or policy.jobs:
+    def admit() -> None:
+        nonlocal next_arrival
         while next_arrival < len(pending) and pending[next_arrival][0] <= now:
             arrival, input_len, output_len = pending[next_arrival]
             rid = str(next_arrival)
@@ -93,113 +155,217 @@ def simulate(trace: Trace, config: SimConfig, cost_model: CostModel, progress: b
                 "output_tokens": output_len,
                 "preemptions": 0,
                 "demotions": 0,
+                "promotions": 0,
             }
             next_arrival += 1
 
-        started = False
-        if len(in_flight) < config.pp and stage_free_at <= now:
-            ordered = list(policy.order(now))
-            batch = form_batch(ordered, config.limits, busy=busy)
-            if batch:
-                ids = {j.request_id for j in batch}
-                waiting = [
-                    (rid, e) for rid, e in enst(ordered, now).items() if rid not in ids and rid not in busy
-                ]
-                plan = make_plan(
-                    blocks,
-                    [(j.request_id, j.context_len) for j in batch],
-                    waiting,
-                    config.swap_policy,
-                    reserve,
+    def plan_batch() -> tuple[list[Job], float, float]:
+        """The next batch, the swap seconds on its critical path, and those in the background."""
+        if config.swap_policy == "none":
+            while True:
+                batch = form_batch(
+                    policy.order(now),
+                    config.limits,
+                    busy,
+                    free_blocks=blocks.num_free,
+                    block_size=bs,
+                    blocks_held=held,  # type: ignore[arg-type]
+                    lookahead=None,  # the jobs that hold KV may sit far down the order
                 )
-                for rid in plan.recompute:
-                    policy.jobs[rid].needs_prefill = True
-                batch = [j for j in batch if j.request_id in plan.tables]
-            if batch:
-                for rid in running - {j.request_id for j in batch} - busy:
-                    if rid in policy.jobs:
-                        records[rid]["preemptions"] += 1
-                running = {j.request_id for j in batch} | busy
-                compute = cost_model.iteration_time(batch)
-                on_path = len(plan.swap_in) * block_seconds
-                background = (len(plan.swap_out) + len(plan.prefetch)) * block_seconds
-                if config.swap_policy == "reactive":
-                    on_path += len(plan.swap_out) * block_seconds
-                    background = len(plan.prefetch) * block_seconds
-                elapsed = on_path + max(compute, background)
-                seq += 1
-                heapq.heappush(in_flight, (now + elapsed, seq, elapsed, batch))
-                busy |= {j.request_id for j in batch}
-                stage_free_at = now + elapsed / config.pp
-                started = True
+                if batch or busy or not blocks.tables:
+                    break
+                # nothing fits and nothing runs: drop the lowest-priority holder's KV (recompute later)
+                victim = [j for j in policy.order(now) if j.request_id in blocks.tables][-1]
+                blocks.free(victim.request_id)
+                victim.needs_prefill = True
+                totals["recomputes"] += 1
+            for job in batch:
+                blocks.allocate(job.request_id, job.context_len)
+            return batch, 0.0, 0.0
+        batch = form_batch(policy.order(now), config.limits, busy)
+        if not batch:
+            return batch, 0.0, 0.0
+        ids = {j.request_id for j in batch}
+        need = 0
+        for job in batch:
+            host = blocks.host_tables.get(job.request_id)
+            need += len(host) if host else max(-(-job.context_len // bs) - held.get(job.request_id), 0)
+        floor = reserve if config.swap_policy == "proactive" else 0
+        if blocks.host_tables or blocks.num_free - need < floor:
+            # swaps may happen: the planner needs every idle job's estimated next scheduled time
+            waiting = [
+                (rid, e)
+                for rid, e in enst(policy.order(now), now).items()
+                if rid not in ids and rid not in busy
+            ]
+        else:
+            waiting = []  # no host jobs to prefetch and room to spare: the plan needs no victims
+        plan = make_plan(
+            blocks, [(j.request_id, j.context_len) for j in batch], waiting, config.swap_policy, reserve
+        )
+        for rid in plan.recompute:
+            policy.jobs[rid].needs_prefill = True
+        totals["recomputes"] += len(plan.recompute)
+        totals["swap_in_blocks"] += len(plan.swap_in)
+        totals["swap_out_blocks"] += len(plan.swap_out)
+        totals["prefetch_blocks"] += len(plan.prefetch)
+        on_path = len(plan.swap_in) * block_seconds
+        background = (len(plan.swap_out) + len(plan.prefetch)) * block_seconds
+        if config.swap_policy == "reactive":
+            on_path += len(plan.swap_out) * block_seconds
+            background = len(plan.prefetch) * block_seconds
+        return [j for j in batch if j.request_id in plan.tables], on_path, background
 
-        if started and len(in_flight) < config.pp:
-            now = max(now, stage_free_at)
-            continue
-        if in_flight:
-            now, _, elapsed, batch = heapq.heappop(in_flight)
-            _complete(batch, now, elapsed, policy, blocks, records, busy)
-            bar.update(sum(1 for j in batch if j.request_id not in policy.jobs))
-            continue
+    def start() -> bool:
+        nonlocal seq, stage_free_at, last_running
+        batch, on_path, background = plan_batch()
+        if not batch:
+            return False
+        ids = {j.request_id for j in batch}
+        for rid in last_running - ids - busy:
+            if rid in policy.jobs:  # ran last time, still alive, not running now: preempted
+                records[rid]["preemptions"] += 1
+        last_running = ids | busy
+        elapsed = on_path + max(cost_model.iteration_time(batch), background)
+        totals["swap_seconds_on_path"] += on_path
+        totals["iterations"] += 1
+        totals["batched_jobs"] += len(batch)
+        seq += 1
+        heapq.heappush(in_flight, (now + elapsed, seq, elapsed, batch))
+        busy.update(ids)
+        stage_free_at = now + elapsed / config.pp
+        return True
+
+    def complete(batch: list[Job], elapsed: float) -> None:
+        for job in batch:
+            busy.discard(job.request_id)
+            job.num_generated += 1
+            job.needs_prefill = False
+            record = records[job.request_id]
+            if record["first_token"] is None:
+                record["first_token"] = now
+            if job.num_generated >= job.output_len:
+                record.update(finish=now, demotions=job.demotions, promotions=job.promotions)
+                policy.remove(job.request_id)
+                blocks.free(job.request_id)
+                bar.update()
+        enst.observe(elapsed)
+        policy.on_iteration_done(batch, elapsed, now)
+
+    while True:
+        admit()
+        while in_flight and in_flight[0][0] <= now:
+            _, _, elapsed, batch = heapq.heappop(in_flight)
+            complete(batch, elapsed)
+        if len(in_flight) < config.pp and stage_free_at <= now and policy.jobs:
+            start()
+        wake = []
         if next_arrival < len(pending):
-            now = max(now, pending[next_arrival][0])
-            continue
-        break  # nothing runnable: jobs that can never get KV blocks
+            wake.append(pending[next_arrival][0])
+        if in_flight:
+            wake.append(in_flight[0][0])
+        if len(in_flight) < config.pp and stage_free_at > now:
+            wake.append(stage_free_at)
+        if not wake:
+            break  # done, or jobs left that can never get their KV blocks
+        now = max(now, min(wake))
     bar.close()
+    if stats is not None:
+        stats.update(totals)
+        stats["mean_batch_size"] = totals["batched_jobs"] / max(totals["iterations"], 1)
+        stats["makespan"] = now
     return [r for r in records.values() if r["finish"] is not None]
 
 
-def _complete(
-    batch: list[Job], now: float, elapsed: float, policy, blocks: BlockManager, records: dict, busy: set[str]
-) -> None:
-    for job in batch:
-        busy.discard(job.request_id)
-        job.num_generated += 1
-        job.needs_prefill = False
-        record = records[job.request_id]
-        if record["first_token"] is None:
-            record["first_token"] = now
-        if job.num_generated >= job.output_len:
-            record["finish"] = now
-            record["demotions"] = job.demotions
-            policy.remove(job.request_id)
-            blocks.free(job.request_id)
-    policy.on_iteration_done(batch, elapsed, now)
-
-
-def run_point(trace: Trace, config: SimConfig, cost_model: CostModel, slo: float, progress: bool) -> dict:
-    records = simulate(trace, config, cost_model, progress)
+def run_point(
+    trace: Trace, config: SimConfig, cost_model: CostModel, slo: float = 0.3, progress: bool = False
+) -> dict:
+    """One (policy, load) point: the metrics of bench.report.summarize plus run totals."""
+    stats: dict = {}
+    records = simulate(trace, config, cost_model, progress, stats)
     return {
         "policy": config.policy,
         "swap_policy": config.swap_policy,
         **summarize(records, slo),
+        "submitted": len(trace),
         "unfinished": len(trace) - len(records),
+        "sim": stats,
     }
+
+
+def _run_task(task: tuple) -> dict:
+    workload, num_requests, rate, cv, seed, config, cost_model, slo, progress = task
+    trace = load_trace(workload, num_requests, rate, cv, seed)
+    point = run_point(trace, config, cost_model, slo, progress)
+    return {"workload": workload, "rate": rate, "cv": cv, "seed": seed, **point}
+
+
+def run_points(tasks: list[tuple], jobs: int, desc: str = "simulate") -> list[dict]:
+    """Runs _run_task over `tasks` on `jobs` processes (in order), with a progress bar over runs."""
+    bar = tqdm(
+        total=len(tasks), desc=desc, unit="run", disable=None if len(tasks) > 1 else True, file=sys.stderr
+    )
+    results = []
+    if jobs > 1 and len(tasks) > 1:
+        with ProcessPoolExecutor(min(jobs, len(tasks))) as pool:
+            for result in pool.map(_run_task, tasks):
+                results.append(result)
+                bar.update()
+    else:
+        for task in tasks:
+            results.append(_run_task(task))
+            bar.update()
+    bar.close()
+    return results
+
+
+def split_names(values: list[str] | None, known, flag: str, default: list[str]) -> list[str]:
+    """Repeatable, comma-separated names; 'all' expands to every known name."""
+    names: list[str] = []
+    for value in values or default:
+        for name in filter(None, (v.strip() for v in value.split(","))):
+            expanded = list(known) if name == "all" else [name]
+            for n in expanded:
+                if n not in known:
+                    raise SystemExit(f"{flag} {n!r} is unknown; choose from {', '.join(known)} or all")
+                if n not in names:
+                    names.append(n)
+    return names
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="fastserve simulate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--policy", default="all", help=f"comma list of {', '.join(POLICIES)}, or all")
+    parser.add_argument(
+        "--policy",
+        action="append",
+        help=f"repeatable or comma list of {', '.join(POLICIES)}, or all (default)",
+    )
     parser.add_argument("--workload", default="sharegpt", help="sharegpt | alpaca | FILE.jsonl")
     parser.add_argument("--rate", type=float, default=1.0, help="requests per second (without --sweep-rates)")
     parser.add_argument(
         "--sweep-rates", default="", help="comma list of rates; reports throughput at the SLO"
     )
-    parser.add_argument("--cv", type=float, default=1.0, help="CV of Gamma arrivals (1 = Poisson)")
+    parser.add_argument("--cv", type=float, default=1.0, help="CV of Gamma inter-arrival times (1 = Poisson)")
     parser.add_argument("--num-requests", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--num-gpu-blocks", type=int, default=SimConfig.num_gpu_blocks)
+    parser.add_argument(
+        "--num-gpu-blocks",
+        type=int,
+        default=OPT_13B_A100_BLOCKS,
+        help="KV blocks on the GPU (OPT-13B, A100-40GB)",
+    )
     parser.add_argument("--num-host-blocks", type=int, default=SimConfig.num_host_blocks)
+    parser.add_argument("--block-size", type=int, default=BLOCK_SIZE)
     parser.add_argument("--kv-bytes-per-token", type=int, default=OPT_13B_KV_BYTES_PER_TOKEN)
     parser.add_argument(
         "--host-bandwidth", type=float, default=PCIE4_X16, help="bytes/s of the GPU-host link"
     )
     parser.add_argument(
-        "--swap-policy", default="proactive", help=f"comma list of {', '.join(SWAP_POLICIES)}"
+        "--swap-policy", action="append", help=f"repeatable or comma list of {', '.join(SIM_SWAP_POLICIES)}"
     )
     parser.add_argument(
         "--cost-model", default="opt-13b-a100", help="preset, FILE.json or c0=..,c_prefill=.."
@@ -207,14 +373,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--base-quantum", type=float, default=0.0, help="seconds; 0 = one decode iteration")
     parser.add_argument("--quantum-ratio", type=float, default=2.0)
     parser.add_argument("--num-queues", type=int, default=16)
-    parser.add_argument("--starvation-threshold", type=float, default=3.0)
-    parser.add_argument("--starvation-period", type=int, default=1000)
+    parser.add_argument("--starvation-threshold", type=float, default=3.0, help="α, seconds")
+    parser.add_argument("--starvation-period", type=int, default=1000, help="iterations between checks")
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages (batches in flight)")
     parser.add_argument("--slo", type=float, default=0.3, help="seconds per output token")
-    parser.add_argument("--json", default="", help="write the results here")
+    parser.add_argument("--json", default="", help="write the results here (a list of objects)")
     parser.add_argument("--plot", default="", help="write a latency-vs-rate plot (PNG) here")
-    parser.add_argument("--progress", action="store_true", help="a progress bar per run")
-    return parser.parse_args(argv)
+    parser.add_argument("--progress", action="store_true", help="a per-request progress bar per run")
+    parser.add_argument("--jobs", type=int, default=1, help="simulate this many runs in parallel processes")
+    args = parser.parse_args(argv)
+    args.policy = split_names(args.policy, POLICIES, "--policy", ["all"])
+    args.swap_policy = split_names(args.swap_policy, SIM_SWAP_POLICIES, "--swap-policy", ["proactive"])
+    return args
 
 
 def config_from(args: argparse.Namespace, policy: str, swap_policy: str) -> SimConfig:
@@ -223,6 +393,7 @@ def config_from(args: argparse.Namespace, policy: str, swap_policy: str) -> SimC
         limits=BatchLimits(args.max_batch_size, args.max_num_batched_tokens),
         num_gpu_blocks=args.num_gpu_blocks,
         num_host_blocks=args.num_host_blocks,
+        block_size=args.block_size,
         kv_bytes_per_token=args.kv_bytes_per_token,
         host_bandwidth=args.host_bandwidth,
         swap_policy=swap_policy,
@@ -237,69 +408,73 @@ def config_from(args: argparse.Namespace, policy: str, swap_policy: str) -> SimC
     )
 
 
+HEADER = (
+    f"{'policy':<16}{'swap':<10}{'rate':>7}{'lat/tok mean':>13}{'p95':>8}{'p99':>8}"
+    f"{'TTFT mean':>10}{'p95':>8}{'JCT mean':>9}{'preempt':>9}{'demote':>8}{'batch':>6}{'unfin':>6}"
+)
+
+
+def format_row(p: dict) -> str:
+    lat, ttft = p["latency_per_token"], p["ttft"]
+    return (
+        f"{p['policy']:<16}{p['swap_policy']:<10}{p['rate']:>7.2f}{lat['mean']:>13.4f}{lat['p95']:>8.3f}"
+        f"{lat['p99']:>8.3f}{ttft['mean']:>10.3f}{ttft['p95']:>8.2f}{p['jct']['mean']:>9.1f}"
+        f"{p['preemptions']:>9}{p['demotions']:>8}{p['sim']['mean_batch_size']:>6.1f}{p['unfinished']:>6}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`fastserve simulate`: prints a table; --json writes one object per (policy, swap policy, rate)."""
     args = parse_args(argv)
-    policies = list(POLICIES) if args.policy == "all" else args.policy.split(",")
-    swap_policies = args.swap_policy.split(",")
-    for name in policies:
-        if name not in POLICIES:
-            raise SystemExit(f"--policy {name!r} is unknown; choose from {', '.join(POLICIES)}")
     rates = [float(r) for r in args.sweep_rates.split(",")] if args.sweep_rates else [args.rate]
     cost_model = CostModel.resolve(args.cost_model)
-    results, summary = [], []
+    base = args.base_quantum or cost_model.decode_time(1)
     print(
-        f"{'policy':<16}{'swap':<11}{'rate':>7}{'mean lat/tok':>14}{'p95 lat/tok':>13}{'mean TTFT':>11}"
-        f"{'mean JCT':>10}{'preempt':>9}"
+        f"workload {args.workload}, {args.num_requests} requests, CV {args.cv}, seed {args.seed}; cost model "
+        f"{args.cost_model} { ({k: float(f'{v:.4g}') for k, v in cost_model.to_dict().items()}) }; "
+        f"batch {args.max_batch_size}/{args.max_num_batched_tokens} tokens, {args.num_gpu_blocks} GPU blocks, "
+        f"pp {args.pp}; quanta {base * 1e3:.1f} ms x {args.quantum_ratio}^i over {args.num_queues} queues, "
+        f"α {args.starvation_threshold}s every {args.starvation_period} iterations"
     )
-    for policy in policies:
-        for swap_policy in swap_policies:
-            points = []
-            for rate in rates:
-                trace = load_trace(args.workload, args.num_requests, rate, args.cv, args.seed)
-                point = {
-                    "rate": rate,
-                    "workload": args.workload,
-                    **run_point(
-                        trace, config_from(args, policy, swap_policy), cost_model, args.slo, args.progress
-                    ),
-                }
-                results.append(point)
-                points.append(point)
-                lat = point["latency_per_token"]
-                print(
-                    f"{policy:<16}{swap_policy:<11}{rate:>7.2f}{lat['mean']:>14.4f}{lat['p95']:>13.4f}"
-                    f"{point['ttft']['mean']:>11.3f}{point['jct']['mean']:>10.2f}{point['preemptions']:>9}",
-                    flush=True,
-                )
-            if len(rates) > 1:
-                entry = {
-                    "policy": policy,
-                    "swap_policy": swap_policy,
-                    "slo": args.slo,
-                    "throughput_at_slo": {
-                        stat: throughput_at_slo(
-                            [(p["rate"], p["latency_per_token"][stat]) for p in points], args.slo
-                        )
-                        for stat in ("mean", "p95")
-                    },
-                }
-                summary.append(entry)
-                print(
-                    f"  throughput at SLO {args.slo}s/token: mean {entry['throughput_at_slo']['mean']} req/s, "
-                    f"p95 {entry['throughput_at_slo']['p95']} req/s"
-                )
+    groups = [(policy, swap) for policy in args.policy for swap in args.swap_policy]
+    tasks = [
+        (
+            args.workload,
+            args.num_requests,
+            rate,
+            args.cv,
+            args.seed,
+            config_from(args, policy, swap),
+            cost_model,
+            args.slo,
+            args.progress,
+        )
+        for policy, swap in groups
+        for rate in rates
+    ]
+    results = run_points(tasks, args.jobs if args.jobs > 0 else os.cpu_count() or 1)
+    print(HEADER)
+    for point in results:
+        print(format_row(point))
+    for point, task in zip(results, tasks, strict=True):
+        point["config"] = {
+            **asdict(task[5]),
+            "cost_model": cost_model.to_dict(),
+            "cost_model_spec": args.cost_model,
+        }
+    if len(rates) > 1:
+        for r in results:
+            r["group"] = r["policy"] if len(args.swap_policy) == 1 else f"{r['policy']}/{r['swap_policy']}"
+        tput = sweep_throughput(results, args.slo, key="group")
+        print(f"\nthroughput at SLO {args.slo} s/token (req/s, interpolated over rates {args.sweep_rates}):")
+        print(f"{'policy':<28}{'mean':>10}{'p95':>10}")
+        for name, entry in tput.items():
+            print(f"{name:<28}{format_throughput(entry, 'mean'):>10}{format_throughput(entry, 'p95'):>10}")
+        for r in results:
+            r["throughput_at_slo"] = tput[r["group"]]
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "results": results,
-                    "throughput": summary,
-                    "cost_model": cost_model.to_dict(),
-                    "args": vars(args),
-                },
-                f,
-                indent=2,
-            )
+            json.dump(results, f, indent=2)
     if args.plot:
         from bench.plot import plot_latency_vs_rate
 

@@ -9,19 +9,32 @@ with the location chosen so the clipped mean equals the published mean:
 | sharegpt | 161, 1.0 | 338, 1.0 |
 | alpaca   | 19, 0.8  | 58, 0.9  |
 
+Lengths are rounded, clipped to at least 1, and a pair with both under 4 tokens is
+drawn again (the dataset filter). Medians come out near 0.6x the mean, as in the
+real datasets: most requests are short, a few are long (sharegpt: median input 100,
+median output 214; alpaca: 14 and 39).
+
 Arrivals are Gamma renewals with shape 1/CV^2 and scale CV^2/rate (CV = 1 is Poisson).
-A trace is a list of (arrival_time, input_len, output_len).
+A trace is a list of (arrival_time, input_len, output_len), sorted by arrival.
+
+Real data: `load_dataset` reads a ShareGPT or Alpaca JSON file with a tokenizer and the
+artifact's filters; `python -m bench.workloads` turns one into a JSONL trace that
+`--workload FILE.jsonl` replays (JSONL rows: {"arrival_time": optional, "input_len",
+"output_len"}; rows without an arrival time get Gamma arrivals at --rate/--cv).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
+import sys
 from collections.abc import Callable
 
 MAX_INPUT = 1024
 MAX_TOTAL = 2048
+MIN_LEN = 4  # pairs with both prompt and output under this are dropped
 SHAPES = {"sharegpt": ((161, 1.0), (338, 1.0)), "alpaca": ((19, 0.8), (58, 0.9))}
 
 Trace = list[tuple[float, int, int]]
@@ -46,6 +59,7 @@ def calibrated_mu(mean: float, sigma: float, cap: float) -> float:
 
 
 def synthetic_lengths(name: str, n: int, seed: int) -> list[tuple[int, int]]:
+    """`n` (input_len, output_len) pairs of the named synthetic workload."""
     if name not in SHAPES:
         raise ValueError(f"--workload {name!r}: choose sharegpt, alpaca or a .jsonl file")
     (in_mean, in_sigma), (out_mean, out_sigma) = SHAPES[name]
@@ -53,9 +67,11 @@ def synthetic_lengths(name: str, n: int, seed: int) -> list[tuple[int, int]]:
     out_mu = calibrated_mu(out_mean, out_sigma, MAX_TOTAL - in_mean)
     rng = random.Random(seed)
     lengths = []
-    for _ in range(n):
+    while len(lengths) < n:
         inp = max(1, min(MAX_INPUT, round(rng.lognormvariate(in_mu, in_sigma))))
         out = max(1, min(MAX_TOTAL - inp, round(rng.lognormvariate(out_mu, out_sigma))))
+        if inp < MIN_LEN and out < MIN_LEN:
+            continue  # the dataset filter drops these
         lengths.append((inp, out))
     return lengths
 
@@ -100,14 +116,14 @@ def load_dataset(path: str, tokenize: Callable[[str], list[int]]) -> list[tuple[
     for item in data:
         if "conversations" in item:
             turns = item["conversations"]
-            if len(turns) < 2:
+            if len(turns) < 2 or turns[0].get("from", "human") not in ("human", "user"):
                 continue
             prompt, output = turns[0]["value"], turns[1]["value"]
         else:
             prompt = item["instruction"] + ("\n" + item["input"] if item.get("input") else "")
             output = item["output"]
         inp, out = len(tokenize(prompt)), len(tokenize(output))
-        if inp > MAX_INPUT or inp + out > MAX_TOTAL or (inp < 4 and out < 4):
+        if inp > MAX_INPUT or inp + out > MAX_TOTAL or (inp < MIN_LEN and out < MIN_LEN):
             continue
         pairs.append((inp, out))
     return pairs
@@ -121,3 +137,59 @@ def load_trace(workload: str, num_requests: int, rate: float, cv: float = 1.0, s
         return sorted((a if a is not None else t, i, o) for (a, i, o), t in zip(rows, times, strict=True))
     lengths = synthetic_lengths(workload, num_requests, seed)
     return [(t, i, o) for t, (i, o) in zip(arrivals(num_requests, rate, cv, seed), lengths, strict=True)]
+
+
+def sample_pairs(pairs: list[tuple[int, int]], n: int, seed: int = 0) -> list[tuple[int, int]]:
+    """`n` pairs drawn without replacement (with replacement when the file has fewer)."""
+    rng = random.Random(seed)
+    return rng.sample(pairs, n) if n <= len(pairs) else [rng.choice(pairs) for _ in range(n)]
+
+
+def write_jsonl(trace: Trace | list[tuple[float | None, int, int]], path: str) -> None:
+    with open(path, "w") as f:
+        for arrival, input_len, output_len in trace:
+            row = {"input_len": input_len, "output_len": output_len}
+            if arrival is not None:
+                row = {"arrival_time": arrival, **row}
+            f.write(json.dumps(row) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dataset JSON (ShareGPT / Alpaca) -> JSONL trace of token lengths, with the artifact's filters."""
+    parser = argparse.ArgumentParser(prog="python -m bench.workloads", description=main.__doc__)
+    parser.add_argument("--dataset", required=True, help="ShareGPT or Alpaca JSON file")
+    parser.add_argument("--out", required=True, help="JSONL to write")
+    parser.add_argument(
+        "--tokenizer",
+        default="",
+        help="Hugging Face tokenizer (e.g. facebook/opt-13b); default: whitespace split",
+    )
+    parser.add_argument(
+        "--num-requests", type=int, default=0, help="sample this many (0 = all, in file order)"
+    )
+    parser.add_argument("--rate", type=float, default=0.0, help="also write Gamma arrival times at this rate")
+    parser.add_argument("--cv", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.tokenizer:
+        from transformers import AutoTokenizer  # only for this conversion
+
+        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenize = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
+    else:
+        tokenize = str.split
+    pairs = load_dataset(args.dataset, tokenize)
+    if args.num_requests:
+        pairs = sample_pairs(pairs, args.num_requests, args.seed)
+    times = arrivals(len(pairs), args.rate, args.cv, args.seed) if args.rate else [None] * len(pairs)
+    write_jsonl([(t, i, o) for t, (i, o) in zip(times, pairs, strict=True)], args.out)
+    n = max(len(pairs), 1)
+    print(
+        f"{len(pairs)} requests -> {args.out}: mean input {sum(i for i, _ in pairs) / n:.1f}, "
+        f"mean output {sum(o for _, o in pairs) / n:.1f} tokens"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

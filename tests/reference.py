@@ -57,7 +57,7 @@ def hf_greedy(checkpoint: str, prompt_ids: tuple[int, ...], max_tokens: int) -> 
     from transformers import GenerationConfig, OPTForCausalLM
 
     model = OPTForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=1)
+    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=[], pad_token_id=1)
     with torch.no_grad():
         out = model.generate(torch.tensor([list(prompt_ids)]), generation_config=config)
     return out[0, len(prompt_ids) :].tolist()

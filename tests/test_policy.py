@@ -150,3 +150,109 @@ def test_enst_is_min_of_starvation_and_drain_time():
     assert enst["b"] == pytest.approx(0.5)  # a's 1 s of quantum left, over 2 batch slots
     assert enst["c"] == pytest.approx(0.5)  # starvation: 10 - 9.5 = 0.5 < 2 s of work over 2 slots = 1.0
     assert EnstEstimator(2, None, None, by="priority")([a, b, c], 10.0) == {"a": 0.0, "b": 1.0, "c": 2.0}
+
+
+def test_base_quantum_defaults_to_one_decode_iteration_of_the_cost_model():
+    cost = CostModel(c0=0.02, c_decode=0.001)
+    policy = make_policy(PolicyConfig(name="skip-join-mlfq", base_quantum=None, num_queues=3), cost)
+    assert [policy.quantum(i) for i in range(3)] == pytest.approx([0.021, 0.042, 0.084])
+
+
+def test_every_policy_is_built_the_same_way():
+    from services.scheduler.policy import POLICIES
+
+    for name in POLICIES:
+        policy = make_policy(PolicyConfig(name=name), CostModel())
+        assert policy.name == name
+        policy.add(job("a"), 0.0)
+        assert [j.request_id for j in policy.order(0.0)] == ["a"]
+
+
+def test_starvation_promotes_longest_waiting_first_and_skips_recent_runners():
+    policy = mlfq("mlfq", starvation_threshold=2.0, starvation_period=4)
+    jobs = {rid: job(rid, arrival=t) for rid, t in (("old", 0.0), ("mid", 1.0), ("new", 2.5))}
+    for j in jobs.values():
+        policy.add(j, j.arrival_time)
+        policy.on_iteration_done([j], 1.0, j.arrival_time)  # ran once at its arrival: demoted to Q1
+    assert {j.level for j in jobs.values()} == {1}
+    transitions = policy.on_iteration_done([], 0.0, 3.5)  # old idle 3.5 s, mid 2.5 s, new 1.0 s
+    assert [(t.request_id, t.kind, t.from_level, t.to_level) for t in transitions] == [
+        ("old", "promoted", 1, 0),
+        ("mid", "promoted", 1, 0),
+    ]
+    assert jobs["new"].level == 1
+    later = [t for _ in range(4) for t in policy.on_iteration_done([], 0.0, 3.6)]
+    assert later == []  # the next check: old and mid are at Q0 already, new is not yet starved
+
+
+def test_readding_a_job_does_not_duplicate_it():
+    for name in ("mlfq", "srpt-oracle", "fcfs"):
+        policy = make_policy(PolicyConfig(name=name, base_quantum=0.02), CostModel())
+        a = job("a", output_len=5)
+        policy.add(a, 0.0)
+        policy.add(a, 0.0)
+        assert [j.request_id for j in policy.order(0.0)] == ["a"], name
+        policy.remove("a")
+        assert list(policy.order(0.0)) == [], name
+
+
+def test_srpt_incremental_order_matches_a_full_sort():
+    import random
+
+    rng = random.Random(0)
+    policy = make_policy(PolicyConfig(name="srpt-oracle"))
+    live = {}
+    for step in range(400):
+        if rng.random() < 0.3 or not live:
+            j = job(f"j{step}", arrival=float(step), output_len=rng.randint(1, 40))
+            live[j.request_id] = j
+            policy.add(j, float(step))
+        batch = form_batch(policy.order(step), BatchLimits(max_batch_size=4))
+        for j in batch:
+            j.num_generated += 1
+            if j.num_generated >= j.output_len:
+                policy.remove(j.request_id)
+                del live[j.request_id]
+        policy.on_iteration_done(batch, 0.01, float(step))
+        expected = sorted(live.values(), key=lambda j: (j.output_len - j.num_generated, j.arrival_time))
+        assert [j.request_id for j in policy.order(step)] == [j.request_id for j in expected]
+
+
+def test_mlfq_order_is_level_then_queue_position():
+    policy = mlfq("mlfq")
+    a, b, c = job("a"), job("b"), job("c")
+    for j in (a, b, c):
+        policy.add(j, 0.0)
+    policy.on_iteration_done([a, b], 0.03, 1.0)  # both demoted to Q1, a first
+    d = job("d", arrival=1.0)
+    policy.add(d, 1.0)
+    assert [j.request_id for j in policy.order(1.0)] == ["c", "d", "a", "b"]
+
+
+def test_form_batch_kv_need_is_the_context_in_blocks():
+    exact = job("exact", prompt=32, needs_prefill=False)  # 32 tokens = 2 blocks of 16
+    assert form_batch([exact], BatchLimits(), free_blocks=2, block_size=16) == [exact]
+    assert form_batch([exact], BatchLimits(), free_blocks=1, block_size=16) == []
+    assert form_batch([exact], BatchLimits(), free_blocks=0, blocks_held={"exact": 2}) == [exact]
+
+
+def test_form_batch_looks_ahead_a_bounded_number_of_jobs():
+    from services.scheduler.policy.base import LOOKAHEAD
+
+    big = [job(f"big{i}", prompt=3000) for i in range(LOOKAHEAD + 1)]
+    small = job("small", prompt=10)
+    assert form_batch([*big, small], BatchLimits()) == []
+    assert form_batch([*big, small], BatchLimits(), lookahead=None) == [small]
+    assert form_batch([*big[:LOOKAHEAD], small], BatchLimits()) == [small]
+
+
+def test_form_batch_draws_lazily_from_the_order():
+    drawn = []
+
+    def order():
+        for i in range(1000):
+            drawn.append(i)
+            yield job(str(i), needs_prefill=False)
+
+    assert len(form_batch(order(), BatchLimits(max_batch_size=16))) == 16
+    assert len(drawn) <= 17

@@ -113,7 +113,9 @@ class CheckpointReader:
             if path.suffix == ".safetensors":
                 from safetensors import safe_open
 
-                self._open[path] = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+                self._open[path] = self._stack.enter_context(
+                    safe_open(str(path), framework="pt", device="cpu")
+                )
             else:
                 try:  # memory-mapped: only the slices read are paged in
                     self._open[path] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -157,7 +159,9 @@ def load_checkpoint(model: OPTShard, directory: str | Path) -> None:
         plan = shard_plan(model, has_lm_head=LM_HEAD in reader)
         params = dict(model.named_parameters())
         for name, pieces in plan.items():
-            tensor = torch.cat([reader.read(p) for p in pieces]) if len(pieces) > 1 else reader.read(pieces[0])
+            tensor = (
+                torch.cat([reader.read(p) for p in pieces]) if len(pieces) > 1 else reader.read(pieces[0])
+            )
             param = params[name]
             if tensor.shape != param.shape:
                 raise ValueError(

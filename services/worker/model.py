@@ -11,12 +11,12 @@ Megatron-style tensor parallelism (with ``t`` = TP size):
   between fc1 and fc2.
 * The token embedding and the LM head (tied to it) are split by vocabulary rows. The
   alternative, replicating them, would cost every TP rank ``vocab * dim`` parameters:
-  1.2 GB in fp16 for OPT-175B, more than a TP=8 rank's share of twenty layers' worth of
-  KV pool, and ~30% of a small model's weights. Splitting costs one all-reduce of the
+  1.2 GB in fp16 for OPT-175B (memory a TP=8 rank would rather give the KV pool), and
+  ~30% of OPT-125m's weights. Splitting costs one all-reduce of the
   ``[tokens, dim]`` embeddings on stage 0 and a gather of ``[batch, vocab / t]`` logits
   to TP rank 0 on the last stage, both small next to the per-layer all-reduces.
   Position embeddings, layer norms and ``project_in``/``project_out`` are replicated:
-  they are small (``(max_positions + 2) * hidden`` is 1-2% of any preset).
+  they are small (``(max_positions + 2) * hidden`` is under 1.5% of every real-size preset).
 
 Pipeline parallelism: stage 0 owns the embeddings, the last stage the final norm,
 ``project_out`` and the LM head; the layers in between are split near-evenly.
@@ -163,7 +163,9 @@ class OPTShard(nn.Module):
                 f"{spec.name}: {spec.num_heads} heads and ffn_dim {spec.ffn_dim} must both divide by tp={t}"
             )
         if spec.num_layers < parallel.pp_size:
-            raise ValueError(f"{spec.name}: {spec.num_layers} layers cannot fill pp={parallel.pp_size} stages")
+            raise ValueError(
+                f"{spec.name}: {spec.num_layers} layers cannot fill pp={parallel.pp_size} stages"
+            )
         self.spec = spec
         self.parallel = parallel
         self.dtype = dtype

@@ -93,7 +93,9 @@ class ParallelContext:
         work = dist.isend(x, dst=self.rank + self.tp_size)
         self._pending.append((work, x))
 
-    def recv_prev(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    def recv_prev(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+    ) -> torch.Tensor:
         buf = torch.empty(shape, dtype=dtype, device=device)
         dist.recv(buf, src=self.rank - self.tp_size)
         return buf
@@ -137,4 +139,6 @@ def init_distributed(
         if rank in ranks:
             tp_group = group
     log.info("rank %d/%d joined (%s): tp=%d pp=%d", rank, world_size, backend, tp_size, pp_size)
-    return ParallelContext(rank=rank, world_size=world_size, tp_size=tp_size, pp_size=pp_size, tp_group=tp_group)
+    return ParallelContext(
+        rank=rank, world_size=world_size, tp_size=tp_size, pp_size=pp_size, tp_group=tp_group
+    )

@@ -20,9 +20,7 @@ def make_policy(config: PolicyConfig, cost_model: CostModel | None = None) -> Po
         cls = POLICIES[config.name]
     except KeyError:
         raise ValueError(f"--policy {config.name!r} is unknown; choose one of {sorted(POLICIES)}") from None
-    if cls is FCFS:
-        return cls()
-    return cls(config, cost_model)  # type: ignore[call-arg]
+    return cls(config, cost_model)
 
 
 __all__ = [

@@ -61,7 +61,8 @@ class Policy(ABC):
 
     name: str = "base"
 
-    def __init__(self) -> None:
+    def __init__(self, config: PolicyConfig | None = None, cost_model: object | None = None) -> None:
+        # every policy takes (config, cost model), so make_policy builds them all alike
         self.jobs: dict[str, Job] = {}
 
     def add(self, job: Job, now: float) -> list[Transition]:
@@ -73,7 +74,11 @@ class Policy(ABC):
 
     @abstractmethod
     def order(self, now: float) -> Iterable[Job]:
-        """Every live job, highest priority first (lazily: callers usually stop after one batch)."""
+        """Every live job, highest priority first (lazily: callers usually stop after one batch).
+
+        The iterable is one-shot and valid until the policy next changes (add, remove,
+        on_iteration_done): consume it, or copy it with list(), before then.
+        """
 
     def on_iteration_done(self, batch: list[Job], elapsed: float, now: float) -> list[Transition]:
         """Account an iteration of `elapsed` seconds that ran `batch`; returns transitions it caused."""
@@ -95,13 +100,21 @@ def form_batch(
     free_blocks: int | None = None,
     block_size: int = 16,
     blocks_held: dict[str, int] | None = None,
+    lookahead: int | None = LOOKAHEAD,
 ) -> list[Job]:
     """Walk jobs in priority order and take each one that fits every limit.
 
     `busy` holds jobs already in flight in another pipeline slot. `free_blocks`
-    (when given) is the KV budget: a job needs blocks for its context plus this
-    iteration's token, minus what it already holds on the GPU.
+    (when given) is the KV budget: a job needs blocks for its whole context (the
+    tokens whose KV this iteration reads or writes: the prompt on prefill, the
+    prompt and every generated token on decode), minus the `blocks_held` it
+    already has on the GPU; the KV manager plans with the same number.
+
+    `ordered` may be a lazy iterable (policies return generators): only as many
+    jobs are drawn as it takes to fill the batch, plus at most `lookahead` jobs
+    passed over for not fitting the token or KV budget (None: no bound).
     """
+    limit = lookahead if lookahead is not None else float("inf")
     batch: list[Job] = []
     tokens = 0
     skipped = 0
@@ -114,12 +127,15 @@ def form_batch(
         need_tokens = job.tokens_this_iteration
         if tokens + need_tokens > limits.max_batched_tokens:
             skipped += 1
-            if skipped > LOOKAHEAD:  # a long queue of big prompts: stop looking, keep the decision cheap
+            if skipped > limit:  # a long queue of big prompts: stop looking, keep the decision cheap
                 break
             continue
         if free_blocks is not None:
-            need_blocks = -(-(job.context_len + 1) // block_size) - held.get(job.request_id, 0)
+            need_blocks = -(-job.context_len // block_size) - held.get(job.request_id, 0)
             if need_blocks > free_blocks:
+                skipped += 1
+                if skipped > limit:
+                    break
                 continue
             free_blocks -= max(need_blocks, 0)
         batch.append(job)

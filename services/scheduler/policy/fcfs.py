@@ -1,4 +1,8 @@
-"""First come, first served with continuous batching: the vLLM / Orca baseline."""
+"""First come, first served with continuous batching: the vLLM / Orca baseline.
+
+A job runs to completion once admitted; new jobs join a running batch at iteration
+boundaries when a slot (and KV) is free. Nothing is ever preempted by priority.
+"""
 
 from __future__ import annotations
 

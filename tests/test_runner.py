@@ -1,0 +1,217 @@
+"""ModelRunner around the model: sampling, presets and dummy weights, input checks, the torch decode path."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from fastserve.model_spec import PRESETS, resolve_model
+from services.worker import attention
+from services.worker.runner import ModelRunner, SeqWork
+from services.worker.sampling import Sampler, derive_seed
+from tests.helpers_checkpoint import make_tiny_opt_checkpoint
+
+VOCAB = 272
+
+
+def draw(sampler: Sampler, logits: torch.Tensor, rows: list[dict]) -> list[int]:
+    return sampler(
+        logits,
+        [r.get("temperature", 1.0) for r in rows],
+        [r.get("top_p", 1.0) for r in rows],
+        [r.get("top_k", 0) for r in rows],
+        [r.get("seed") for r in rows],
+        [r.get("sample_index", 0) for r in rows],
+    )
+
+
+# --- sampling ---------------------------------------------------------------------------------
+
+
+def test_seeded_sampling_is_independent_of_batch_composition_and_position():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, VOCAB, generator=gen) * 2
+    rows = [
+        {"seed": 1, "sample_index": 0},
+        {"seed": 1, "sample_index": 1, "top_k": 20},
+        {"seed": 2, "sample_index": 5, "top_p": 0.8, "temperature": 0.7},
+        {"seed": 3, "sample_index": 0, "top_k": 50, "top_p": 0.9, "temperature": 1.3},
+        {"temperature": 0.0},
+        {"seed": 2**64 - 1, "sample_index": 3},  # the proto's seed is a uint64
+    ]
+    sampler = Sampler(0, "cpu")
+    together = draw(sampler, logits, rows)
+    alone = [draw(sampler, logits[i : i + 1], [rows[i]])[0] for i in range(len(rows))]
+    order = [3, 0, 5, 1, 4, 2]
+    shuffled = draw(sampler, logits[order], [rows[i] for i in order])
+    assert together == alone
+    assert [together[i] for i in order] == shuffled
+    assert together[4] == int(logits[4].argmax())
+
+
+def test_sample_index_changes_the_draw_and_draws_follow_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 4000
+    logits = probs.log().expand(n, -1).contiguous()
+    rows = [{"seed": 42, "sample_index": i} for i in range(n)]
+    counts = Counter(draw(Sampler(0, "cpu"), logits, rows))
+    for token, p in enumerate(probs.tolist()):
+        sigma = math.sqrt(n * p * (1 - p))
+        assert abs(counts[token] - n * p) < 5 * sigma, (token, counts)
+    assert derive_seed(42, 0) != derive_seed(42, 1) != derive_seed(43, 0)
+
+
+def test_top_k_one_and_tiny_top_p_equal_greedy_and_filters_restrict_support():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(32, VOCAB, generator=gen)
+    sampler = Sampler(0, "cpu")
+    greedy = logits.argmax(-1).tolist()
+    assert draw(sampler, logits, [{"seed": i, "top_k": 1, "temperature": 2.0} for i in range(32)]) == greedy
+    assert draw(sampler, logits, [{"seed": i, "top_p": 1e-6} for i in range(32)]) == greedy
+    assert draw(sampler, logits, [{"seed": i, "top_p": 0.0} for i in range(32)]) == greedy
+
+    row = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).expand(300, -1).contiguous()
+    top2 = set(draw(sampler, row, [{"seed": 7, "sample_index": i, "top_k": 2} for i in range(300)]))
+    assert top2 == {0, 1}
+    # softmax([4,3,2,1,0]) = .64, .23, .09, ...: top_p 0.8 keeps exactly the first two
+    nucleus = set(draw(sampler, row, [{"seed": 8, "sample_index": i, "top_p": 0.8} for i in range(300)]))
+    assert nucleus == {0, 1}
+
+
+def test_unseeded_sampling_is_reproducible_per_runner_seed():
+    logits = torch.zeros(16, VOCAB)
+    rows = [{"seed": None}] * 16
+    a, b, c = Sampler(5, "cpu"), Sampler(5, "cpu"), Sampler(6, "cpu")
+    first = draw(a, logits, rows)
+    assert first == draw(b, logits, rows)
+    assert first != draw(c, logits, rows)
+    assert first != draw(a, logits, rows)  # the runner-level stream advances
+
+
+# --- presets and dummy weights ------------------------------------------------------------------
+
+
+def test_presets_have_the_real_shapes():
+    spec = resolve_model("opt-13b")
+    assert (spec.hidden_size, spec.num_layers, spec.num_heads, spec.ffn_dim) == (5120, 40, 40, 20480)
+    assert (spec.vocab_size, spec.max_positions, spec.word_embed_proj_dim) == (50272, 2048, 5120)
+    assert spec.do_layer_norm_before and spec.checkpoint is None and spec.tokenizer == "facebook/opt-13b"
+    assert (spec.pad_token_id, spec.bos_token_id, spec.eos_token_id) == (1, 2, 2)
+    small = resolve_model("opt-350m")
+    assert small.word_embed_proj_dim == 512 and not small.do_layer_norm_before
+    sizes = {
+        "opt-125m": 125e6,
+        "opt-350m": 331e6,
+        "opt-1.3b": 1.3e9,
+        "opt-2.7b": 2.7e9,
+        "opt-6.7b": 6.7e9,
+        "opt-13b": 13e9,
+        "opt-30b": 30e9,
+        "opt-66b": 66e9,
+        "opt-175b": 175e9,
+    }
+    for name, params in sizes.items():
+        assert abs(PRESETS[name].num_params() / params - 1) < 0.05, name
+    tiny = resolve_model("opt-tiny")
+    assert (tiny.vocab_size, tiny.hidden_size, tiny.num_layers, tiny.num_heads, tiny.ffn_dim) == (
+        272,
+        128,
+        4,
+        4,
+        512,
+    )
+    assert tiny.tokenizer == "byte" and tiny.checkpoint is None
+
+
+def test_resolve_directory_and_unknown_model(tmp_path):
+    ckpt = make_tiny_opt_checkpoint(
+        tmp_path / "ckpt", layers=2, word_embed_proj_dim=32, do_layer_norm_before=False
+    )
+    spec = resolve_model(str(ckpt))
+    assert spec.checkpoint == str(ckpt.resolve()) and spec.tokenizer == spec.checkpoint
+    assert (spec.num_layers, spec.word_embed_proj_dim, spec.do_layer_norm_before) == (2, 32, False)
+    assert resolve_model(spec.name) == spec  # other services re-resolve the name a worker reports
+    with pytest.raises(ValueError, match="no-such-org/no-such-model"):
+        resolve_model("no-such-org/no-such-model")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dummy_opt_tiny_runs_a_step(dtype):
+    spec = resolve_model("opt-tiny")
+    runner = ModelRunner(spec, dtype=dtype, device="cpu", num_gpu_blocks=8, seed=3)
+    assert runner.is_driver and all(p.dtype == dtype for p in runner.model.parameters())
+    seqs = [SeqWork("a", [2, 72, 105], 0, [0]), SeqWork("b", [2, *range(40, 60)], 0, [1, 2])]
+    first = runner.step(seqs)
+    assert len(first) == 2 and all(0 <= t < spec.vocab_size for t in first)
+    again = ModelRunner(spec, dtype=dtype, device="cpu", num_gpu_blocks=8, seed=3).step(seqs)
+    assert again == first  # dummy weights are deterministic in the seed
+    nxt = runner.step([SeqWork("a", [first[0]], 3, [0]), SeqWork("b", [first[1]], 21, [1, 2])])
+    assert len(nxt) == 2
+
+
+def test_seeded_sampling_through_the_runner_ignores_batch_composition():
+    runner = ModelRunner(resolve_model("opt-tiny"), dtype=torch.float32, device="cpu", num_gpu_blocks=16)
+    a = SeqWork("a", [2, 10, 20, 30], 0, [0], temperature=0.9, top_p=0.95, seed=11, sample_index=0)
+    b = SeqWork("b", [2, 99], 0, [1], temperature=1.0, seed=12)
+    c = SeqWork("c", [2, 50, 51, 52, 53], 0, [2], temperature=0.0)
+    alone = runner.step([a])
+    assert runner.step([b, c, a])[2] == alone[0]
+    greedy = runner.step([SeqWork("a", a.token_ids, 0, [0])])
+    top1 = runner.step([SeqWork("a", a.token_ids, 0, [0], temperature=1.5, top_k=1, seed=4)])
+    assert top1 == greedy
+
+
+def test_kv_bytes_per_block_and_pool_shape():
+    spec = resolve_model("opt-13b")
+    assert ModelRunner.kv_bytes_per_block(spec, torch.float16, 16) == 2 * 40 * 16 * 5120 * 2
+    assert (
+        ModelRunner.kv_bytes_per_block(spec, torch.float16, 16, tp_size=2, pp_size=2)
+        == 2 * 20 * 16 * 2560 * 2
+    )
+    tiny = resolve_model("opt-tiny")
+    runner = ModelRunner(tiny, dtype=torch.float32, device="cpu", num_gpu_blocks=5, block_size=8)
+    assert len(runner.kv.k_cache) == 4 and runner.kv.k_cache[0].shape == (5, 8, 4, 32)
+    assert runner.kv.nbytes == 5 * ModelRunner.kv_bytes_per_block(tiny, torch.float32, 8)
+
+
+@pytest.mark.parametrize(
+    ("work", "message"),
+    [
+        (SeqWork("x", [], 0, [0]), "no tokens"),
+        (SeqWork("x", [2] * 17, 0, [0]), "cannot hold"),
+        (SeqWork("x", [2, 300], 0, [0]), "token ids"),
+        (SeqWork("x", [2, 3], 0, [9]), "block ids"),
+        (SeqWork("x", [2], 2048, [0] * 129), "max_positions"),
+    ],
+)
+def test_bad_work_is_a_clear_error(work, message):
+    runner = ModelRunner(resolve_model("opt-tiny"), dtype=torch.float32, device="cpu", num_gpu_blocks=4)
+    with pytest.raises(ValueError, match=message):
+        runner.step([work])
+
+
+# --- the torch decode path ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])  # two sequences per chunk / all at once
+def test_paged_decode_attention_matches_a_dense_reference(monkeypatch, chunk_bytes):
+    monkeypatch.setattr(attention, "DECODE_CHUNK_BYTES", chunk_bytes)
+    gen = torch.Generator().manual_seed(0)
+    heads, dim, bs, num_blocks = 3, 16, 4, 40
+    k_cache = torch.randn(num_blocks, bs, heads, dim, generator=gen)
+    v_cache = torch.randn(num_blocks, bs, heads, dim, generator=gen)
+    lens = [1, 4, 5, 13, 30]
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = [perm[8 * i : 8 * i + -(-n // bs)] for i, n in enumerate(lens)]
+    width = max(map(len, tables))
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    q = torch.randn(len(lens), heads, dim, generator=gen)
+    out = attention.paged_decode_attention(q, k_cache, v_cache, block_tables, torch.tensor(lens), dim**-0.5)
+    for b, (n, table) in enumerate(zip(lens, tables, strict=True)):
+        k = k_cache[table].reshape(-1, heads, dim)[:n].double()
+        v = v_cache[table].reshape(-1, heads, dim)[:n].double()
+        p = torch.softmax(torch.einsum("hd,thd->ht", q[b].double(), k) * dim**-0.5, -1)
+        torch.testing.assert_close(out[b].double(), torch.einsum("ht,thd->hd", p, v), atol=1e-5, rtol=1e-5)
