@@ -137,3 +137,26 @@ def test_child_dies_when_parent_is_killed():
     while alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not alive(child)
+
+
+def test_bad_kv_configuration_is_refused_at_start():
+    import subprocess
+    import sys
+
+    from services.worker.server import host_block_budget
+
+    with pytest.raises(SystemExit, match="larger than this machine's memory"):
+        host_block_budget(10**6, 65536)
+    with pytest.raises(SystemExit, match="swap-space"):
+        host_block_budget(-1, 65536)
+    for flags, message in (
+        (["--num-gpu-blocks", "-1"], "num-gpu-blocks"),
+        (["--swap-space", "100000"], "swap-space"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "services.worker", "--port", "0", *flags],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode != 0 and message in proc.stderr + proc.stdout, proc.stderr[-500:]
