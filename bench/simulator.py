@@ -437,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         f"α {args.starvation_threshold}s every {args.starvation_period} iterations"
     )
     groups = [(policy, swap) for policy in args.policy for swap in args.swap_policy]
+    # a bar over runs for sweeps; a per-request bar for a single long run (both on a terminal only)
+    progress = args.progress or (len(groups) * len(rates) == 1 and args.num_requests >= 2000)
     tasks = [
         (
             args.workload,
@@ -447,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             config_from(args, policy, swap),
             cost_model,
             args.slo,
-            args.progress,
+            progress,
         )
         for policy, swap in groups
         for rate in rates
