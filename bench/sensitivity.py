@@ -6,11 +6,11 @@ queues -- on each workload, and reports for every value the throughput at the SL
 (mean and P95 latency per output token, interpolated over a rate sweep) and the
 mean latency per output token at a reference rate. The base setting is the
 artifact's (ratio 2, base = one decode iteration, 16 queues, check every 1000
-iterations) with α = --alpha (default 3 s, the artifact's); rerun with another
---alpha to see the other knobs without starvation promotions dominating.
+iterations) with α = --alpha (default: the scheduler's, SLO x mean output = 101 s).
+Each run follows the artifact's protocol: 200 s of Poisson arrivals, at most 400 requests.
 
     python -m bench.sensitivity --json s.json --plot s.png            # both workloads
-    python -m bench.sensitivity --workload alpaca --alpha 1e9 --jobs 2
+    python -m bench.sensitivity --workload alpaca --alpha 3 --jobs 2
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import json
 import os
 
 from bench.report import format_throughput, sweep_throughput
-from bench.simulator import SimConfig, run_points
+from bench.simulator import SimConfig, requests_at, run_points
 from services.scheduler.policy import BatchLimits, CostModel, PolicyConfig
 
 # base quantum values are multiples of one decode iteration (batch 1) of the cost model
@@ -52,11 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--workload", default="sharegpt,alpaca", help="comma list")
-    parser.add_argument("--num-requests", type=int, default=1000)
+    parser.add_argument("--num-requests", type=int, default=400)
+    parser.add_argument("--duration", type=float, default=200.0, help="seconds of arrivals (0 = no cap)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cost-model", default="opt-13b-a100")
     parser.add_argument(
-        "--alpha", type=float, default=3.0, help="α (s) held fixed while the other knobs vary"
+        "--alpha",
+        type=float,
+        default=PolicyConfig.starvation_threshold,
+        help="α (s) held fixed while the other knobs vary",
     )
     parser.add_argument("--knobs", default=",".join(KNOBS), help="comma list of knobs to vary")
     parser.add_argument("--sharegpt-rates", default=",".join(map(str, RATES["sharegpt"])))
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             tasks.append(
                 (
                     entry["workload"],
-                    args.num_requests,
+                    requests_at(rate, args.num_requests, args.duration),
                     rate,
                     1.0,
                     args.seed,
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             owners.append(key)
     print(
-        f"{len(settings)} settings x rates = {len(tasks)} simulated runs of {args.num_requests} requests "
+        f"{len(settings)} settings x rates = {len(tasks)} simulated runs of up to {args.num_requests} requests "
         f"(base: {base}, base quantum unit {decode * 1e3:.1f} ms)",
         flush=True,
     )

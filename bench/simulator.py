@@ -21,8 +21,10 @@ below); --num-host-blocks more on the host. Swap policies (--swap-policy):
   (form_batch's KV budget); only if nothing at all can run is the lowest-priority
   holder's KV dropped for recompute, so the run cannot deadlock.
 
-Default KV capacity: (40 GB - 26 GB of OPT-13B weights) / (819 200 B of KV per token
-= 2 (K, V) * 40 layers * 5120 hidden * 2 B) = 17 090 tokens = 1068 blocks of 16.
+Default KV capacity, the artifact's settings (--gpu-memory-utilization 0.9, --swap-space 32):
+GPU: (0.9 * 40 GiB - 26 GB of OPT-13B weights) / (819 200 B of KV per token = 2 (K, V)
+* 40 layers * 5120 hidden * 2 B) = 15 441 tokens = 965 blocks of 16; host: 32 GiB =
+2621 blocks of 13.1 MB.
 """
 
 from __future__ import annotations
@@ -53,9 +55,12 @@ from services.scheduler.policy import (
 )
 
 OPT_13B_KV_BYTES_PER_TOKEN = 2 * 40 * 5120 * 2  # K and V, 40 layers, hidden 5120, fp16
-A100_40GB_KV_BYTES = 40e9 - 26e9  # memory left after OPT-13B's fp16 weights
+GIB = 2**30
+A100_40GB_KV_BYTES = 0.9 * 40 * GIB - 26e9  # the artifact's 90% of the GPU, less OPT-13B's fp16 weights
 BLOCK_SIZE = 16
-OPT_13B_A100_BLOCKS = int(A100_40GB_KV_BYTES // (OPT_13B_KV_BYTES_PER_TOKEN * BLOCK_SIZE))  # 1068
+BLOCK_BYTES = OPT_13B_KV_BYTES_PER_TOKEN * BLOCK_SIZE
+OPT_13B_A100_BLOCKS = int(A100_40GB_KV_BYTES // BLOCK_BYTES)  # 965
+HOST_BLOCKS = int(32 * GIB // BLOCK_BYTES)  # the artifact's --swap-space 32 (GiB): 2621
 PCIE4_X16 = 25e9  # bytes/s, effective
 SIM_SWAP_POLICIES = (*SWAP_POLICIES, "none")
 
@@ -65,7 +70,7 @@ class SimConfig:
     policy: str = "skip-join-mlfq"
     limits: BatchLimits = field(default_factory=BatchLimits)
     num_gpu_blocks: int = OPT_13B_A100_BLOCKS
-    num_host_blocks: int = 5000  # 65 GB of host memory at 13 MB a block
+    num_host_blocks: int = HOST_BLOCKS
     block_size: int = BLOCK_SIZE
     kv_bytes_per_token: int = OPT_13B_KV_BYTES_PER_TOKEN
     host_bandwidth: float = PCIE4_X16
@@ -349,6 +354,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--cv", type=float, default=1.0, help="CV of Gamma inter-arrival times (1 = Poisson)")
     parser.add_argument("--num-requests", type=int, default=1000)
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=0.0,
+        help="seconds of arrivals per run: a run has min(--num-requests, rate x duration) requests "
+        "(the artifact's sweeps: --duration 200 --num-requests 400); 0 = always --num-requests",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -373,7 +385,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--base-quantum", type=float, default=0.0, help="seconds; 0 = one decode iteration")
     parser.add_argument("--quantum-ratio", type=float, default=2.0)
     parser.add_argument("--num-queues", type=int, default=16)
-    parser.add_argument("--starvation-threshold", type=float, default=3.0, help="α, seconds")
+    parser.add_argument(
+        "--starvation-threshold",
+        type=float,
+        default=PolicyConfig.starvation_threshold,
+        help="α, seconds (the artifact used 3)",
+    )
     parser.add_argument("--starvation-period", type=int, default=1000, help="iterations between checks")
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages (batches in flight)")
     parser.add_argument("--slo", type=float, default=0.3, help="seconds per output token")
@@ -423,6 +440,11 @@ def format_row(p: dict) -> str:
     )
 
 
+def requests_at(rate: float, num_requests: int, duration: float) -> int:
+    """Requests in a run at `rate`: all of them, or as many as arrive in `duration` seconds if fewer."""
+    return num_requests if duration <= 0 else max(1, min(num_requests, round(rate * duration)))
+
+
 def main(argv: list[str] | None = None) -> int:
     """`fastserve simulate`: prints a table; --json writes one object per (policy, swap policy, rate)."""
     args = parse_args(argv)
@@ -430,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     cost_model = CostModel.resolve(args.cost_model)
     base = args.base_quantum or cost_model.decode_time(1)
     print(
-        f"workload {args.workload}, {args.num_requests} requests, CV {args.cv}, seed {args.seed}; cost model "
+        f"workload {args.workload}, {args.num_requests} requests"
+        f"{f' (at most {args.duration:g} s of arrivals)' if args.duration > 0 else ''}, CV {args.cv}, seed {args.seed}; cost model "
         f"{args.cost_model} { ({k: float(f'{v:.4g}') for k, v in cost_model.to_dict().items()}) }; "
         f"batch {args.max_batch_size}/{args.max_num_batched_tokens} tokens, {args.num_gpu_blocks} GPU blocks, "
         f"pp {args.pp}; quanta {base * 1e3:.1f} ms x {args.quantum_ratio}^i over {args.num_queues} queues, "
@@ -442,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [
         (
             args.workload,
-            args.num_requests,
+            requests_at(rate, args.num_requests, args.duration),
             rate,
             args.cv,
             args.seed,

@@ -51,8 +51,17 @@ def traced_stack(redis_url, tiny_checkpoint, receiver, monkeypatch_module):
     _, endpoint = receiver
     monkeypatch_module.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
     monkeypatch_module.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
-    stack = start_stack(redis_url, "--model", tiny_checkpoint, "--num-gpu-blocks", "128", "--policy",
-                        "skip-join-mlfq", "--max-batch-size", "1")
+    stack = start_stack(
+        redis_url,
+        "--model",
+        tiny_checkpoint,
+        "--num-gpu-blocks",
+        "128",
+        "--policy",
+        "skip-join-mlfq",
+        "--max-batch-size",
+        "1",
+    )
     yield stack
     stack.stop()
 
@@ -65,8 +74,14 @@ def monkeypatch_module():
 
 def generate(stub, prompt_ids, max_tokens, request_id):
     sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    return list(stub.Generate(gateway_pb2.GenerateRequest(prompt_token_ids=prompt_ids, sampling=sampling,
-                                                          request_id=request_id), timeout=120))
+    return list(
+        stub.Generate(
+            gateway_pb2.GenerateRequest(
+                prompt_token_ids=prompt_ids, sampling=sampling, request_id=request_id
+            ),
+            timeout=120,
+        )
+    )
 
 
 def test_one_trace_spans_services_and_preemption_events_carry_levels(traced_stack, receiver):
@@ -85,11 +100,22 @@ def test_one_trace_spans_services_and_preemption_events_carry_levels(traced_stac
             by_trace = defaultdict(set)
             for trace_id, service, _ in sink.spans:
                 by_trace[trace_id].add(service)
-            long_span = next((span for _, service, span in sink.spans
-                              if service == "fastserve-scheduler" and span.name == "fastserve.schedule"
-                              and any(a.key == "fastserve.request_id" and a.value.string_value == "long-traced"
-                                      for a in span.attributes)), None)
-        if (long_span is not None and any(services <= s for s in by_trace.values())) or time.monotonic() > deadline:
+            long_span = next(
+                (
+                    span
+                    for _, service, span in sink.spans
+                    if service == "fastserve-scheduler"
+                    and span.name == "fastserve.schedule"
+                    and any(
+                        a.key == "fastserve.request_id" and a.value.string_value == "long-traced"
+                        for a in span.attributes
+                    )
+                ),
+                None,
+            )
+        if (
+            long_span is not None and any(services <= s for s in by_trace.values())
+        ) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert any(services <= s for s in by_trace.values()), dict(by_trace)
@@ -126,9 +152,14 @@ def test_metrics_agree_with_what_was_served(traced_stack):
     assert delta('fastserve:request_success_total{finished_reason="length"}') == 3
     assert delta("fastserve:time_to_first_token_seconds_count") == 3
     assert delta("fastserve:e2e_request_latency_seconds_count") == 3
-    for name in ("fastserve:iteration_time_seconds_count", "fastserve:num_requests_running",
-                 'fastserve:kv_blocks_used{tier="gpu"}', "fastserve:num_preemptions_total",
-                 "fastserve:num_demotions_total", "fastserve:request_queue_time_seconds_count"):
+    for name in (
+        "fastserve:iteration_time_seconds_count",
+        "fastserve:num_requests_running",
+        'fastserve:kv_blocks_used{tier="gpu"}',
+        "fastserve:num_preemptions_total",
+        "fastserve:num_demotions_total",
+        "fastserve:request_queue_time_seconds_count",
+    ):
         assert name in scheduler, name
     assert scheduler['fastserve:request_finished_total{state="finished"}'] >= 3
     assert scheduler["fastserve:iteration_time_seconds_count"] >= 15

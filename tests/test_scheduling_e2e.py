@@ -14,16 +14,30 @@ from tests.conftest import start_stack
 
 def run(stub, prompt_ids, max_tokens, finished: dict, name: str) -> None:
     sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    replies = list(stub.Generate(gateway_pb2.GenerateRequest(prompt_token_ids=prompt_ids, sampling=sampling),
-                                 timeout=300))
+    replies = list(
+        stub.Generate(
+            gateway_pb2.GenerateRequest(prompt_token_ids=prompt_ids, sampling=sampling), timeout=300
+        )
+    )
     assert replies[-1].usage.completion_tokens == max_tokens
     finished[name] = time.monotonic()
 
 
 @pytest.mark.parametrize("policy, short_first", [("skip-join-mlfq", True), ("fcfs", False)])
-def test_short_request_overtakes_long_one_only_under_skip_join(redis_url, tiny_checkpoint, policy, short_first):
-    stack = start_stack(redis_url, "--model", tiny_checkpoint, "--num-gpu-blocks", "64", "--policy", policy,
-                        "--max-batch-size", "1")
+def test_short_request_overtakes_long_one_only_under_skip_join(
+    redis_url, tiny_checkpoint, policy, short_first
+):
+    stack = start_stack(
+        redis_url,
+        "--model",
+        tiny_checkpoint,
+        "--num-gpu-blocks",
+        "64",
+        "--policy",
+        policy,
+        "--max-batch-size",
+        "1",
+    )
     try:
         stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(stack.addresses["gateway"]))
         finished: dict[str, float] = {}

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bench.report import slo_crossing, summarize, sweep_throughput, throughput_at_slo
-from bench.simulator import OPT_13B_A100_BLOCKS, SimConfig, main, run_point, simulate
+from bench.simulator import OPT_13B_A100_BLOCKS, SimConfig, main, requests_at, run_point, simulate
 from bench.workloads import load_trace
 from services.scheduler.policy import BatchLimits, CostModel, PolicyConfig
 
@@ -108,8 +108,28 @@ def test_starvation_promotion_reaches_the_records():
 
 
 def test_default_kv_capacity_is_opt_13b_on_a_40gb_a100():
-    assert OPT_13B_A100_BLOCKS == int((40e9 - 26e9) / (2 * 40 * 5120 * 2 * 16)) == 1068
-    assert SimConfig().num_gpu_blocks == 1068
+    assert OPT_13B_A100_BLOCKS == int((0.9 * 40 * 2**30 - 26e9) / (2 * 40 * 5120 * 2 * 16)) == 965
+    assert SimConfig().num_gpu_blocks == 965
+    assert SimConfig().num_host_blocks == 32 * 2**30 // (2 * 40 * 5120 * 2 * 16) == 2621
+
+
+def test_duration_caps_requests_like_the_artifacts_sweeps():
+    # the artifact: 20 prompts at 0.1 req/s ... 400 from 2 req/s up
+    assert [requests_at(r, 400, 200) for r in (0.1, 1.0, 2.0, 6.0)] == [20, 200, 400, 400]
+    assert requests_at(6.0, 400, 0) == 400
+
+
+def test_skip_join_beats_fcfs_past_saturation_at_paper_scale():
+    # OPT-13B-like costs, batch 16, 200 s of arrivals at 2.5 req/s (above the ~1.8 req/s
+    # FCFS can sustain): FCFS queues short jobs behind long ones, skip-join does not
+    cost = CostModel.resolve("opt-13b-a100")
+    trace = load_trace("sharegpt", requests_at(2.5, 400, 200), 2.5, 1.0, 0)
+    mean = {}
+    for policy in ("fcfs", "skip-join-mlfq"):
+        point = run_point(trace, SimConfig(policy=policy), cost)
+        assert point["unfinished"] == 0
+        mean[policy] = point["latency_per_token"]["mean"]
+    assert mean["skip-join-mlfq"] * 2 < mean["fcfs"], mean
 
 
 def test_metrics_math_on_a_hand_built_case():

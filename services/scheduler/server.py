@@ -121,7 +121,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(parser, "--quantum-ratio", default=2.0, help="q_i = base * ratio^i")
     add_flag(parser, "--num-queues", default=16, help="MLFQ queue count")
     add_flag(
-        parser, "--starvation-threshold", default=3.0, help="seconds without running before promotion to Q0"
+        parser,
+        "--starvation-threshold",
+        default=PolicyConfig.starvation_threshold,
+        help="α: seconds without running before promotion to Q0 (default SLO 0.3 s/token x 338 tokens)",
     )
     add_flag(parser, "--starvation-period", default=1000, help="iterations between starvation checks")
     add_flag(parser, "--max-batch-size", default=16, help="most jobs in one iteration")

@@ -1,0 +1,148 @@
+"""Policies side by side on the live stack: `fastserve up` + `fastserve bench` per policy.
+
+For each policy: starts `fastserve up --policy P` (no demo) as a subprocess, waits for
+the gateway address it prints, replays the same trace (same workload, rate, seed, clips)
+through `fastserve bench` (bench.load.main), stops the stack with SIGTERM and checks that
+none of its children are left. Prints a table and writes one JSON with every result.
+
+The stack runs with OMP_NUM_THREADS=1 by default (--threads): on a small shared machine a
+multi-threaded torch worker slows down several times when another process holds a core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.load import main as bench_main
+from fastserve.procs import free_port
+
+UP_LINE = re.compile(r"gateway on (\S+) \(")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (from /proc's parent ids)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [c for c, p in parents.items() if p in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def run_policy(policy: str, args: argparse.Namespace, bench_argv: list[str], log: Path) -> dict:
+    """One policy: stack up, bench, stack down. Returns the bench result object."""
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    up_cmd = [sys.executable, "-m", "fastserve.cli", "up", "--policy", policy, "--demo", "false"]
+    up_cmd += ["--host", "127.0.0.1", "--port", str(free_port()), "--model", args.model]
+    up_cmd += ["--max-batch-size", str(args.max_batch_size), "--log-level", "WARNING", *args.up_flags]
+    with open(log, "w") as out:
+        up = subprocess.Popen(up_cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + args.start_timeout
+        while not (match := UP_LINE.search(log.read_text())):
+            if up.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"`fastserve up --policy {policy}` did not come up; see {log}")
+            time.sleep(0.5)
+        children = descendants(up.pid)
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+            path = f"{tmp}/result.json"
+            started = time.monotonic()
+            bench_main([*bench_argv, "--address", match.group(1), "--json", path])
+            wall = time.monotonic() - started
+            result = json.loads(Path(path).read_text())[-1]
+        result["wall_seconds"] = wall
+        return result
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.wait()
+        deadline = time.monotonic() + 15
+        while (
+            left := [pid for pid in children if Path(f"/proc/{pid}").exists()]
+        ) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if left:
+            print(f"warning: {policy}: children of `fastserve up` still alive: {left}", file=sys.stderr)
+
+
+def table(results: list[dict]) -> str:
+    base = results[0]["latency_per_token"]["mean"]
+    lines = [
+        f"| policy | latency/token mean ms | p50 ms | p95 ms | vs {results[0]['policy']} | "
+        "TTFT mean s | JCT mean s | preemptions |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lat = r["latency_per_token"]
+        lines.append(
+            f"| {r['policy']} | {lat['mean'] * 1e3:.1f} | {lat['p50'] * 1e3:.1f} | {lat['p95'] * 1e3:.1f} | "
+            f"{base / lat['mean']:.2f}x | {r['ttft']['mean']:.3f} | {r['jct']['mean']:.3f} | {r['preemptions']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.live_compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--policies", default="fcfs,skip-join-mlfq", help="comma list; first = baseline")
+    parser.add_argument("--model", default="opt-tiny")
+    parser.add_argument("--max-batch-size", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the stack (0 = unset)")
+    parser.add_argument("--start-timeout", type=float, default=300.0)
+    parser.add_argument("--up-flag", dest="up_flags", action="append", default=[], help="extra `up` flag")
+    parser.add_argument("--workload", default="alpaca")
+    parser.add_argument("--rate", type=float, default=8.0)
+    parser.add_argument("--cv", type=float, default=1.0)
+    parser.add_argument("--num-requests", type=int, default=800)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-input-len", type=int, default=0)
+    parser.add_argument("--max-output-len", type=int, default=512)
+    parser.add_argument("--slo", type=float, default=0.3)
+    parser.add_argument("--log-dir", default=tempfile.gettempdir(), help="where `fastserve up` logs go")
+    parser.add_argument("--json", default="", help="write every policy's result here")
+    args = parser.parse_args(argv)
+    bench_argv = [
+        *("--workload", args.workload, "--rate", str(args.rate), "--cv", str(args.cv)),
+        *("--num-requests", str(args.num_requests), "--seed", str(args.seed), "--slo", str(args.slo)),
+        *("--max-input-len", str(args.max_input_len), "--max-output-len", str(args.max_output_len)),
+    ]
+    results = []
+    for policy in args.policies.split(","):
+        print(f"{policy}: starting the stack", file=sys.stderr, flush=True)
+        log = Path(args.log_dir) / f"live_compare_{policy}.log"
+        results.append(run_policy(policy, args, bench_argv, log))
+        print(f"{policy}: {results[-1]['wall_seconds']:.0f}s", file=sys.stderr, flush=True)
+    print(table(results))
+    if args.json:
+        config = {k: v for k, v in vars(args).items() if k not in ("json", "log_dir")}
+        with open(args.json, "w") as f:
+            json.dump({"command": sys.argv, "config": config, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
