@@ -187,7 +187,9 @@ def simulate(
             for job in batch:
                 blocks.allocate(job.request_id, job.context_len)
             return batch, 0.0, 0.0
-        batch = form_batch(policy.order(now), config.limits, busy)
+        # jobs without KV start only into blocks free in either tier (form_batch's admit_blocks)
+        admit = blocks.num_free + blocks.num_host_free
+        batch = form_batch(policy.order(now), config.limits, busy, block_size=bs, admit_blocks=admit)
         if not batch:
             return batch, 0.0, 0.0
         ids = {j.request_id for j in batch}

@@ -168,9 +168,9 @@ class Stack:
 def run_demo(gateway: str) -> None:
     from fastserve.client import stream_generate
 
-    for prompt in DEMO_PROMPTS:
-        print(f"\n>>> {prompt!r}", flush=True)
-        stream_generate(gateway, prompt, max_tokens=24, temperature=0.0, out=sys.stdout)
+    for seed, prompt in enumerate(DEMO_PROMPTS):
+        print(f"\n>>> {prompt!r} (temperature 0.8, top-k 5, seed {seed})", flush=True)
+        stream_generate(gateway, prompt, max_tokens=24, temperature=0.8, top_k=5, seed=seed, out=sys.stdout)
 
 
 def main(argv: list[str] | None = None) -> int:

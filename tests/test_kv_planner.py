@@ -103,3 +103,13 @@ def test_host_blocks_read_by_a_swap_in_are_not_reused_by_the_same_plan():
     assert plan.swapped_in == ["a"] and plan.recompute == ["b"] and not plan.swap_out
     make_plan(bm, [], waiting=[])
     assert bm.num_host_free == 2  # released at the next plan
+
+
+def test_proactive_reserve_swaps_out_but_never_drops_kv():
+    bm = BlockManager(num_gpu_blocks=8, block_size=16, num_host_blocks=2)
+    bm.allocate("a", 40)  # 3 blocks
+    bm.allocate("b", 64)  # 4 blocks: does not fit the 2 host blocks
+    plan = make_plan(bm, [("a", 41)], waiting=[("b", 5.0)], swap_policy="proactive", reserve=2)
+    assert not plan.recompute and not plan.swapped_out and "b" in bm.tables
+    plan = make_plan(bm, [("a", 41), ("c", 32)], waiting=[("b", 5.0)], swap_policy="proactive", reserve=2)
+    assert plan.recompute == ["b"] and "c" in plan.tables  # the batch itself may still drop work

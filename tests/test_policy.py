@@ -256,3 +256,16 @@ def test_form_batch_draws_lazily_from_the_order():
 
     assert len(form_batch(order(), BatchLimits(max_batch_size=16))) == 16
     assert len(drawn) <= 17
+
+
+def test_jobs_without_kv_start_only_into_blocks_free_in_either_tier():
+    from services.scheduler.policy.base import LOOKAHEAD
+
+    # many new arrivals ahead of one job that holds KV; 3 blocks free across both tiers
+    new = [job(f"new{i}", prompt=40) for i in range(LOOKAHEAD + 10)]  # 3 blocks each
+    holder = job("holder", prompt=400, needs_prefill=False)
+    batch = form_batch([*new, holder], BatchLimits(max_batch_size=4), block_size=16, admit_blocks=3)
+    assert batch == [new[0], holder]  # one new job fits; the rest wait, and the walk reaches the holder
+    dropped = job("dropped", prompt=40, num_generated=20, needs_prefill=True)  # KV dropped for recompute
+    assert form_batch([dropped], BatchLimits(), block_size=16, admit_blocks=3) == []  # 60 tokens: 4 blocks
+    assert form_batch([dropped], BatchLimits(), block_size=16, admit_blocks=4) == [dropped]

@@ -67,7 +67,7 @@ class BlockCopy(_message.Message):
     def __init__(self, src: _Optional[int] = ..., dst: _Optional[int] = ...) -> None: ...
 
 class PlanResponse(_message.Message):
-    __slots__ = ("tables", "deferred", "swap_in", "swap_out", "prefetch", "swapped_in", "swapped_out", "recompute", "free_gpu_blocks")
+    __slots__ = ("tables", "deferred", "swap_in", "swap_out", "prefetch", "swapped_in", "swapped_out", "recompute", "free_gpu_blocks", "free_host_blocks")
     TABLES_FIELD_NUMBER: _ClassVar[int]
     DEFERRED_FIELD_NUMBER: _ClassVar[int]
     SWAP_IN_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class PlanResponse(_message.Message):
     SWAPPED_OUT_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTE_FIELD_NUMBER: _ClassVar[int]
     FREE_GPU_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FREE_HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedCompositeFieldContainer[BlockTable]
     deferred: _containers.RepeatedScalarFieldContainer[str]
     swap_in: _containers.RepeatedCompositeFieldContainer[BlockCopy]
@@ -86,7 +87,8 @@ class PlanResponse(_message.Message):
     swapped_out: _containers.RepeatedScalarFieldContainer[str]
     recompute: _containers.RepeatedScalarFieldContainer[str]
     free_gpu_blocks: int
-    def __init__(self, tables: _Optional[_Iterable[_Union[BlockTable, _Mapping]]] = ..., deferred: _Optional[_Iterable[str]] = ..., swap_in: _Optional[_Iterable[_Union[BlockCopy, _Mapping]]] = ..., swap_out: _Optional[_Iterable[_Union[BlockCopy, _Mapping]]] = ..., prefetch: _Optional[_Iterable[_Union[BlockCopy, _Mapping]]] = ..., swapped_in: _Optional[_Iterable[str]] = ..., swapped_out: _Optional[_Iterable[str]] = ..., recompute: _Optional[_Iterable[str]] = ..., free_gpu_blocks: _Optional[int] = ...) -> None: ...
+    free_host_blocks: int
+    def __init__(self, tables: _Optional[_Iterable[_Union[BlockTable, _Mapping]]] = ..., deferred: _Optional[_Iterable[str]] = ..., swap_in: _Optional[_Iterable[_Union[BlockCopy, _Mapping]]] = ..., swap_out: _Optional[_Iterable[_Union[BlockCopy, _Mapping]]] = ..., prefetch: _Optional[_Iterable[_Union[BlockCopy, _Mapping]]] = ..., swapped_in: _Optional[_Iterable[str]] = ..., swapped_out: _Optional[_Iterable[str]] = ..., recompute: _Optional[_Iterable[str]] = ..., free_gpu_blocks: _Optional[int] = ..., free_host_blocks: _Optional[int] = ...) -> None: ...
 
 class FreeRequest(_message.Message):
     __slots__ = ("request_ids",)
@@ -95,10 +97,12 @@ class FreeRequest(_message.Message):
     def __init__(self, request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FreeResponse(_message.Message):
-    __slots__ = ("free_gpu_blocks",)
+    __slots__ = ("free_gpu_blocks", "free_host_blocks")
     FREE_GPU_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FREE_HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     free_gpu_blocks: int
-    def __init__(self, free_gpu_blocks: _Optional[int] = ...) -> None: ...
+    free_host_blocks: int
+    def __init__(self, free_gpu_blocks: _Optional[int] = ..., free_host_blocks: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

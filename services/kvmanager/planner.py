@@ -50,18 +50,22 @@ def make_plan(
         rid for rid, _ in sorted(waiting, key=lambda w: -w[1]) if rid in blocks.tables and rid not in in_batch
     ]
 
-    def evict_one() -> bool:
-        while victims:
-            rid = victims.pop(0)
-            moves = None if swap_policy == "recompute" else blocks.swap_out(rid)
-            if moves is None:
-                blocks.free(rid)
-                plan.recompute.append(rid)
-            else:
-                plan.swap_out.extend(moves)
-                plan.swapped_out.append(rid)
-            return True
-        return False
+    def evict_one(recompute_ok: bool = True) -> bool:
+        """Moves the next victim's KV to the host, or drops it when allowed and the host is full."""
+        if not victims:
+            return False
+        rid = victims[0]
+        moves = None if swap_policy == "recompute" else blocks.swap_out(rid)
+        if moves is None:
+            if not recompute_ok:
+                return False
+            blocks.free(rid)
+            plan.recompute.append(rid)
+        else:
+            plan.swap_out.extend(moves)
+            plan.swapped_out.append(rid)
+        victims.pop(0)
+        return True
 
     def make_room(need: int, later: list[str]) -> bool:
         """Idle jobs go first; then the batch's own lower-priority jobs (`later`), which then wait."""
@@ -96,7 +100,7 @@ def make_plan(
         plan.tables[rid] = blocks.allocate(rid, num_tokens)
 
     if swap_policy == "proactive":
-        while blocks.num_free < reserve and evict_one():
+        while blocks.num_free < reserve and evict_one(recompute_ok=False):  # a reserve never costs work
             pass
         if not plan.swapped_out:
             for rid, _ in sorted(waiting, key=lambda w: w[1]):

@@ -79,13 +79,14 @@ class KVManagerService(pb_grpc.KVManagerServicer):
             swapped_out=plan.swapped_out,
             recompute=plan.recompute,
             free_gpu_blocks=blocks.num_free,
+            free_host_blocks=blocks.num_host_free,
         )
 
     async def Free(self, request: pb.FreeRequest, context: grpc.aio.ServicerContext) -> pb.FreeResponse:
         blocks = await self._configured(context)
         for request_id in request.request_ids:
             blocks.free(request_id)
-        return pb.FreeResponse(free_gpu_blocks=blocks.num_free)
+        return pb.FreeResponse(free_gpu_blocks=blocks.num_free, free_host_blocks=blocks.num_host_free)
 
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.KVStats:
         if self.blocks is None:

@@ -112,6 +112,8 @@ class EngineConfig:
     num_gpu_blocks: int
     block_bytes: int  # bytes of one KV block on one rank, for swap metrics
     pp_size: int = 1
+    num_host_blocks: int = 0
+    block_size: int = 16
 
 
 class Engine:
@@ -137,6 +139,7 @@ class Engine:
         self.tracer = tracer or trace.get_tracer("fastserve.scheduler")
         self.jobs: dict[str, LiveJob] = {}
         self.free_blocks = config.num_gpu_blocks
+        self.free_host_blocks = config.num_host_blocks
         self.holds_kv: set[str] = set()  # jobs with KV blocks in either tier
         self.running: set[str] = set()
         self.pending_free: list[str] = []
@@ -237,8 +240,15 @@ class Engine:
         now = time.monotonic()
         busy = {rid for rid, live in self.jobs.items() if live.in_flight}
         ordered = list(self.policy.order(now))
-        # No KV budget here: the kvmanager makes room by swapping out (or dropping) idle jobs, or defers.
-        chosen = form_batch(ordered, self.limits, busy=busy)
+        # No GPU budget here: the kvmanager makes room by swapping out (or dropping) idle jobs, or defers.
+        # Jobs without KV start only into blocks free in either tier (see form_batch).
+        chosen = form_batch(
+            ordered,
+            self.limits,
+            busy=busy,
+            block_size=self.config.block_size,
+            admit_blocks=self.free_blocks + self.free_host_blocks,
+        )
         metrics.POLICY_TIME.observe(time.monotonic() - now)
         if not chosen:
             return [], worker_pb2.StepRequest()
@@ -259,7 +269,7 @@ class Engine:
             )
         )
         metrics.PLAN_TIME.observe(time.monotonic() - plan_started)
-        self.free_blocks = plan.free_gpu_blocks
+        self.free_blocks, self.free_host_blocks = plan.free_gpu_blocks, plan.free_host_blocks
         self._apply_plan(plan)
         tables = {t.request_id: list(t.blocks) for t in plan.tables}
         batch = [
@@ -427,7 +437,7 @@ class Engine:
             return
         ids, self.pending_free = self.pending_free, []
         reply = await self.kv.Free(kvmanager_pb2.FreeRequest(request_ids=ids))
-        self.free_blocks = reply.free_gpu_blocks
+        self.free_blocks, self.free_host_blocks = reply.free_gpu_blocks, reply.free_host_blocks
 
     async def _write_store(self) -> None:
         if not self.dirty:

@@ -240,6 +240,8 @@ async def serve(args: argparse.Namespace) -> None:
         num_gpu_blocks=workers.num_gpu_blocks,
         block_bytes=first.kv_block_bytes,
         pp_size=first.pp_size,
+        num_host_blocks=workers.num_host_blocks,
+        block_size=first.block_size,
     )
     engine = Engine(config, policy, workers, kv, store, enst, cost_model, tracer)
     info = pb.SchedulerInfo(

@@ -29,6 +29,8 @@ log = logging.getLogger("fastserve.worker.loader")
 EMBED = "decoder.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 DUMMY_STD = 0.02  # OPT's init_std
+# byte-tokenizer ids (byte + 4) of printable ASCII and newline: see _keep_printable
+PRINTABLE_BYTE_IDS = frozenset(b + 4 for b in (*range(32, 127), 10))
 
 
 @dataclass(frozen=True)
@@ -197,3 +199,17 @@ def init_dummy(model: OPTShard, seed: int) -> None:
             for part, piece in zip(parts, pieces, strict=True):
                 gen = torch.Generator(device=param.device).manual_seed(_piece_seed(seed, piece))
                 part.normal_(0.0, DUMMY_STD, generator=gen)
+                if model.spec.tokenizer == "byte" and piece.name in (EMBED, LM_HEAD):
+                    _keep_printable(part, piece.start)
+
+
+def _keep_printable(rows: Tensor, first_id: int) -> None:
+    """Zeroes the vocabulary rows of every id but printable bytes.
+
+    Their logits through the tied head are then 0 while about half the printable ones are
+    positive, so greedy decoding of the dummy `opt-tiny` prints readable (if meaningless)
+    text in the `fastserve up` demo instead of control bytes and broken UTF-8.
+    """
+    for local in range(rows.shape[0]):
+        if first_id + local not in PRINTABLE_BYTE_IDS:
+            rows[local].zero_()

@@ -101,6 +101,7 @@ def form_batch(
     block_size: int = 16,
     blocks_held: dict[str, int] | None = None,
     lookahead: int | None = LOOKAHEAD,
+    admit_blocks: int | None = None,
 ) -> list[Job]:
     """Walk jobs in priority order and take each one that fits every limit.
 
@@ -109,6 +110,13 @@ def form_batch(
     tokens whose KV this iteration reads or writes: the prompt on prefill, the
     prompt and every generated token on decode), minus the `blocks_held` it
     already has on the GPU; the KV manager plans with the same number.
+
+    `admit_blocks` (when given) is what jobs holding no KV (new, or dropped for
+    recompute: `needs_prefill`) may claim in total: the blocks free in both tiers.
+    Past it they wait, so starting a job never makes the KV manager throw away
+    another job's work; under overload an MLFQ would otherwise keep starting
+    arrivals while recomputing the jobs it started before. The walk passes over
+    as many waiting new jobs as it takes to reach the ones holding KV.
 
     `ordered` may be a lazy iterable (policies return generators): only as many
     jobs are drawn as it takes to fill the batch, plus at most `lookahead` jobs
@@ -138,6 +146,11 @@ def form_batch(
                     break
                 continue
             free_blocks -= max(need_blocks, 0)
+        if admit_blocks is not None and job.needs_prefill:
+            need_blocks = -(-job.context_len // block_size)
+            if need_blocks > admit_blocks:
+                continue  # not counted against `lookahead`: the jobs holding KV may all sit below
+            admit_blocks -= need_blocks
         batch.append(job)
         tokens += need_tokens
     return batch
