@@ -17,7 +17,6 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,9 +24,10 @@ import time
 from pathlib import Path
 
 from bench.load import main as bench_main
-from fastserve.procs import free_port
+from fastserve.procs import free_port, stop_all
 
 UP_LINE = re.compile(r"gateway on (\S+) \(")
+GIT_DESCRIBE = ["git", "describe", "--always", "--dirty"]
 
 
 def descendants(pid: int) -> list[int]:
@@ -36,7 +36,8 @@ def descendants(pid: int) -> list[int]:
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
+    found: list[int] = []
+    frontier = [pid]
     while frontier:
         children = [c for c, p in parents.items() if p in frontier]
         found += children
@@ -68,22 +69,20 @@ def run_policy(policy: str, args: argparse.Namespace, bench_argv: list[str], log
             bench_main([*bench_argv, "--address", match.group(1), "--json", path])
             wall = time.monotonic() - started
             result = json.loads(Path(path).read_text())[-1]
-        result["wall_seconds"] = wall
+        result["wall_seconds"], result["loadavg_1m_after"] = wall, os.getloadavg()[0]  # co-tenant load
         return result
     finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            up.wait()
+        stop_all([up], timeout=60)  # SIGTERM (what Ctrl-C does), SIGKILL after a minute
         deadline = time.monotonic() + 15
-        while (
-            left := [pid for pid in children if Path(f"/proc/{pid}").exists()]
-        ) and time.monotonic() < deadline:
+        while (left := [p for p in children if Path(f"/proc/{p}").exists()]) and time.monotonic() < deadline:
             time.sleep(0.5)
         if left:
             print(f"warning: {policy}: children of `fastserve up` still alive: {left}", file=sys.stderr)
+
+
+def git_commit() -> str:
+    """The checkout the stacks run (`git describe --always --dirty`)."""
+    return subprocess.run(GIT_DESCRIBE, capture_output=True, text=True).stdout.strip()
 
 
 def table(results: list[dict]) -> str:
@@ -115,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-timeout", type=float, default=300.0)
     parser.add_argument("--up-flag", dest="up_flags", action="append", default=[], help="extra `up` flag")
     parser.add_argument("--workload", default="alpaca")
-    parser.add_argument("--rate", type=float, default=8.0)
+    parser.add_argument("--rate", type=float, default=4.0)
     parser.add_argument("--cv", type=float, default=1.0)
-    parser.add_argument("--num-requests", type=int, default=800)
+    parser.add_argument("--num-requests", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-input-len", type=int, default=0)
     parser.add_argument("--max-output-len", type=int, default=512)
@@ -130,17 +129,18 @@ def main(argv: list[str] | None = None) -> int:
         *("--num-requests", str(args.num_requests), "--seed", str(args.seed), "--slo", str(args.slo)),
         *("--max-input-len", str(args.max_input_len), "--max-output-len", str(args.max_output_len)),
     ]
-    results = []
+    commit, results = git_commit(), []
     for policy in args.policies.split(","):
         print(f"{policy}: starting the stack", file=sys.stderr, flush=True)
         log = Path(args.log_dir) / f"live_compare_{policy}.log"
         results.append(run_policy(policy, args, bench_argv, log))
         print(f"{policy}: {results[-1]['wall_seconds']:.0f}s", file=sys.stderr, flush=True)
     print(table(results))
+    if git_commit() != commit:
+        print(f"warning: the checkout changed during the run (was {commit})", file=sys.stderr)
     if args.json:
-        config = {k: v for k, v in vars(args).items() if k not in ("json", "log_dir")}
-        with open(args.json, "w") as f:
-            json.dump({"command": sys.argv, "config": config, "results": results}, f, indent=2)
+        out = {"command": sys.argv, "commit": commit, "config": vars(args), "results": results}
+        Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
 
 

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import torch
 from opentelemetry import trace
 
 from fastserve import tracing
@@ -296,6 +297,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_flag(parser, "--master-port", default=29500, help="rendezvous port of rank 0", env="MASTER_PORT")
     add_flag(parser, "--seed", default=0, help="seed for dummy weights and unseeded sampling")
+    add_flag(
+        parser,
+        "--num-threads",
+        default=0,
+        help="torch CPU threads of this rank; 0 = torch's default (one per core). Set 1 when ranks "
+        "or other processes share a few cores: oversubscribed threads slow a step several times",
+    )
     add_common_flags(parser)
     tracing.add_tracing_flags(parser)
     args = parser.parse_args(argv)
@@ -323,5 +331,8 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level, f"worker{args.rank}")
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    log.info("torch uses %d CPU threads", torch.get_num_threads())
     asyncio.run(serve(args))
     return 0
