@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(parser, "--num-host-blocks", default=0, help="host KV blocks per worker; 0 = from --swap-space")
     add_flag(parser, "--swap-space", default=4.0, help="GiB of host memory per worker for swapped-out KV")
     add_flag(parser, "--swap-policy", default="proactive", help="KV swapping: proactive, reactive, recompute")
+    # MLFQ knobs and worker threads: empty = the service's own default (fastserve imports no service)
+    for flag, help_text in SERVICE_KNOBS.items():
+        add_flag(parser, flag, default="", help=f"{help_text}; empty = the service's default")
     add_flag(parser, "--demo", default=True, help="stream a few generations once the stack is up")
     add_flag(parser, "--exit-after-demo", default=False, help="stop the stack after the demo (for scripts)")
     add_flag(parser, "--start-timeout", default=600.0, help="seconds to wait for every service to be SERVING")
@@ -54,6 +57,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.tp < 1 or args.pp < 1:
         parser.error(f"--tp and --pp must be >= 1, got {args.tp} and {args.pp}")
     return args
+
+
+SERVICE_KNOBS = {  # flag of `up` -> what it sets, passed on to the scheduler or the workers when given
+    "--base-quantum": "scheduler: seconds of Q0's quantum (0 = one profiled decode iteration)",
+    "--quantum-ratio": "scheduler: q_i = base * ratio^i",
+    "--num-queues": "scheduler: MLFQ queue count",
+    "--starvation-threshold": "scheduler: α, seconds without running before promotion to Q0",
+    "--starvation-period": "scheduler: iterations between starvation checks",
+    "--num-threads": "workers: torch CPU threads per rank",
+}
+WORKER_KNOBS = ("--num-threads",)
+
+
+def knob_flags(args: argparse.Namespace, worker: bool) -> list[str]:
+    """The SERVICE_KNOBS given to `up`, as flags for the scheduler (worker=False) or a worker."""
+    out = []
+    for flag in SERVICE_KNOBS:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value != "" and (flag in WORKER_KNOBS) == worker:
+            out += [flag, value]
+    return out
 
 
 def as_flags(**values: object) -> list[str]:
@@ -117,7 +141,8 @@ class Stack:
                     pp=args.pp,
                     master_addr="127.0.0.1",
                     master_port=master_port,
-                ),
+                )
+                + knob_flags(args, worker=True),
             )
         self.spawn(
             "scheduler",
@@ -132,7 +157,8 @@ class Stack:
                 swap_policy=args.swap_policy,
                 max_batch_size=args.max_batch_size,
                 max_num_batched_tokens=args.max_num_batched_tokens,
-            ),
+            )
+            + knob_flags(args, worker=False),
         )
         self.spawn(
             "gateway",

@@ -160,3 +160,19 @@ def test_bad_kv_configuration_is_refused_at_start():
             timeout=120,
         )
         assert proc.returncode != 0 and message in proc.stderr + proc.stdout, proc.stderr[-500:]
+
+
+def test_up_passes_mlfq_knobs_to_the_scheduler_and_threads_to_workers_only_when_given(monkeypatch):
+    from fastserve.launcher import knob_flags, parse_args
+    from services.scheduler.server import parse_args as scheduler_args
+    from services.worker.server import parse_args as worker_args
+
+    monkeypatch.delenv("FASTSERVE_STARVATION_THRESHOLD", raising=False)
+    assert knob_flags(parse_args([]), worker=False) == [] == knob_flags(parse_args([]), worker=True)
+    args = parse_args(["--starvation-threshold", "5", "--quantum-ratio", "3", "--num-threads", "1"])
+    to_scheduler, to_worker = knob_flags(args, worker=False), knob_flags(args, worker=True)
+    assert to_scheduler == ["--quantum-ratio", "3", "--starvation-threshold", "5"]
+    assert to_worker == ["--num-threads", "1"]
+    parsed = scheduler_args(["--worker-addresses", "127.0.0.1:1", *to_scheduler])
+    assert parsed.starvation_threshold == 5.0 and parsed.quantum_ratio == 3.0
+    assert worker_args(to_worker).num_threads == 1

@@ -228,6 +228,16 @@ async def serve(args: argparse.Namespace) -> None:
         ),
         cost_model,
     )
+    if args.policy in ("mlfq", "skip-join-mlfq"):
+        log.info(
+            "%s: quanta %.4fs x %g^i over %d queues; starvation α %gs, checked every %d iterations",
+            args.policy,
+            args.base_quantum or decode_one,
+            args.quantum_ratio,
+            args.num_queues,
+            args.starvation_threshold,
+            args.starvation_period,
+        )
     enst = EnstEstimator(
         args.max_batch_size,
         getattr(policy, "starvation_threshold", None),
