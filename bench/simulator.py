@@ -188,7 +188,7 @@ def simulate(
                 blocks.allocate(job.request_id, job.context_len)
             return batch, 0.0, 0.0
         # jobs without KV start only into blocks free in either tier (form_batch's admit_blocks)
-        admit = blocks.num_free + blocks.num_host_free
+        admit = blocks.num_free + (blocks.num_host_free if config.swap_policy != "recompute" else 0)
         batch = form_batch(policy.order(now), config.limits, busy, block_size=bs, admit_blocks=admit)
         if not batch:
             return batch, 0.0, 0.0

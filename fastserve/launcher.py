@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from fastserve.flags import add_common_flags, add_flag, setup_logging
 from fastserve.procs import free_ports, popen_child, stop_all
@@ -47,8 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(parser, "--swap-space", default=4.0, help="GiB of host memory per worker for swapped-out KV")
     add_flag(parser, "--swap-policy", default="proactive", help="KV swapping: proactive, reactive, recompute")
     # MLFQ knobs and worker threads: empty = the service's own default (fastserve imports no service)
-    for flag, help_text in SERVICE_KNOBS.items():
-        add_flag(parser, flag, default="", help=f"{help_text}; empty = the service's default")
+    for flag, (kind, help_text) in SERVICE_KNOBS.items():
+        add_flag(
+            parser, flag, default="", type=optional(kind), help=f"{help_text}; empty = the service's default"
+        )
     add_flag(parser, "--demo", default=True, help="stream a few generations once the stack is up")
     add_flag(parser, "--exit-after-demo", default=False, help="stop the stack after the demo (for scripts)")
     add_flag(parser, "--start-timeout", default=600.0, help="seconds to wait for every service to be SERVING")
@@ -59,15 +62,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-SERVICE_KNOBS = {  # flag of `up` -> what it sets, passed on to the scheduler or the workers when given
-    "--base-quantum": "scheduler: seconds of Q0's quantum (0 = one profiled decode iteration)",
-    "--quantum-ratio": "scheduler: q_i = base * ratio^i",
-    "--num-queues": "scheduler: MLFQ queue count",
-    "--starvation-threshold": "scheduler: α, seconds without running before promotion to Q0",
-    "--starvation-period": "scheduler: iterations between starvation checks",
-    "--num-threads": "workers: torch CPU threads per rank",
+SERVICE_KNOBS = {  # flag of `up` -> (type, what it sets); passed on to the scheduler or the workers when given
+    "--base-quantum": (float, "scheduler: seconds of Q0's quantum (0 = one profiled decode iteration)"),
+    "--quantum-ratio": (float, "scheduler: q_i = base * ratio^i"),
+    "--num-queues": (int, "scheduler: MLFQ queue count"),
+    "--starvation-threshold": (float, "scheduler: α, seconds without running before promotion to Q0"),
+    "--starvation-period": (int, "scheduler: iterations between starvation checks"),
+    "--num-threads": (int, "workers: torch CPU threads per rank"),
 }
 WORKER_KNOBS = ("--num-threads",)
+
+
+def optional(kind: type) -> Callable[[str], str]:
+    """An argparse type: empty stays empty, anything else must parse as `kind` (checked up front)."""
+
+    def check(text: str) -> str:
+        if text:
+            kind(text)
+        return text
+
+    check.__name__ = kind.__name__  # argparse names the type in its error
+    return check
 
 
 def knob_flags(args: argparse.Namespace, worker: bool) -> list[str]:

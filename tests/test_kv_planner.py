@@ -113,3 +113,14 @@ def test_proactive_reserve_swaps_out_but_never_drops_kv():
     assert not plan.recompute and not plan.swapped_out and "b" in bm.tables
     plan = make_plan(bm, [("a", 41), ("c", 32)], waiting=[("b", 5.0)], swap_policy="proactive", reserve=2)
     assert plan.recompute == ["b"] and "c" in plan.tables  # the batch itself may still drop work
+
+
+def test_proactive_reserve_takes_a_victim_that_fits_the_host_over_a_bigger_one():
+    bm = BlockManager(num_gpu_blocks=8, block_size=16, num_host_blocks=3)
+    bm.allocate("a", 16)  # 1 block, in the batch
+    bm.allocate("big", 64)  # 4 blocks: does not fit the 3 host blocks
+    bm.allocate("small", 48)  # 3 blocks: fits
+    plan = make_plan(
+        bm, [("a", 16)], waiting=[("big", 9.0), ("small", 5.0)], swap_policy="proactive", reserve=3
+    )
+    assert plan.swapped_out == ["small"] and not plan.recompute and "big" in bm.tables

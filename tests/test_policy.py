@@ -269,3 +269,13 @@ def test_jobs_without_kv_start_only_into_blocks_free_in_either_tier():
     dropped = job("dropped", prompt=40, num_generated=20, needs_prefill=True)  # KV dropped for recompute
     assert form_batch([dropped], BatchLimits(), block_size=16, admit_blocks=3) == []  # 60 tokens: 4 blocks
     assert form_batch([dropped], BatchLimits(), block_size=16, admit_blocks=4) == [dropped]
+
+
+def test_a_new_job_that_does_not_fit_is_not_overtaken_by_smaller_new_jobs():
+    big, small = job("big", prompt=96), job("small", prompt=16)  # 6 blocks and 1 block
+    holder = job("holder", prompt=16, needs_prefill=False)
+    assert form_batch([big, small, holder], BatchLimits(), block_size=16, admit_blocks=5) == [holder]
+    # a new job refused for admission uses none of the GPU budget the next job needs
+    first, second = job("first", prompt=64), job("second", prompt=64, needs_prefill=False)
+    chosen = form_batch([first, second], BatchLimits(), free_blocks=4, block_size=16, admit_blocks=3)
+    assert chosen == [second]

@@ -51,20 +51,30 @@ def make_plan(
     ]
 
     def evict_one(recompute_ok: bool = True) -> bool:
-        """Moves the next victim's KV to the host, or drops it when allowed and the host is full."""
+        """Moves the next victim's KV to the host, or drops it when allowed and the host is full.
+
+        Without `recompute_ok`, the first victim (in eviction order) that fits the host goes.
+        """
         if not victims:
             return False
-        rid = victims[0]
+        if not recompute_ok:
+            if swap_policy == "recompute":
+                return False
+            for index, rid in enumerate(victims):
+                moves = blocks.swap_out(rid)
+                if moves is not None:
+                    plan.swap_out.extend(moves)
+                    plan.swapped_out.append(victims.pop(index))
+                    return True
+            return False
+        rid = victims.pop(0)
         moves = None if swap_policy == "recompute" else blocks.swap_out(rid)
         if moves is None:
-            if not recompute_ok:
-                return False
             blocks.free(rid)
             plan.recompute.append(rid)
         else:
             plan.swap_out.extend(moves)
             plan.swapped_out.append(rid)
-        victims.pop(0)
         return True
 
     def make_room(need: int, later: list[str]) -> bool:

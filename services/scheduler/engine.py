@@ -114,6 +114,7 @@ class EngineConfig:
     pp_size: int = 1
     num_host_blocks: int = 0
     block_size: int = 16
+    uses_host_tier: bool = True  # false under --swap-policy recompute
 
 
 class Engine:
@@ -247,7 +248,7 @@ class Engine:
             self.limits,
             busy=busy,
             block_size=self.config.block_size,
-            admit_blocks=self.free_blocks + self.free_host_blocks,
+            admit_blocks=self.free_blocks + (self.free_host_blocks if self.config.uses_host_tier else 0),
         )
         metrics.POLICY_TIME.observe(time.monotonic() - now)
         if not chosen:
@@ -275,7 +276,11 @@ class Engine:
         batch = [
             self.jobs[j.request_id] for j in chosen if j.request_id in tables and j.request_id in self.jobs
         ]
-        self.holds_kv.update(tables)
+        # cancelled while the plan was made, and not yet queued for freeing: its new blocks go back
+        self.pending_free.extend(
+            rid for rid in tables if rid not in self.jobs and rid not in self.pending_free
+        )
+        self.holds_kv.update(rid for rid in tables if rid in self.jobs)
         self._mark_preempted({live.request_id for live in batch} | busy)
         for live in batch:
             if live.state != "running":

@@ -252,6 +252,7 @@ async def serve(args: argparse.Namespace) -> None:
         pp_size=first.pp_size,
         num_host_blocks=workers.num_host_blocks,
         block_size=first.block_size,
+        uses_host_tier=args.swap_policy != "recompute",
     )
     engine = Engine(config, policy, workers, kv, store, enst, cost_model, tracer)
     info = pb.SchedulerInfo(

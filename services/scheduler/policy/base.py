@@ -112,11 +112,14 @@ def form_batch(
     already has on the GPU; the KV manager plans with the same number.
 
     `admit_blocks` (when given) is what jobs holding no KV (new, or dropped for
-    recompute: `needs_prefill`) may claim in total: the blocks free in both tiers.
-    Past it they wait, so starting a job never makes the KV manager throw away
-    another job's work; under overload an MLFQ would otherwise keep starting
-    arrivals while recomputing the jobs it started before. The walk passes over
-    as many waiting new jobs as it takes to reach the ones holding KV.
+    recompute: `needs_prefill`) may claim in total: the blocks free in the tiers
+    the KV manager uses. Past it they wait, in priority order (once one does not
+    fit, none behind it starts, so a big prompt is not overtaken forever), so
+    starting jobs rarely makes the KV manager throw away another job's work; under
+    overload an MLFQ would otherwise keep starting arrivals while recomputing the
+    jobs it started before. Not never: a job swaps out whole, so a victim bigger
+    than the free host space is still dropped. The walk passes over as many
+    waiting new jobs as it takes to reach the ones holding KV.
 
     `ordered` may be a lazy iterable (policies return generators): only as many
     jobs are drawn as it takes to fill the batch, plus at most `lookahead` jobs
@@ -138,6 +141,11 @@ def form_batch(
             if skipped > limit:  # a long queue of big prompts: stop looking, keep the decision cheap
                 break
             continue
+        if admit_blocks is not None and job.needs_prefill:
+            new_blocks = -(-job.context_len // block_size)
+            if new_blocks > admit_blocks:
+                admit_blocks = 0  # the first new job that does not fit keeps its turn: none behind it starts
+                continue  # not counted against `lookahead`: the jobs holding KV may all sit below
         if free_blocks is not None:
             need_blocks = -(-job.context_len // block_size) - held.get(job.request_id, 0)
             if need_blocks > free_blocks:
@@ -147,10 +155,7 @@ def form_batch(
                 continue
             free_blocks -= max(need_blocks, 0)
         if admit_blocks is not None and job.needs_prefill:
-            need_blocks = -(-job.context_len // block_size)
-            if need_blocks > admit_blocks:
-                continue  # not counted against `lookahead`: the jobs holding KV may all sit below
-            admit_blocks -= need_blocks
+            admit_blocks -= -(-job.context_len // block_size)
         batch.append(job)
         tokens += need_tokens
     return batch
