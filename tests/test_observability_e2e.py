@@ -163,3 +163,12 @@ def test_metrics_agree_with_what_was_served(traced_stack):
         assert name in scheduler, name
     assert scheduler['fastserve:request_finished_total{state="finished"}'] >= 3
     assert scheduler["fastserve:iteration_time_seconds_count"] >= 15
+    # once idle, the gauges say so (they used to keep the last iteration's values)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        idle = scrape(traced_stack.addresses["scheduler-metrics"])
+        if idle["fastserve:num_requests_running"] == 0 and idle['fastserve:kv_blocks_used{tier="gpu"}'] == 0:
+            break
+        time.sleep(0.1)
+    assert idle["fastserve:num_requests_running"] == 0
+    assert idle['fastserve:kv_blocks_used{tier="gpu"}'] == 0

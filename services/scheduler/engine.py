@@ -228,6 +228,7 @@ class Engine:
                 task = asyncio.create_task(self._execute(batch, step))
                 in_flight[task] = batch
             if not in_flight:
+                self._observe_queues([])  # idle: the gauges say so instead of keeping the last iteration's
                 await self._write_store()
                 await self.wakeup.wait()
                 self.wakeup.clear()
