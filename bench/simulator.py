@@ -114,7 +114,7 @@ def simulate(
         policy_config.base_quantum = cost_model.decode_time(1)
     policy = make_policy(policy_config, cost_model)
     bs = config.block_size
-    host_blocks = 0 if config.swap_policy == "none" else config.num_host_blocks
+    host_blocks = 0 if config.swap_policy in ("none", "recompute") else config.num_host_blocks
     blocks = BlockManager(config.num_gpu_blocks, bs, host_blocks)
     held = _Held(blocks)
     reserve = config.reserve_blocks if config.reserve_blocks >= 0 else -(-config.num_gpu_blocks // 20)
@@ -188,7 +188,7 @@ def simulate(
                 blocks.allocate(job.request_id, job.context_len)
             return batch, 0.0, 0.0
         # jobs without KV start only into blocks free in either tier (form_batch's admit_blocks)
-        admit = blocks.num_free + (blocks.num_host_free if config.swap_policy != "recompute" else 0)
+        admit = blocks.num_free + blocks.num_host_free
         batch = form_batch(policy.order(now), config.limits, busy, block_size=bs, admit_blocks=admit)
         if not batch:
             return batch, 0.0, 0.0

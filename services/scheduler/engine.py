@@ -112,9 +112,8 @@ class EngineConfig:
     num_gpu_blocks: int
     block_bytes: int  # bytes of one KV block on one rank, for swap metrics
     pp_size: int = 1
-    num_host_blocks: int = 0
+    num_host_blocks: int = 0  # as configured in the kvmanager (0 under --swap-policy recompute)
     block_size: int = 16
-    uses_host_tier: bool = True  # false under --swap-policy recompute
 
 
 class Engine:
@@ -249,7 +248,7 @@ class Engine:
             self.limits,
             busy=busy,
             block_size=self.config.block_size,
-            admit_blocks=self.free_blocks + (self.free_host_blocks if self.config.uses_host_tier else 0),
+            admit_blocks=self.free_blocks + self.free_host_blocks,
         )
         metrics.POLICY_TIME.observe(time.monotonic() - now)
         if not chosen:

@@ -191,10 +191,11 @@ async def serve(args: argparse.Namespace) -> None:
 
     first = workers.infos[0]
     reserve = args.kv_reserve_blocks if args.kv_reserve_blocks >= 0 else -(-workers.num_gpu_blocks // 20)
+    host_blocks = 0 if args.swap_policy == "recompute" else workers.num_host_blocks  # recompute never swaps
     await kv.Configure(
         kvmanager_pb2.ConfigureRequest(
             num_gpu_blocks=workers.num_gpu_blocks,
-            num_host_blocks=workers.num_host_blocks,
+            num_host_blocks=host_blocks,
             block_size=first.block_size,
             swap_policy=args.swap_policy,
             reserve_blocks=reserve,
@@ -212,6 +213,7 @@ async def serve(args: argparse.Namespace) -> None:
     cost_model = CostModel().fit(samples)
     # the paper's base quantum: one decode iteration, measured rather than fitted
     decode_one = min(t for p, d, _, t in samples if d == 1 and not p)
+    base_quantum = args.base_quantum or decode_one
     log.info(
         "cost model: %s; one decode iteration %.4fs",
         {k: f"{v:.3g}" for k, v in cost_model.to_dict().items()},
@@ -220,7 +222,7 @@ async def serve(args: argparse.Namespace) -> None:
     policy = make_policy(
         PolicyConfig(
             name=args.policy,
-            base_quantum=args.base_quantum or decode_one,
+            base_quantum=base_quantum,
             quantum_ratio=args.quantum_ratio,
             num_queues=args.num_queues,
             starvation_threshold=args.starvation_threshold,
@@ -232,7 +234,7 @@ async def serve(args: argparse.Namespace) -> None:
         log.info(
             "%s: quanta %.4fs x %g^i over %d queues; starvation α %gs, checked every %d iterations",
             args.policy,
-            args.base_quantum or decode_one,
+            base_quantum,
             args.quantum_ratio,
             args.num_queues,
             args.starvation_threshold,
@@ -250,9 +252,8 @@ async def serve(args: argparse.Namespace) -> None:
         num_gpu_blocks=workers.num_gpu_blocks,
         block_bytes=first.kv_block_bytes,
         pp_size=first.pp_size,
-        num_host_blocks=workers.num_host_blocks,
+        num_host_blocks=host_blocks,
         block_size=first.block_size,
-        uses_host_tier=args.swap_policy != "recompute",
     )
     engine = Engine(config, policy, workers, kv, store, enst, cost_model, tracer)
     info = pb.SchedulerInfo(

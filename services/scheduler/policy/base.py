@@ -141,21 +141,21 @@ def form_batch(
             if skipped > limit:  # a long queue of big prompts: stop looking, keep the decision cheap
                 break
             continue
-        if admit_blocks is not None and job.needs_prefill:
-            new_blocks = -(-job.context_len // block_size)
-            if new_blocks > admit_blocks:
-                admit_blocks = 0  # the first new job that does not fit keeps its turn: none behind it starts
-                continue  # not counted against `lookahead`: the jobs holding KV may all sit below
+        job_blocks = -(-job.context_len // block_size)
+        starts = admit_blocks is not None and job.needs_prefill
+        if starts and job_blocks > admit_blocks:
+            admit_blocks = 0  # the first new job that does not fit keeps its turn: none behind it starts
+            continue  # not counted against `lookahead`: the jobs holding KV may all sit below
         if free_blocks is not None:
-            need_blocks = -(-job.context_len // block_size) - held.get(job.request_id, 0)
+            need_blocks = job_blocks - held.get(job.request_id, 0)
             if need_blocks > free_blocks:
                 skipped += 1
                 if skipped > limit:
                     break
                 continue
             free_blocks -= max(need_blocks, 0)
-        if admit_blocks is not None and job.needs_prefill:
-            admit_blocks -= -(-job.context_len // block_size)
+        if starts:
+            admit_blocks -= job_blocks
         batch.append(job)
         tokens += need_tokens
     return batch
