@@ -55,26 +55,18 @@ def make_plan(
 
         Without `recompute_ok`, the first victim (in eviction order) that fits the host goes.
         """
-        if not victims:
-            return False
-        if not recompute_ok:
-            if swap_policy == "recompute":
-                return False
-            for index, rid in enumerate(victims):
+        if swap_policy != "recompute":
+            for index, rid in enumerate(victims if not recompute_ok else victims[:1]):
                 moves = blocks.swap_out(rid)
                 if moves is not None:
                     plan.swap_out.extend(moves)
                     plan.swapped_out.append(victims.pop(index))
                     return True
+        if not recompute_ok or not victims:
             return False
         rid = victims.pop(0)
-        moves = None if swap_policy == "recompute" else blocks.swap_out(rid)
-        if moves is None:
-            blocks.free(rid)
-            plan.recompute.append(rid)
-        else:
-            plan.swap_out.extend(moves)
-            plan.swapped_out.append(rid)
+        blocks.free(rid)
+        plan.recompute.append(rid)
         return True
 
     def make_room(need: int, later: list[str]) -> bool:
