@@ -48,9 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(parser, "--swap-space", default=4.0, help="GiB of host memory per worker for swapped-out KV")
     add_flag(parser, "--swap-policy", default="proactive", help="KV swapping: proactive, reactive, recompute")
     # MLFQ knobs and worker threads: empty = the service's own default (fastserve imports no service)
-    for flag, (kind, help_text) in SERVICE_KNOBS.items():
+    for flag, (service, kind, help_text) in SERVICE_KNOBS.items():
         add_flag(
-            parser, flag, default="", type=optional(kind), help=f"{help_text}; empty = the service's default"
+            parser,
+            flag,
+            default="",
+            type=optional(kind),
+            help=f"{service}: {help_text}; empty = the service's default",
         )
     add_flag(parser, "--demo", default=True, help="stream a few generations once the stack is up")
     add_flag(parser, "--exit-after-demo", default=False, help="stop the stack after the demo (for scripts)")
@@ -62,15 +66,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-SERVICE_KNOBS = {  # flag of `up` -> (type, what it sets); passed on to the scheduler or the workers when given
-    "--base-quantum": (float, "scheduler: seconds of Q0's quantum (0 = one profiled decode iteration)"),
-    "--quantum-ratio": (float, "scheduler: q_i = base * ratio^i"),
-    "--num-queues": (int, "scheduler: MLFQ queue count"),
-    "--starvation-threshold": (float, "scheduler: α, seconds without running before promotion to Q0"),
-    "--starvation-period": (int, "scheduler: iterations between starvation checks"),
-    "--num-threads": (int, "workers: torch CPU threads per rank"),
+SERVICE_KNOBS = {  # flag of `up` -> (the service it goes to when given, type, what it sets)
+    "--base-quantum": ("scheduler", float, "seconds of Q0's quantum (0 = one profiled decode iteration)"),
+    "--quantum-ratio": ("scheduler", float, "q_i = base * ratio^i"),
+    "--num-queues": ("scheduler", int, "MLFQ queue count"),
+    "--starvation-threshold": ("scheduler", float, "α, seconds without running before promotion to Q0"),
+    "--starvation-period": ("scheduler", int, "iterations between starvation checks"),
+    "--num-threads": ("worker", int, "torch CPU threads per rank"),
 }
-WORKER_KNOBS = ("--num-threads",)
 
 
 def optional(kind: type) -> Callable[[str], str]:
@@ -85,12 +88,12 @@ def optional(kind: type) -> Callable[[str], str]:
     return check
 
 
-def knob_flags(args: argparse.Namespace, worker: bool) -> list[str]:
-    """The SERVICE_KNOBS given to `up`, as flags for the scheduler (worker=False) or a worker."""
+def knob_flags(args: argparse.Namespace, service: str) -> list[str]:
+    """The SERVICE_KNOBS given to `up` that go to `service` ("scheduler" or "worker"), as its flags."""
     out = []
-    for flag in SERVICE_KNOBS:
+    for flag, (target, _, _) in SERVICE_KNOBS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if value != "" and (flag in WORKER_KNOBS) == worker:
+        if value != "" and target == service:
             out += [flag, value]
     return out
 
@@ -157,7 +160,7 @@ class Stack:
                     master_addr="127.0.0.1",
                     master_port=master_port,
                 )
-                + knob_flags(args, worker=True),
+                + knob_flags(args, "worker"),
             )
         self.spawn(
             "scheduler",
@@ -173,7 +176,7 @@ class Stack:
                 max_batch_size=args.max_batch_size,
                 max_num_batched_tokens=args.max_num_batched_tokens,
             )
-            + knob_flags(args, worker=False),
+            + knob_flags(args, "scheduler"),
         )
         self.spawn(
             "gateway",

@@ -168,9 +168,9 @@ def test_up_passes_mlfq_knobs_to_the_scheduler_and_threads_to_workers_only_when_
     from services.worker.server import parse_args as worker_args
 
     monkeypatch.delenv("FASTSERVE_STARVATION_THRESHOLD", raising=False)
-    assert knob_flags(parse_args([]), worker=False) == [] == knob_flags(parse_args([]), worker=True)
+    assert knob_flags(parse_args([]), "scheduler") == [] == knob_flags(parse_args([]), "worker")
     args = parse_args(["--starvation-threshold", "5", "--quantum-ratio", "3", "--num-threads", "1"])
-    to_scheduler, to_worker = knob_flags(args, worker=False), knob_flags(args, worker=True)
+    to_scheduler, to_worker = knob_flags(args, "scheduler"), knob_flags(args, "worker")
     assert to_scheduler == ["--quantum-ratio", "3", "--starvation-threshold", "5"]
     assert to_worker == ["--num-threads", "1"]
     parsed = scheduler_args(["--worker-addresses", "127.0.0.1:1", *to_scheduler])
