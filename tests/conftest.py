@@ -70,3 +70,10 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return bool(state) and not state.startswith("Z")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test in a tests/test_*_e2e.py file is an end-to-end test: `-m "not e2e"` is the fast tier."""
+    for item in items:
+        if item.path.name.endswith("_e2e.py"):
+            item.add_marker(pytest.mark.e2e)
