@@ -93,7 +93,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="fastserve bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--address", default="127.0.0.1:50051", help="gateway address")
-    parser.add_argument("--workload", default="alpaca", help="sharegpt | alpaca | FILE.jsonl")
+    parser.add_argument("--workload", default="alpaca", help="sharegpt | alpaca | sharegpt-real | FILE.jsonl")
+    parser.add_argument(
+        "--tokenizer",
+        default="sharegpt-bpe",
+        help="sharegpt-real: sharegpt-bpe | byte | whitespace | HF tokenizer dir (bench/sharegpt.py)",
+    )
+    parser.add_argument(
+        "--dataset", default="", help="sharegpt-real: the ShareGPT JSON (default: the package's)"
+    )
     parser.add_argument("--rate", type=float, default=4.0, help="requests per second")
     parser.add_argument(
         "--cv", type=float, default=1.0, help="coefficient of variation of arrivals (1 = Poisson)"
@@ -116,7 +124,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     trace = load_trace(
-        args.workload, num_requests=args.num_requests, rate=args.rate, cv=args.cv, seed=args.seed
+        args.workload,
+        num_requests=args.num_requests,
+        rate=args.rate,
+        cv=args.cv,
+        seed=args.seed,
+        tokenizer=args.tokenizer,
+        dataset=args.dataset,
     )
     if args.max_input_len or args.max_output_len:
         trace = [(a, min(i, args.max_input_len or i), min(o, args.max_output_len or o)) for a, i, o in trace]

@@ -52,6 +52,7 @@ from services.scheduler.policy import (
     PolicyConfig,
     form_batch,
     make_policy,
+    swap_policy_of,
 )
 
 OPT_13B_KV_BYTES_PER_TOKEN = 2 * 40 * 5120 * 2  # K and V, 40 layers, hidden 5120, fp16
@@ -301,8 +302,10 @@ def run_point(
 
 
 def _run_task(task: tuple) -> dict:
-    workload, num_requests, rate, cv, seed, config, cost_model, slo, progress = task
-    trace = load_trace(workload, num_requests, rate, cv, seed)
+    workload, num_requests, rate, cv, seed, config, cost_model, slo, progress, *data = (
+        task  # data: tokenizer, dataset
+    )
+    trace = load_trace(workload, num_requests, rate, cv, seed, *data)
     point = run_point(trace, config, cost_model, slo, progress)
     return {"workload": workload, "rate": rate, "cv": cv, "seed": seed, **point}
 
@@ -349,7 +352,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         help=f"repeatable or comma list of {', '.join(POLICIES)}, or all (default)",
     )
-    parser.add_argument("--workload", default="sharegpt", help="sharegpt | alpaca | FILE.jsonl")
+    parser.add_argument(
+        "--workload", default="sharegpt", help="sharegpt | alpaca | sharegpt-real | FILE.jsonl"
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default="sharegpt-bpe",
+        help="sharegpt-real: sharegpt-bpe | byte | whitespace | HF tokenizer dir (bench/sharegpt.py)",
+    )
+    parser.add_argument(
+        "--dataset", default="", help="sharegpt-real: the ShareGPT JSON (default: the package's)"
+    )
     parser.add_argument("--rate", type=float, default=1.0, help="requests per second (without --sweep-rates)")
     parser.add_argument(
         "--sweep-rates", default="", help="comma list of rates; reports throughput at the SLO"
@@ -415,7 +428,7 @@ def config_from(args: argparse.Namespace, policy: str, swap_policy: str) -> SimC
         block_size=args.block_size,
         kv_bytes_per_token=args.kv_bytes_per_token,
         host_bandwidth=args.host_bandwidth,
-        swap_policy=swap_policy,
+        swap_policy=swap_policy_of(policy, swap_policy),
         pp=args.pp,
         policy_config=PolicyConfig(
             base_quantum=args.base_quantum or None,
@@ -428,7 +441,7 @@ def config_from(args: argparse.Namespace, policy: str, swap_policy: str) -> SimC
 
 
 HEADER = (
-    f"{'policy':<16}{'swap':<10}{'rate':>7}{'lat/tok mean':>13}{'p95':>8}{'p99':>8}"
+    f"{'policy':<18}{'swap':<10}{'rate':>7}{'lat/tok mean':>13}{'p95':>8}{'p99':>8}"
     f"{'TTFT mean':>10}{'p95':>8}{'JCT mean':>9}{'preempt':>9}{'demote':>8}{'batch':>6}{'unfin':>6}"
 )
 
@@ -436,7 +449,7 @@ HEADER = (
 def format_row(p: dict) -> str:
     lat, ttft = p["latency_per_token"], p["ttft"]
     return (
-        f"{p['policy']:<16}{p['swap_policy']:<10}{p['rate']:>7.2f}{lat['mean']:>13.4f}{lat['p95']:>8.3f}"
+        f"{p['policy']:<18}{p['swap_policy']:<10}{p['rate']:>7.2f}{lat['mean']:>13.4f}{lat['p95']:>8.3f}"
         f"{lat['p99']:>8.3f}{ttft['mean']:>10.3f}{ttft['p95']:>8.2f}{p['jct']['mean']:>9.1f}"
         f"{p['preemptions']:>9}{p['demotions']:>8}{p['sim']['mean_batch_size']:>6.1f}{p['unfinished']:>6}"
     )
@@ -475,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
             cost_model,
             args.slo,
             progress,
+            args.tokenizer,
+            args.dataset,
         )
         for policy, swap in groups
         for rate in rates

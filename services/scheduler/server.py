@@ -22,7 +22,7 @@ from fastserve.v1.kvmanager_pb2_grpc import KVManagerStub
 
 from .engine import Engine, EngineConfig
 from .enst import EnstEstimator
-from .policy import POLICIES, BatchLimits, CostModel, PolicyConfig, make_policy
+from .policy import POLICIES, BatchLimits, CostModel, PolicyConfig, make_policy, swap_policy_of
 from .profiler import profile
 from .workers import WorkerGroup
 
@@ -166,6 +166,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
     if args.max_num_batched_tokens < 1:
         parser.error(f"--max-num-batched-tokens must be >= 1, got {args.max_num_batched_tokens}")
+    args.swap_policy = swap_policy_of(args.policy, args.swap_policy)  # a preset (vllm) fixes its own
     return args
 
 

@@ -3,15 +3,27 @@
 from .base import BatchLimits, Job, Policy, PolicyConfig, Transition, form_batch
 from .cost_model import CostModel
 from .fcfs import FCFS
+from .gittins import Gittins, GittinsSlowdown
+from .las import LAS
 from .mlfq import MLFQ, SkipJoinMLFQ
 from .srpt import SRPTOracle
+from .vllm import VLLM
 
 POLICIES: dict[str, type[Policy]] = {
     "fcfs": FCFS,
     "mlfq": MLFQ,
     "skip-join-mlfq": SkipJoinMLFQ,
     "srpt-oracle": SRPTOracle,
+    "las": LAS,
+    "gittins": Gittins,
+    "gittins-slowdown": GittinsSlowdown,
+    "vllm": VLLM,
 }
+
+
+def swap_policy_of(policy: str, requested: str) -> str:
+    """The swap policy a run uses: the one a preset fixes (vllm: recompute), else `requested`."""
+    return getattr(POLICIES.get(policy), "swap_policy", None) or requested
 
 
 def make_policy(config: PolicyConfig, cost_model: CostModel | None = None) -> Policy:
@@ -37,4 +49,9 @@ __all__ = [
     "MLFQ",
     "SkipJoinMLFQ",
     "SRPTOracle",
+    "LAS",
+    "Gittins",
+    "GittinsSlowdown",
+    "VLLM",
+    "swap_policy_of",
 ]
