@@ -75,16 +75,33 @@ def request(**sampling) -> gateway_pb2.GenerateRequest:
 
 
 def test_defaults_are_documented_values_when_unset():
-    s = resolve_sampling(request(), LIMITS)
-    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.ignore_eos) == (
+    resolved = resolve_sampling(request(), LIMITS)
+    s = resolved.resolved
+    assert resolved.n == 1
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.ignore_eos, s.min_tokens, s.min_p) == (
         16,
         1.0,
         1.0,
         0,
-        None,
         False,
+        0,
+        0.0,
     )
-    assert resolve_sampling(request(temperature=0.0), LIMITS).temperature == 0.0  # an explicit zero is kept
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.0, 0.0, 1.0)
+    assert not s.logprobs and not s.prompt_logprobs and not s.stop_token_ids and not s.logit_bias
+    assert resolve_sampling(request(), LIMITS).resolved.seed != s.seed  # unseeded: the gateway draws one
+    # an explicit zero is kept
+    assert resolve_sampling(request(temperature=0.0), LIMITS).resolved.temperature == 0.0
+    logprobs = resolve_sampling(request(logprobs=0, prompt_logprobs=3), LIMITS).resolved
+    assert (logprobs.logprobs, logprobs.top_logprobs) == (True, 0)  # 0 = the sampled token's only
+    assert (logprobs.prompt_logprobs, logprobs.prompt_top_logprobs) == (True, 3)
+
+
+def test_completions_of_a_seeded_request_get_distinct_reproducible_seeds():
+    sampling = resolve_sampling(request(seed=7, n=4), LIMITS)
+    seeds = [sampling.job_sampling(i).seed for i in range(4)]
+    assert seeds[0] == 7 and len(set(seeds)) == 4
+    assert seeds == [resolve_sampling(request(seed=7, n=4), LIMITS).job_sampling(i).seed for i in range(4)]
 
 
 @pytest.mark.parametrize(
@@ -98,6 +115,19 @@ def test_defaults_are_documented_values_when_unset():
         ({"top_k": -2}, "top_k"),
         ({"stop": ["a", "b", "c"]}, "stop"),
         ({"stop": [""]}, "stop"),
+        ({"n": 0}, "n: 0 is outside \\[1, 16\\]"),
+        ({"n": 17}, "--max-n"),
+        ({"min_tokens": 17}, "min_tokens: 17 exceeds sampling.max_tokens"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"presence_penalty": float("nan")}, "presence_penalty"),
+        ({"frequency_penalty": -2.5}, "frequency_penalty: -2.5 is outside"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": -1.0}, "repetition_penalty"),
+        ({"logprobs": 21}, "logprobs: 21 exceeds the limit of 20"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs.*--max-logprobs"),
+        ({"stop_token_ids": [5, 272]}, r"stop_token_ids\[1\]: 272 is outside the vocabulary"),
+        ({"logit_bias": {272: 1.0}}, "logit_bias: 272 is outside the vocabulary"),
+        ({"logit_bias": {5: 101.0}}, r"logit_bias\[5\]"),
     ],
 )
 def test_sampling_errors_name_field_and_limit(sampling, field):

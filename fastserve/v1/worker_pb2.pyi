@@ -1,3 +1,4 @@
+from fastserve.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -45,28 +46,22 @@ class WorkerInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., tp_size: _Optional[int] = ..., pp_size: _Optional[int] = ..., is_driver: _Optional[bool] = ..., num_gpu_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_positions: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., kv_block_bytes: _Optional[int] = ...) -> None: ...
 
 class SeqStep(_message.Message):
-    __slots__ = ("request_id", "token_ids", "start_pos", "block_table", "temperature", "top_p", "top_k", "seed", "sample_index", "traceparent")
+    __slots__ = ("request_id", "token_ids", "start_pos", "block_table", "sample_index", "traceparent", "sampling")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_TABLE_FIELD_NUMBER: _ClassVar[int]
-    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
-    TOP_P_FIELD_NUMBER: _ClassVar[int]
-    TOP_K_FIELD_NUMBER: _ClassVar[int]
-    SEED_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_INDEX_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     start_pos: int
     block_table: _containers.RepeatedScalarFieldContainer[int]
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int
     sample_index: int
     traceparent: str
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_pos: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., sample_index: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    sampling: _common_pb2.ResolvedSampling
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_pos: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., sample_index: _Optional[int] = ..., traceparent: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.ResolvedSampling, _Mapping]] = ...) -> None: ...
 
 class BlockMove(_message.Message):
     __slots__ = ("src", "dst")
@@ -77,7 +72,7 @@ class BlockMove(_message.Message):
     def __init__(self, src: _Optional[int] = ..., dst: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step_id", "seqs", "swap_in", "swap_out", "prefetch", "profile", "trace_context")
+    __slots__ = ("step_id", "seqs", "swap_in", "swap_out", "prefetch", "profile", "trace_context", "finished")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +87,7 @@ class StepRequest(_message.Message):
     PREFETCH_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     seqs: _containers.RepeatedCompositeFieldContainer[SeqStep]
     swap_in: _containers.RepeatedCompositeFieldContainer[BlockMove]
@@ -99,20 +95,33 @@ class StepRequest(_message.Message):
     prefetch: _containers.RepeatedCompositeFieldContainer[BlockMove]
     profile: bool
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, step_id: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SeqStep, _Mapping]]] = ..., swap_in: _Optional[_Iterable[_Union[BlockMove, _Mapping]]] = ..., swap_out: _Optional[_Iterable[_Union[BlockMove, _Mapping]]] = ..., prefetch: _Optional[_Iterable[_Union[BlockMove, _Mapping]]] = ..., profile: _Optional[bool] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    finished: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step_id: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SeqStep, _Mapping]]] = ..., swap_in: _Optional[_Iterable[_Union[BlockMove, _Mapping]]] = ..., swap_out: _Optional[_Iterable[_Union[BlockMove, _Mapping]]] = ..., prefetch: _Optional[_Iterable[_Union[BlockMove, _Mapping]]] = ..., profile: _Optional[bool] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., finished: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("step_id", "token_ids", "compute_seconds", "exposed_swap_seconds", "swap_seconds", "error")
+    __slots__ = ("step_id", "token_ids", "compute_seconds", "exposed_swap_seconds", "swap_seconds", "error", "logprobs")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EXPOSED_SWAP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SWAP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     compute_seconds: float
     exposed_swap_seconds: float
     swap_seconds: float
     error: str
-    def __init__(self, step_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., compute_seconds: _Optional[float] = ..., exposed_swap_seconds: _Optional[float] = ..., swap_seconds: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[SeqLogprobs]
+    def __init__(self, step_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., compute_seconds: _Optional[float] = ..., exposed_swap_seconds: _Optional[float] = ..., swap_seconds: _Optional[float] = ..., error: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[SeqLogprobs, _Mapping]]] = ...) -> None: ...
+
+class SeqLogprobs(_message.Message):
+    __slots__ = ("seq_index", "sampled", "prompt_logprobs")
+    SEQ_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    seq_index: int
+    sampled: _common_pb2.PositionLogprobs
+    prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.PositionLogprobs]
+    def __init__(self, seq_index: _Optional[int] = ..., sampled: _Optional[_Union[_common_pb2.PositionLogprobs, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.PositionLogprobs, _Mapping]]] = ...) -> None: ...

@@ -61,8 +61,11 @@ class GatewayService(pb_grpc.GatewayServicer):
         try:
             check_envelope(request, self.limits)
             sampling = resolve_sampling(request, self.limits)
+            if sampling.n > 1:
+                raise InvalidRequest(f"sampling.n: {sampling.n} is not supported yet (only 1)")
+            job_sampling = sampling.job_sampling(0)
             prompt_ids = list(request.prompt_token_ids) or self.tokenizer.encode(request.prompt)
-            check_length(len(prompt_ids), sampling.max_tokens, self.limits)
+            check_length(len(prompt_ids), job_sampling.max_tokens, self.limits)
             request_id = request.request_id or uuid.uuid4().hex
             if request_id in self.in_flight:
                 raise InvalidRequest(f"request_id: {request_id!r} is already in flight")
@@ -79,10 +82,10 @@ class GatewayService(pb_grpc.GatewayServicer):
             attributes={
                 "gen_ai.operation.name": "text_completion",
                 "gen_ai.request.model": self.info.model,
-                "gen_ai.request.max_tokens": sampling.max_tokens,
-                "gen_ai.request.temperature": sampling.temperature,
-                "gen_ai.request.top_p": sampling.top_p,
-                "gen_ai.request.top_k": sampling.top_k,
+                "gen_ai.request.max_tokens": job_sampling.max_tokens,
+                "gen_ai.request.temperature": job_sampling.temperature,
+                "gen_ai.request.top_p": job_sampling.top_p,
+                "gen_ai.request.top_k": job_sampling.top_k,
                 "gen_ai.usage.input_tokens": len(prompt_ids),
                 "fastserve.request_id": request_id,
             },
@@ -94,7 +97,7 @@ class GatewayService(pb_grpc.GatewayServicer):
                         "state": "queued",
                         "prompt_tokens": len(prompt_ids),
                         "generated_tokens": 0,
-                        "max_tokens": sampling.max_tokens,
+                        "max_tokens": job_sampling.max_tokens,
                         "arrival_time": arrival,
                         "first_token_time": 0,
                         "finish_time": 0,
@@ -105,17 +108,12 @@ class GatewayService(pb_grpc.GatewayServicer):
             submit = scheduler_pb2.SubmitRequest(
                 request_id=request_id,
                 prompt_token_ids=prompt_ids,
-                max_tokens=sampling.max_tokens,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,
-                ignore_eos=sampling.ignore_eos,
+                sampling=job_sampling,
                 arrival_time=arrival,
-                seed=sampling.seed,
                 trace_context=tracing.inject(trace.set_span_in_context(span)),
             )
             call = self.scheduler.Submit(submit)
-            stream = TextStream(self.tokenizer, sampling.stop)
+            stream = TextStream(self.tokenizer, tuple(job_sampling.stop))
             last_sent = None
             async for reply in self._relay(request_id, call, stream, len(prompt_ids)):
                 now = time.time()
@@ -259,6 +257,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser, "--max-request-bytes", default=1 << 20, help="largest GenerateRequest accepted, in bytes"
     )
     add_flag(parser, "--max-stop-strings", default=16, help="most sampling.stop strings in one request")
+    add_flag(
+        parser, "--max-logprobs", default=20, help="largest sampling.logprobs / prompt_logprobs accepted"
+    )
+    add_flag(parser, "--max-n", default=16, help="largest sampling.n (completions per request) accepted")
     add_flag(parser, "--connect-timeout", default=600.0, help="seconds to wait for the scheduler")
     add_flag(
         parser,
@@ -292,6 +294,8 @@ async def serve(args: argparse.Namespace) -> None:
         max_tokens_limit=args.max_tokens_limit,
         max_request_bytes=args.max_request_bytes,
         max_stop_strings=args.max_stop_strings,
+        max_logprobs=args.max_logprobs,
+        max_n=args.max_n,
     )
 
     # the transport cap sits above --max-request-bytes so an oversized request gets our message

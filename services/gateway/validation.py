@@ -7,15 +7,19 @@ INVALID_ARGUMENT status.
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 
-from fastserve.v1 import gateway_pb2
+from fastserve.v1 import common_pb2, gateway_pb2
 
 DEFAULT_MAX_TOKENS = 16
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
 DEFAULT_TOP_K = 0
 MAX_REQUEST_ID_CHARS = 256
+PENALTY_RANGE = 2.0  # presence / frequency penalties lie in [-2, 2] (vLLM, OpenAI)
+LOGIT_BIAS_RANGE = 100.0  # each logit_bias value lies in [-100, 100] (OpenAI)
+_MASK64 = 2**64 - 1
 
 
 class InvalidRequest(ValueError):
@@ -29,17 +33,33 @@ class Limits:
     max_tokens_limit: int
     max_request_bytes: int
     max_stop_strings: int
+    max_logprobs: int = 20
+    max_n: int = 16
 
 
 @dataclass(frozen=True)
 class Sampling:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    stop: tuple[str, ...]
-    ignore_eos: bool
+    """A request's sampling after validation: n completions, each sampled with `job_sampling(i)`."""
+
+    n: int
+    resolved: common_pb2.ResolvedSampling  # completion 0's; completion i differs only in its seed
+
+    def job_sampling(self, index: int) -> common_pb2.ResolvedSampling:
+        """Completion `index`'s sampling: the request's seed for the first, one derived from it for the rest."""
+        job = common_pb2.ResolvedSampling()
+        job.CopyFrom(self.resolved)
+        if index:
+            job.seed = derive_seed(self.resolved.seed, index)
+        return job
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """Completion `index`'s seed (index >= 1): a splitmix64 step away from the request's, so
+    completions are unrelated to each other and to requests with neighbouring seeds."""
+    x = ((seed ^ (index * 0xD1B54A32D192ED03)) + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
 
 
 def check_envelope(request: gateway_pb2.GenerateRequest, limits: Limits) -> None:
@@ -76,6 +96,13 @@ def resolve_sampling(request: gateway_pb2.GenerateRequest, limits: Limits) -> Sa
         raise InvalidRequest(
             f"sampling.max_tokens: {max_tokens} is outside [1, {limits.max_tokens_limit}] (--max-tokens-limit)"
         )
+    if s.min_tokens > max_tokens:
+        raise InvalidRequest(
+            f"sampling.min_tokens: {s.min_tokens} exceeds sampling.max_tokens ({max_tokens})"
+        )
+    n = s.n if s.HasField("n") else 1
+    if not 1 <= n <= limits.max_n:
+        raise InvalidRequest(f"sampling.n: {n} is outside [1, {limits.max_n}] (--max-n)")
     temperature = s.temperature if s.HasField("temperature") else DEFAULT_TEMPERATURE
     if not (math.isfinite(temperature) and temperature >= 0):
         raise InvalidRequest(f"sampling.temperature: {temperature} must be a finite number >= 0")
@@ -85,21 +112,65 @@ def resolve_sampling(request: gateway_pb2.GenerateRequest, limits: Limits) -> Sa
     top_k = s.top_k if s.HasField("top_k") else DEFAULT_TOP_K
     if top_k < 0:
         raise InvalidRequest(f"sampling.top_k: {top_k} must be >= 0 (0 disables it)")
+    if not (math.isfinite(s.min_p) and 0 <= s.min_p <= 1):
+        raise InvalidRequest(f"sampling.min_p: {s.min_p} is outside [0, 1]")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(s, name)
+        if not (math.isfinite(value) and -PENALTY_RANGE <= value <= PENALTY_RANGE):
+            raise InvalidRequest(
+                f"sampling.{name}: {value} is outside [-{PENALTY_RANGE:g}, {PENALTY_RANGE:g}]"
+            )
+    repetition = s.repetition_penalty if s.HasField("repetition_penalty") else 1.0
+    if not (math.isfinite(repetition) and repetition > 0):
+        raise InvalidRequest(
+            f"sampling.repetition_penalty: {repetition} must be a finite number > 0 (1 = off)"
+        )
     if len(s.stop) > limits.max_stop_strings:
         raise InvalidRequest(
             f"sampling.stop: {len(s.stop)} strings exceeds the limit of {limits.max_stop_strings} (--max-stop-strings)"
         )
     if any(not text for text in s.stop):
         raise InvalidRequest("sampling.stop: stop strings must not be empty")
-    return Sampling(
+    for i, token in enumerate(s.stop_token_ids):
+        _check_token(f"sampling.stop_token_ids[{i}]", token, limits)
+    for token, bias in s.logit_bias.items():
+        _check_token("sampling.logit_bias", token, limits)
+        if not (math.isfinite(bias) and -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE):
+            raise InvalidRequest(
+                f"sampling.logit_bias[{token}]: {bias} is outside [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}]"
+            )
+    for name in ("logprobs", "prompt_logprobs"):
+        if getattr(s, name) > limits.max_logprobs:
+            raise InvalidRequest(
+                f"sampling.{name}: {getattr(s, name)} exceeds the limit of {limits.max_logprobs} (--max-logprobs)"
+            )
+    resolved = common_pb2.ResolvedSampling(
         max_tokens=max_tokens,
+        min_tokens=s.min_tokens,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
-        seed=s.seed if s.HasField("seed") else None,
-        stop=tuple(s.stop),
-        ignore_eos=s.ignore_eos if s.HasField("ignore_eos") else False,
+        min_p=s.min_p,
+        seed=s.seed if s.HasField("seed") else secrets.randbits(63),
+        ignore_eos=s.ignore_eos,
+        stop_token_ids=s.stop_token_ids,
+        stop=s.stop,
+        include_stop_str_in_output=s.include_stop_str_in_output,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        repetition_penalty=repetition,
+        logit_bias=s.logit_bias,
+        logprobs=s.HasField("logprobs"),
+        top_logprobs=s.logprobs,
+        prompt_logprobs=s.HasField("prompt_logprobs"),
+        prompt_top_logprobs=s.prompt_logprobs,
     )
+    return Sampling(n=n, resolved=resolved)
+
+
+def _check_token(field: str, token: int, limits: Limits) -> None:
+    if token >= limits.vocab_size:
+        raise InvalidRequest(f"{field}: {token} is outside the vocabulary [0, {limits.vocab_size})")
 
 
 def check_length(prompt_len: int, max_tokens: int, limits: Limits) -> None:

@@ -72,13 +72,9 @@ class LiveJob:
             token_ids=tokens if prefill else tokens[-1:],
             start_pos=0 if prefill else len(tokens) - 1,
             block_table=block_table,
-            temperature=self.request.temperature,
-            top_p=self.request.top_p,
-            top_k=self.request.top_k,
+            sampling=self.request.sampling,
             sample_index=len(self.generated),
         )
-        if self.request.HasField("seed"):
-            seq.seed = self.request.seed
         if self.span.is_recording():
             seq.traceparent = tracing.inject(trace.set_span_in_context(self.span)).get("traceparent", "")
         return seq
@@ -143,6 +139,7 @@ class Engine:
         self.holds_kv: set[str] = set()  # jobs with KV blocks in either tier
         self.running: set[str] = set()
         self.pending_free: list[str] = []
+        self.finished_since_step: list[str] = []  # told to the workers with the next step
         self.dirty: dict[str, LiveJob] = {}
         self.iterations = 0
         self.wakeup = asyncio.Event()
@@ -155,7 +152,7 @@ class Engine:
         job = Job(
             request_id=request.request_id,
             prompt_len=len(request.prompt_token_ids),
-            max_tokens=request.max_tokens,
+            max_tokens=request.sampling.max_tokens,
             arrival_time=now,
         )
         live = LiveJob(job=job, prompt=list(request.prompt_token_ids), request=request)
@@ -193,6 +190,7 @@ class Engine:
         self.policy.remove(live.request_id)
         self.jobs.pop(live.request_id, None)
         self.running.discard(live.request_id)
+        self.finished_since_step.append(live.request_id)
         metrics.FINISHED.labels(live.state).inc()
         live.span.add_event(
             live.state, {"finish_reason": live.record()["finish_reason"], "level": live.job.level}
@@ -296,7 +294,9 @@ class Engine:
             swap_in=[move(src=c.src, dst=c.dst) for c in plan.swap_in],
             swap_out=[move(src=c.src, dst=c.dst) for c in plan.swap_out],
             prefetch=[move(src=c.src, dst=c.dst) for c in plan.prefetch],
+            finished=self.finished_since_step,
         )
+        self.finished_since_step = []
         return batch, step
 
     def _apply_plan(self, plan: kvmanager_pb2.PlanResponse) -> None:
@@ -418,7 +418,7 @@ class Engine:
             live.span.add_event("first_token")
         self.dirty[live.request_id] = live
         reason = FR.FINISH_REASON_UNSPECIFIED
-        if token == self.config.eos_token_id and not live.request.ignore_eos:
+        if token == self.config.eos_token_id and not live.request.sampling.ignore_eos:
             reason = FR.FINISH_REASON_STOP
         elif len(live.generated) >= live.job.max_tokens:
             reason = FR.FINISH_REASON_LENGTH

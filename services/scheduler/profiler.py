@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import time
 
-from fastserve.v1 import worker_pb2
+from fastserve.v1 import common_pb2, worker_pb2
 
 from .workers import WorkerGroup
 
 log = logging.getLogger("fastserve.scheduler.profiler")
 
 Sample = tuple[int, int, int, float]
+GREEDY = common_pb2.ResolvedSampling(max_tokens=1, temperature=0.0, top_p=1.0, repetition_penalty=1.0)
 
 
 def _seq(i: int, tokens: list[int], start_pos: int, blocks: list[int]) -> worker_pb2.SeqStep:
@@ -26,8 +27,7 @@ def _seq(i: int, tokens: list[int], start_pos: int, blocks: list[int]) -> worker
         token_ids=tokens,
         start_pos=start_pos,
         block_table=blocks,
-        temperature=0.0,
-        top_p=1.0,
+        sampling=GREEDY,
     )
 
 

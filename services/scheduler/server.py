@@ -69,11 +69,12 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             return f"request_id: {request.request_id!r} is already in flight"
         if not request.prompt_token_ids:
             return "prompt_token_ids: must not be empty"
-        if request.max_tokens < 1:
-            return "max_tokens: must be >= 1"
-        total = len(request.prompt_token_ids) + request.max_tokens
+        max_tokens = request.sampling.max_tokens
+        if max_tokens < 1:
+            return "sampling.max_tokens: must be >= 1"
+        total = len(request.prompt_token_ids) + max_tokens
         if total > self.info.max_model_len:
-            return f"prompt ({len(request.prompt_token_ids)} tokens) + max_tokens ({request.max_tokens}) = {total} exceeds max_model_len {self.info.max_model_len}"
+            return f"prompt ({len(request.prompt_token_ids)} tokens) + sampling.max_tokens ({max_tokens}) = {total} exceeds max_model_len {self.info.max_model_len}"
         bad = next((t for t in request.prompt_token_ids if t >= self.info.vocab_size), None)
         if bad is not None:
             return f"prompt_token_ids: {bad} is outside the vocabulary [0, {self.info.vocab_size})"

@@ -197,10 +197,10 @@ class WorkerService(pb_grpc.WorkerServicer):
                 token_ids=list(s.token_ids),
                 start_pos=s.start_pos,
                 block_table=list(s.block_table),
-                temperature=s.temperature,
-                top_p=s.top_p,
-                top_k=s.top_k,
-                seed=s.seed if s.HasField("seed") else None,
+                temperature=s.sampling.temperature,
+                top_p=s.sampling.top_p,
+                top_k=s.sampling.top_k,
+                seed=s.sampling.seed,
                 sample_index=s.sample_index,
             )
             for s in request.seqs
