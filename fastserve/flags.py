@@ -73,6 +73,13 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
         help="logging level",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
     )
+    add_flag(
+        parser,
+        "--internal-token",
+        default="",
+        help="shared secret of the stack's internal RPCs (fastserve up generates one); "
+        "prefer the env var: a flag shows in ps",
+    )
 
 
 def setup_logging(level: str, service: str) -> logging.Logger:

@@ -11,14 +11,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastserve.flags import add_common_flags, add_flag, setup_logging
-from fastserve.procs import free_ports, popen_child, stop_all
+from fastserve.procs import free_port, free_ports, popen_child, stop_all
 from fastserve.rpc import check_serving_sync
 
 log = logging.getLogger("fastserve.up")
@@ -56,6 +62,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             type=optional(kind),
             help=f"{service}: {help_text}; empty = the service's default",
         )
+    add_flag(
+        parser,
+        "--data-dir",
+        default="~/.cache/fastserve",
+        help="where the embedded Redis keeps its append-only file (one subfolder per gateway port)",
+    )
+    add_flag(
+        parser,
+        "--max-restarts-per-minute",
+        default=5,
+        help="restarts of one service (or worker group) per minute before `up` gives up",
+    )
     add_flag(parser, "--demo", default=True, help="stream a few generations once the stack is up")
     add_flag(parser, "--exit-after-demo", default=False, help="stop the stack after the demo (for scripts)")
     add_flag(parser, "--start-timeout", default=600.0, help="seconds to wait for every service to be SERVING")
@@ -103,23 +121,85 @@ def as_flags(**values: object) -> list[str]:
     return [part for name, value in values.items() for part in (f"--{name.replace('_', '-')}", str(value))]
 
 
+@dataclass
+class Child:
+    """One supervised process; `start` (re)creates it. Children of one group restart together."""
+
+    name: str
+    start: Callable[[], subprocess.Popen]
+    group: str
+    proc: subprocess.Popen | None = None
+
+
+@dataclass
+class Group:
+    name: str
+    children: list[Child]
+    restarts: deque[float] = field(default_factory=deque)  # monotonic times of recent restarts
+    restart_at: float | None = None  # when a pending restart is due
+
+    def dead(self) -> list[Child]:
+        return [c for c in self.children if c.proc is None or c.proc.poll() is not None]
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "running"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit status {code}"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fails fast, naming the port, when something already listens on it."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds; only a listener refuses
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise RuntimeError(f"port {port} on {host} is busy (--port {port}): {exc.strerror}") from None
+
+
 class Stack:
+    """The processes of one stack, each restarted when it dies (see supervise)."""
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.groups: dict[str, Group] = {}
         self.addresses: dict[str, str] = {}
+        self.token = getattr(args, "internal_token", "") or secrets.token_urlsafe(24)
+        self.env = {**os.environ, "FASTSERVE_INTERNAL_TOKEN": self.token}
+        self._stop = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
-    def spawn(self, name: str, module: str, flags: list[str]) -> None:
-        cmd = [sys.executable, "-m", module, *flags, "--log-level", self.args.log_level]
-        self.procs.append((name, popen_child(cmd)))
+    @property
+    def procs(self) -> list[tuple[str, subprocess.Popen]]:
+        return [(c.name, c.proc) for g in self.groups.values() for c in g.children if c.proc is not None]
+
+    def child(self, name: str) -> Child:
+        return next(c for g in self.groups.values() for c in g.children if c.name == name)
+
+    def add(self, name: str, start: Callable[[], subprocess.Popen], group: str | None = None) -> None:
+        child = Child(name, start, group or name)
+        self.groups.setdefault(child.group, Group(child.group, [])).children.append(child)
+        child.proc = start()
+
+    def spawn(self, name: str, module: str, flags: Callable[[], list[str]], group: str | None = None) -> None:
+        def start() -> subprocess.Popen:
+            cmd = [sys.executable, "-m", module, *flags(), "--log-level", self.args.log_level]
+            return popen_child(cmd, env=self.env)
+
+        self.add(name, start, group)
 
     def wait_serving(self, name: str, address: str) -> None:
         self.addresses[name] = address
-        proc = dict(self.procs)[name]
+        proc = self.child(name).proc
         deadline = time.monotonic() + self.args.start_timeout
         while not check_serving_sync(address):
             if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with status {proc.returncode} before it was SERVING")
+                raise RuntimeError(
+                    f"{name} ({address}) stopped with {describe_exit(proc.returncode)} before it was SERVING"
+                )
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name} at {address} not SERVING after {self.args.start_timeout:.0f}s")
             time.sleep(0.2)
@@ -127,86 +207,161 @@ class Stack:
 
     def start(self) -> str:
         args = self.args
+        gateway_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        check_port_free(args.host, args.port)
         redis_url = args.redis_url
         if not redis_url:
-            from fastserve.embedded_redis import start_redis
-
-            proc, redis_url = start_redis()
-            self.procs.append(("redis", proc))
+            redis_url = self._start_embedded_redis()
         self.addresses["redis"] = redis_url
+        self.env["FASTSERVE_REDIS_URL"] = redis_url  # not on a command line: it may hold a password
         world = args.tp * args.pp
-        kv_port, sched_port, sched_metrics, gw_metrics, master_port, *worker_ports = free_ports(5 + world)
+        kv_port, sched_port, sched_metrics, gw_metrics, *worker_ports = free_ports(4 + world)
         kv_addr, sched_addr = f"127.0.0.1:{kv_port}", f"127.0.0.1:{sched_port}"
         worker_addrs = [f"127.0.0.1:{port}" for port in worker_ports]
         self.addresses["scheduler-metrics"] = f"127.0.0.1:{sched_metrics}"
         self.addresses["gateway-metrics"] = f"{args.host}:{gw_metrics}"
-        self.spawn("kvmanager", "services.kvmanager", as_flags(port=kv_port))
+        self.spawn("kvmanager", "services.kvmanager", lambda: as_flags(port=kv_port))
+        master = {"port": free_port()}
+
+        def new_world() -> None:  # a restarted TP x PP group forms a fresh torch.distributed world
+            master["port"] = free_port()
+
         for rank, port in enumerate(worker_ports):
             self.spawn(
                 f"worker{rank}",
                 "services.worker",
-                as_flags(
-                    port=port,
-                    model=args.model,
-                    dtype=args.dtype,
-                    device=args.device,
-                    num_gpu_blocks=args.num_gpu_blocks,
-                    num_host_blocks=args.num_host_blocks,
-                    swap_space=args.swap_space,
-                    rank=rank,
-                    world_size=world,
-                    tp=args.tp,
-                    pp=args.pp,
-                    master_addr="127.0.0.1",
-                    master_port=master_port,
-                )
-                + knob_flags(args, "worker"),
+                lambda rank=rank, port=port: (
+                    as_flags(
+                        port=port,
+                        model=args.model,
+                        dtype=args.dtype,
+                        device=args.device,
+                        num_gpu_blocks=args.num_gpu_blocks,
+                        num_host_blocks=args.num_host_blocks,
+                        swap_space=args.swap_space,
+                        rank=rank,
+                        world_size=world,
+                        tp=args.tp,
+                        pp=args.pp,
+                        master_addr="127.0.0.1",
+                        master_port=master["port"],
+                    )
+                    + knob_flags(args, "worker")
+                ),
+                group="workers",
             )
+        self._before_restart = {"workers": new_world}
         self.spawn(
             "scheduler",
             "services.scheduler",
-            as_flags(
-                port=sched_port,
-                metrics_port=sched_metrics,
-                worker_addresses=",".join(worker_addrs),
-                kvmanager_address=kv_addr,
-                redis_url=redis_url,
-                policy=args.policy,
-                swap_policy=args.swap_policy,
-                max_batch_size=args.max_batch_size,
-                max_num_batched_tokens=args.max_num_batched_tokens,
-            )
-            + knob_flags(args, "scheduler"),
+            lambda: (
+                as_flags(
+                    port=sched_port,
+                    metrics_port=sched_metrics,
+                    worker_addresses=",".join(worker_addrs),
+                    kvmanager_address=kv_addr,
+                    policy=args.policy,
+                    swap_policy=args.swap_policy,
+                    max_batch_size=args.max_batch_size,
+                    max_num_batched_tokens=args.max_num_batched_tokens,
+                )
+                + knob_flags(args, "scheduler")
+            ),
         )
         self.spawn(
             "gateway",
             "services.gateway",
-            as_flags(
+            lambda: as_flags(
                 host=args.host,
                 port=args.port,
                 metrics_port=gw_metrics,
                 scheduler_address=sched_addr,
-                redis_url=redis_url,
             ),
         )
         self.wait_serving("kvmanager", kv_addr)
         for rank, addr in enumerate(worker_addrs):
             self.wait_serving(f"worker{rank}", addr)
         self.wait_serving("scheduler", sched_addr)
-        gateway = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+        gateway = f"{gateway_host}:{args.port}"
         self.wait_serving("gateway", gateway)
         return gateway
 
+    def _start_embedded_redis(self) -> str:
+        from fastserve.embedded_redis import start_redis
+
+        port, password = free_port(), secrets.token_urlsafe(24)
+        data_dir = Path(self.args.data_dir).expanduser() / f"redis-{self.args.port}"
+        url = ""
+
+        def start() -> subprocess.Popen:
+            nonlocal url
+            proc, url = start_redis(port, password, data_dir)
+            return proc
+
+        self.add("redis", start)
+        log.info("embedded Redis keeps its append-only file in %s", data_dir)
+        return url
+
     def stop(self) -> None:
+        self._stop.set()
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join()
         stop_all([proc for _, proc in reversed(self.procs)])
 
-    def watch(self) -> None:
-        """Returns when a child dies (a stack with a dead part is not serving)."""
-        while True:
-            for name, proc in self.procs:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with status {proc.returncode}")
-            time.sleep(0.5)
+    # -- supervision ----------------------------------------------------------------------
+
+    def supervise(self) -> None:
+        """Restarts what dies until stop(); raises RuntimeError when a group keeps dying."""
+        while not self._stop.wait(0.2):
+            for group in self.groups.values():
+                self._check(group)
+
+    def supervise_in_background(self) -> None:
+        self._supervisor = threading.Thread(target=self._supervise_logged, name="supervisor", daemon=True)
+        self._supervisor.start()
+
+    def _supervise_logged(self) -> None:
+        try:
+            self.supervise()
+        except RuntimeError as exc:
+            log.error("%s", exc)
+
+    def _check(self, group: Group) -> None:
+        now = time.monotonic()
+        if group.restart_at is None:
+            dead = group.dead()
+            if not dead:
+                return
+            for child in dead:
+                log.warning("%s stopped with %s", child.name, describe_exit(child.proc.returncode))
+            for child in group.children:  # a TP x PP group restarts as a whole
+                if child.proc is not None and child.proc.poll() is None:
+                    log.warning("stopping %s: its group %s restarts as a whole", child.name, group.name)
+                    child.proc.kill()
+                    child.proc.wait()
+            while group.restarts and now - group.restarts[0] > 60:
+                group.restarts.popleft()
+            if len(group.restarts) >= self.args.max_restarts_per_minute:
+                raise RuntimeError(
+                    f"{group.name} died {len(group.restarts) + 1} times within a minute "
+                    f"(--max-restarts-per-minute {self.args.max_restarts_per_minute}); giving up"
+                )
+            delay = min(10.0, 0.25 * 2 ** len(group.restarts)) if group.restarts else 0.0
+            group.restart_at = now + delay
+            log.warning("restarting %s in %.2fs", group.name, delay)
+        if now < group.restart_at:
+            return
+        group.restart_at = None
+        group.restarts.append(now)
+        if hook := getattr(self, "_before_restart", {}).get(group.name):
+            hook()
+        for child in group.children:
+            try:
+                child.proc = child.start()
+            except RuntimeError as exc:  # e.g. Redis did not come up: counts as another death
+                log.error("restarting %s failed: %s", child.name, exc)
+                child.proc = None
+        log.warning("restarted %s (pids %s)", group.name, [c.proc.pid for c in group.children if c.proc])
 
 
 def run_demo(gateway: str) -> None:
@@ -239,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(gateway)
             print(f"\nTry: fastserve generate 'Your prompt' --address {gateway}", flush=True)
         if not args.exit_after_demo:
-            stack.watch()
+            stack.supervise()
     except KeyboardInterrupt:
         print("\nstopping FastServe...", flush=True)
     except RuntimeError as exc:

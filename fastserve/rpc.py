@@ -10,6 +10,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fastserve.internal_auth import ServerGuard, client_interceptors
+
 log = logging.getLogger("fastserve.rpc")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # internal messages carry block tables of many jobs
@@ -21,13 +23,30 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def create_server(max_receive_bytes: int = MAX_MESSAGE_BYTES, interceptors=None) -> grpc.aio.Server:
+_internal_token = ""
+
+
+def use_internal_token(token: str) -> None:
+    """This process's copy of the stack's shared secret (--internal-token): internal servers
+    demand it, every channel() sends it. Empty = internal RPCs are open to anyone who can connect."""
+    global _internal_token
+    _internal_token = token
+
+
+def create_server(
+    max_receive_bytes: int = MAX_MESSAGE_BYTES, interceptors=None, *, public: bool = False
+) -> grpc.aio.Server:
+    """An internal server (callers must send the stack's token) unless `public`; never SO_REUSEPORT,
+    so a busy port fails to bind instead of silently sharing it with another process."""
+    if not public and not _internal_token:
+        log.warning("no --internal-token: internal RPCs accept any caller that can connect")
     return grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_receive_bytes),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
         ],
-        interceptors=interceptors,
+        interceptors=[ServerGuard("" if public else _internal_token), *(interceptors or [])],
     )
 
 
@@ -70,7 +89,9 @@ async def start_server(
 
 
 def channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(
+        address, options=CHANNEL_OPTIONS, interceptors=client_interceptors(_internal_token)
+    )
 
 
 async def wait_serving(chan: grpc.aio.Channel, address: str, timeout: float = 300.0) -> None:

@@ -1,23 +1,40 @@
-"""Request metadata in Redis: one hash `fastserve:req:{id}` per request, with a TTL.
+"""Request metadata in Redis, and the scheduler's durable copy of every unfinished job.
 
-The gateway creates the hash; the scheduler updates it once per iteration in one
-pipeline (never once per token). Enough is kept to tell a user what happened to a
-request and to resume after a scheduler restart.
+Keys (all expire after --request-ttl):
+- `fastserve:req:{id}` hash: what a user sees through GetRequest (state, counts, times) plus
+  `spec`, the job as submitted (a serialized SubmitRequest: prompt ids, resolved sampling, seed);
+- `fastserve:req:{id}:tokens` string: the generated token ids, 8 hex digits each, written with
+  SETRANGE at the token's offset (so a retried write never duplicates or shifts a token);
+- `fastserve:unfinished` set: ids of jobs not yet finished, what a restarting scheduler reads.
+
+The scheduler hands its changes to a `JobLog` once per iteration; a background task writes them
+in one MULTI/EXEC pipeline, coalescing whatever piled up, retrying while Redis is away, and never
+blocking the iteration loop. Each flush also increments a counter of its own; when Redis answers
+with a count the writer did not expect (Redis restarted and lost its last second of appends), or a
+flush failed half-way, the next flush rewrites every job it still tracks in full.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import logging
-from collections.abc import Mapping
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 log = logging.getLogger("fastserve.store")
 
 STATES = ("queued", "running", "preempted", "swapped", "finished", "cancelled", "failed")
+FINAL_STATES = ("finished", "cancelled", "failed")
 INT_FIELDS = (
     "prompt_tokens",
     "generated_tokens",
+    "max_tokens",
     "queue_level",
     "preemptions",
     "demotions",
@@ -25,11 +42,62 @@ INT_FIELDS = (
     "swaps_out",
     "recomputes",
 )
-FLOAT_FIELDS = ("arrival_time", "first_token_time", "finish_time")
+FLOAT_FIELDS = ("arrival_time", "first_token_time", "finish_time", "queue_account")
+UNFINISHED = "fastserve:unfinished"
+TOKEN_WIDTH = 8  # hex digits per token id
+KEEP_FINAL_SECONDS = 5.0  # a final record stays tracked this long: longer than Redis' 1 s fsync window
+UNAVAILABLE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+class StoreUnavailable(RuntimeError):
+    """Redis cannot be reached right now."""
 
 
 def request_key(request_id: str) -> str:
     return f"fastserve:req:{request_id}"
+
+
+def tokens_key(request_id: str) -> str:
+    return f"fastserve:req:{request_id}:tokens"
+
+
+def encode_tokens(tokens: Sequence[int]) -> str:
+    return "".join(f"{t:08x}" for t in tokens)
+
+
+def decode_tokens(text: str) -> list[int]:
+    return [int(text[i : i + TOKEN_WIDTH], 16) for i in range(0, len(text) - TOKEN_WIDTH + 1, TOKEN_WIDTH)]
+
+
+@dataclass
+class ResumableJob:
+    """An unfinished job as Redis holds it."""
+
+    request_id: str
+    spec: bytes
+    tokens: list[int]
+    fields: dict[str, object]
+
+
+@dataclass
+class _Tracked:
+    fields: dict[str, object] = field(default_factory=dict)
+    spec: str = ""
+    tokens: Sequence[int] = ()  # the job's own list, read at flush time
+    written: int = 0  # tokens Redis is known to hold
+    dirty: bool = True
+    final_at: float | None = None
+
+
+def _parse(raw: Mapping[str, str]) -> dict[str, object]:
+    out: dict[str, object] = dict(raw)
+    for name in INT_FIELDS:
+        if name in raw:
+            out[name] = int(float(raw[name]))
+    for name in FLOAT_FIELDS:
+        if name in raw:
+            out[name] = float(raw[name])
+    return out
 
 
 class RequestStore:
@@ -38,34 +106,183 @@ class RequestStore:
             raise ValueError(f"--request-ttl must be >= 1 second, got {ttl_seconds}")
         self.url = url
         self.ttl = ttl_seconds
-        self.redis = aioredis.from_url(url, decode_responses=True)
+        self.redis = aioredis.from_url(
+            url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=2.0
+        )
+
+    @property
+    def address(self) -> str:
+        return self.url.split("@")[-1]
 
     async def ping(self) -> None:
         await self.redis.ping()
 
-    async def write(self, updates: Mapping[str, Mapping[str, object]]) -> None:
-        """Writes the fields of many requests in one round trip."""
-        if not updates:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        for request_id, fields in updates.items():
-            key = request_key(request_id)
-            pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
-            pipe.expire(key, self.ttl)
-        await pipe.execute()
-
     async def read(self, request_id: str) -> dict[str, object] | None:
-        raw = await self.redis.hgetall(request_key(request_id))
+        """The request's record, or None; StoreUnavailable while Redis cannot be reached."""
+        try:
+            raw = await self.redis.hgetall(request_key(request_id))
+        except UNAVAILABLE_ERRORS as exc:
+            raise StoreUnavailable(
+                f"request metadata store (Redis at {self.address}) is unreachable: {exc}"
+            ) from None
         if not raw:
             return None
-        out: dict[str, object] = dict(raw)
-        for name in INT_FIELDS:
-            if name in raw:
-                out[name] = int(raw[name])
-        for name in FLOAT_FIELDS:
-            if name in raw:
-                out[name] = float(raw[name])
-        return out
+        return _parse(raw)
+
+    async def unfinished(self) -> list[ResumableJob]:
+        """Every job in the unfinished index that Redis can rebuild (prompt, sampling, tokens)."""
+        ids = sorted(await self.redis.smembers(UNFINISHED))
+        jobs = []
+        for request_id in ids:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hgetall(request_key(request_id))
+            pipe.get(tokens_key(request_id))
+            raw, tokens = await pipe.execute()
+            if not raw or "spec" not in raw or raw.get("state") in FINAL_STATES:
+                await self.redis.srem(UNFINISHED, request_id)
+                continue
+            jobs.append(
+                ResumableJob(
+                    request_id, base64.b64decode(raw["spec"]), decode_tokens(tokens or ""), _parse(raw)
+                )
+            )
+        return jobs
 
     async def close(self) -> None:
         await self.redis.aclose()
+
+
+class JobLog:
+    """The scheduler's writes: queued in memory, flushed by a background task (see module doc)."""
+
+    def __init__(self, store: RequestStore, retry_seconds: float = 0.5) -> None:
+        self.store = store
+        self.redis = store.redis
+        self.retry_seconds = retry_seconds
+        self.tracked: dict[str, _Tracked] = {}
+        self._counter_key = f"fastserve:writer:{uuid.uuid4().hex}"
+        self._flushes = 0
+        self._resync = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.healthy = True
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="job-log")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def begin(self, request_id: str, spec: bytes, fields: Mapping[str, object]) -> None:
+        """A job the scheduler took on: its spec is written with its first flush."""
+        entry = self.tracked.setdefault(request_id, _Tracked())
+        entry.spec = base64.b64encode(spec).decode()
+        entry.fields.update(fields)
+        entry.dirty = True
+        self._wake.set()
+
+    def update(
+        self, request_id: str, fields: Mapping[str, object], tokens: Sequence[int] | None = None
+    ) -> None:
+        """New field values (and the job's generated tokens so far, appended from where Redis is)."""
+        entry = self.tracked.setdefault(request_id, _Tracked())
+        entry.fields.update(fields)
+        if tokens is not None:
+            entry.tokens = tokens
+        entry.dirty = True
+        if entry.fields.get("state") in FINAL_STATES and entry.final_at is None:
+            entry.final_at = time.monotonic()
+        self._wake.set()
+
+    async def flushed(self, timeout: float) -> bool:
+        """Waits (at most `timeout` s) until nothing is left to write."""
+        deadline = time.monotonic() + timeout
+        while any(e.dirty for e in self.tracked.values()):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._flush()
+                if not self.healthy:
+                    log.info("Redis at %s is back; request records written again", self.store.address)
+                self.healthy = True
+            except UNAVAILABLE_ERRORS + (redis.exceptions.RedisError,) as exc:
+                if self.healthy:
+                    log.warning(
+                        "cannot write request records to Redis at %s (%s); retrying every %.1fs, serving goes on",
+                        self.store.address,
+                        exc,
+                        self.retry_seconds,
+                    )
+                self.healthy = False
+                self._resync = True  # a failed MULTI may or may not have been applied
+                await asyncio.sleep(self.retry_seconds)
+                self._wake.set()
+            self._drop_settled()
+
+    def _drop_settled(self) -> None:
+        now = time.monotonic()
+        for rid in [
+            rid
+            for rid, e in self.tracked.items()
+            if e.final_at is not None and not e.dirty and now - e.final_at > KEEP_FINAL_SECONDS
+        ]:
+            del self.tracked[rid]
+
+    async def _flush(self) -> None:
+        if self._resync:
+            for entry in self.tracked.values():
+                entry.dirty, entry.written = True, 0
+        batch = {rid: e for rid, e in self.tracked.items() if e.dirty}
+        if not batch:
+            return
+        lengths = {rid: len(e.tokens) for rid, e in batch.items()}
+        for entry in batch.values():
+            entry.dirty = False  # updates from here on make it dirty again
+        try:
+            count = await self._write(batch, lengths, full=self._resync)
+        except BaseException:
+            for entry in batch.values():
+                entry.dirty = True
+            raise
+        self._resync = False
+        for rid, entry in batch.items():
+            entry.written = lengths[rid]
+        self._flushes += 1
+        if count != self._flushes:  # Redis lost writes of ours (restart within its fsync window)
+            log.warning("Redis lost recent writes (restarted?); rewriting %d tracked jobs", len(self.tracked))
+            self._flushes = count
+            self._resync = True
+            self._wake.set()
+
+    async def _write(self, batch: dict[str, _Tracked], lengths: dict[str, int], full: bool) -> int:
+        ttl = self.store.ttl
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.incr(self._counter_key)
+        pipe.expire(self._counter_key, ttl)
+        for rid, entry in batch.items():
+            key, tkey = request_key(rid), tokens_key(rid)
+            mapping = {k: str(v) for k, v in entry.fields.items()}
+            if entry.spec:
+                mapping["spec"] = entry.spec
+            pipe.hset(key, mapping=mapping)
+            pipe.expire(key, ttl)
+            new = list(entry.tokens[entry.written : lengths[rid]])
+            if full or entry.written == 0:
+                pipe.set(tkey, encode_tokens(entry.tokens[: lengths[rid]]), ex=ttl)
+            elif new:
+                pipe.setrange(tkey, entry.written * TOKEN_WIDTH, encode_tokens(new))
+                pipe.expire(tkey, ttl)
+            if entry.final_at is not None:
+                pipe.srem(UNFINISHED, rid)
+            else:
+                pipe.sadd(UNFINISHED, rid)
+        results = await pipe.execute()
+        return int(results[0])

@@ -19,15 +19,15 @@ from opentelemetry import trace
 from fastserve import tracing
 from fastserve.flags import add_common_flags, add_flag, setup_logging
 from fastserve.metrics import serve_metrics
-from fastserve.rpc import channel, create_server, start_server, wait_serving
-from fastserve.store import RequestStore
+from fastserve.rpc import channel, create_server, start_server, use_internal_token, wait_serving
+from fastserve.store import RequestStore, StoreUnavailable
 from fastserve.tokenizer import Tokenizer, load_tokenizer
 from fastserve.v1 import common_pb2, scheduler_pb2
 from fastserve.v1 import gateway_pb2 as pb
 from fastserve.v1 import gateway_pb2_grpc as pb_grpc
-from fastserve.v1.scheduler_pb2_grpc import SchedulerStub
 
 from . import metrics
+from .scheduler_link import SchedulerGone, SchedulerLink
 from .text_stream import TextStream
 from .validation import InvalidRequest, Limits, check_envelope, check_length, resolve_sampling
 
@@ -39,7 +39,7 @@ VERSION = "0.1.0"
 class GatewayService(pb_grpc.GatewayServicer):
     def __init__(
         self,
-        scheduler: SchedulerStub,
+        link: SchedulerLink,
         store: RequestStore,
         tokenizer: Tokenizer,
         info: scheduler_pb2.SchedulerInfo,
@@ -47,7 +47,8 @@ class GatewayService(pb_grpc.GatewayServicer):
         tracer: trace.Tracer,
     ) -> None:
         self.tracer = tracer
-        self.scheduler = scheduler
+        self.link = link
+        self.scheduler = link.stub
         self.store = store
         self.tokenizer = tokenizer
         self.info = info
@@ -75,7 +76,7 @@ class GatewayService(pb_grpc.GatewayServicer):
 
         metrics.PROMPT_TOKENS.inc(len(prompt_ids))
         self.in_flight.add(request_id)
-        call = None
+        stream = None
         span = self.tracer.start_span(
             "fastserve.generate",
             kind=trace.SpanKind.SERVER,
@@ -91,20 +92,6 @@ class GatewayService(pb_grpc.GatewayServicer):
             },
         )
         try:
-            await self.store.write(
-                {
-                    request_id: {
-                        "state": "queued",
-                        "prompt_tokens": len(prompt_ids),
-                        "generated_tokens": 0,
-                        "max_tokens": job_sampling.max_tokens,
-                        "arrival_time": arrival,
-                        "first_token_time": 0,
-                        "finish_time": 0,
-                        "model": self.info.model,
-                    }
-                }
-            )
             submit = scheduler_pb2.SubmitRequest(
                 request_id=request_id,
                 prompt_token_ids=prompt_ids,
@@ -112,10 +99,10 @@ class GatewayService(pb_grpc.GatewayServicer):
                 arrival_time=arrival,
                 trace_context=tracing.inject(trace.set_span_in_context(span)),
             )
-            call = self.scheduler.Submit(submit)
-            stream = TextStream(self.tokenizer, tuple(job_sampling.stop))
+            stream = self.link.stream(submit)  # the scheduler records the request in Redis
+            text = TextStream(self.tokenizer, tuple(job_sampling.stop))
             last_sent = None
-            async for reply in self._relay(request_id, call, stream, len(prompt_ids)):
+            async for reply in self._relay(request_id, stream, text, len(prompt_ids)):
                 now = time.time()
                 if reply.token_ids:
                     metrics.GENERATION_TOKENS.inc(len(reply.token_ids))
@@ -141,11 +128,14 @@ class GatewayService(pb_grpc.GatewayServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.details())
             log.error("request %s: scheduler failed: %s %s", request_id, exc.code().name, exc.details())
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"scheduler: {exc.code().name}: {exc.details()}")
+        except SchedulerGone as exc:
+            log.error("request %s: %s", request_id, exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         finally:
             span.end()
             self.in_flight.discard(request_id)
-            if call is not None and not call.done():
-                call.cancel()  # the client went away: the scheduler drops the job
+            if stream is not None:
+                await stream.aclose()  # the client went away: the scheduler drops the job
 
     async def _relay(
         self, request_id: str, call, text: TextStream, prompt_len: int
@@ -205,7 +195,10 @@ class GatewayService(pb_grpc.GatewayServicer):
     ) -> pb.RequestInfo:
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
-        record = await self.store.read(request.request_id)
+        try:
+            record = await self.store.read(request.request_id)
+        except StoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; try again shortly")
         if record is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
@@ -264,6 +257,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(parser, "--connect-timeout", default=600.0, help="seconds to wait for the scheduler")
     add_flag(
         parser,
+        "--scheduler-retry-timeout",
+        default=600.0,
+        help="seconds a client stream waits for a lost scheduler to come back before it fails UNAVAILABLE",
+    )
+    add_flag(
+        parser,
         "--metrics-port",
         default=9100,
         help="Prometheus /metrics port; 0 = off",
@@ -279,14 +278,19 @@ async def serve(args: argparse.Namespace) -> None:
     tracer = tracing.setup_tracing("gateway", args)
     sched_channel = channel(args.scheduler_address)
     await wait_serving(sched_channel, args.scheduler_address, args.connect_timeout)
-    scheduler = SchedulerStub(sched_channel)
-    info = await scheduler.Info(scheduler_pb2.SchedulerInfoRequest())
+    link = SchedulerLink(sched_channel, args.scheduler_retry_timeout)
+    info = await link.stub.Info(scheduler_pb2.SchedulerInfoRequest())
     log.info(
         "connected to scheduler at %s (model %s, policy %s)", args.scheduler_address, info.model, info.policy
     )
     store = RequestStore(args.redis_url, args.request_ttl)
-    await store.ping()
-    log.info("connected to Redis at %s", args.redis_url.split("@")[-1])
+    try:
+        await store.ping()
+        log.info("connected to Redis at %s", store.address)
+    except Exception as exc:  # noqa: BLE001 - GetRequest answers UNAVAILABLE until it is back
+        log.warning(
+            "Redis at %s unreachable for now (%s); serving without request metadata", store.address, exc
+        )
     tokenizer = load_tokenizer(info.tokenizer if args.tokenizer == "auto" else args.tokenizer)
     limits = Limits(
         vocab_size=info.vocab_size,
@@ -299,20 +303,22 @@ async def serve(args: argparse.Namespace) -> None:
     )
 
     # the transport cap sits above --max-request-bytes so an oversized request gets our message
-    server = create_server(max_receive_bytes=4 * args.max_request_bytes + 4096)
+    server = create_server(max_receive_bytes=4 * args.max_request_bytes + 4096, public=True)
     pb_grpc.add_GatewayServicer_to_server(
-        GatewayService(scheduler, store, tokenizer, info, limits, tracer), server
+        GatewayService(link, store, tokenizer, info, limits, tracer), server
     )
     state, address = await start_server(
         server, [pb.DESCRIPTOR.services_by_name["Gateway"].full_name], args.host, args.port
     )
-    await state.mark_serving()
     log.info("listening on %s", address)
+    watch = asyncio.create_task(link.watch_health(state))  # SERVING while the scheduler is
     await server.wait_for_termination()
+    watch.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level, "gateway")
+    use_internal_token(args.internal_token)
     asyncio.run(serve(args))
     return 0

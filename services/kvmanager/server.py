@@ -9,7 +9,7 @@ import logging
 import grpc
 
 from fastserve.flags import add_common_flags, add_flag, setup_logging
-from fastserve.rpc import create_server, start_server
+from fastserve.rpc import create_server, start_server, use_internal_token
 from fastserve.v1 import kvmanager_pb2 as pb
 from fastserve.v1 import kvmanager_pb2_grpc as pb_grpc
 
@@ -128,5 +128,6 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level, "kvmanager")
+    use_internal_token(args.internal_token)
     asyncio.run(serve(args))
     return 0

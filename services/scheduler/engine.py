@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import grpc
 from opentelemetry import trace
 
 from fastserve import tracing
-from fastserve.store import RequestStore
+from fastserve.store import JobLog
 from fastserve.v1 import common_pb2, kvmanager_pb2, scheduler_pb2, worker_pb2
 from fastserve.v1.kvmanager_pb2_grpc import KVManagerStub
 
@@ -93,6 +95,7 @@ class LiveJob:
             "promotions": job.promotions,
             "swaps_out": self.swaps_out,
             "recomputes": self.recomputes,
+            "queue_account": job.quantum_used,
             "finish_reason": FR.Name(self.finish_reason).removeprefix("FINISH_REASON_").lower()
             if self.finished
             else "",
@@ -119,7 +122,7 @@ class Engine:
         policy: Policy,
         workers: WorkerGroup,
         kv: KVManagerStub,
-        store: RequestStore,
+        store: JobLog,
         enst: EnstEstimator,
         cost_model: CostModel,
         tracer: trace.Tracer | None = None,
@@ -144,6 +147,10 @@ class Engine:
         self.iterations = 0
         self.wakeup = asyncio.Event()
         self._levels_seen: set[int] = set()
+        # A worker rank or the kvmanager went away: no new iteration starts until `recover` (set by
+        # the service) has the stack whole again; then every job's KV is gone and it recomputes.
+        self.kv_lost: str = ""
+        self.recover: Callable[[], Awaitable[None]] | None = None
 
     # -- requests in and out -------------------------------------------------------------
 
@@ -215,15 +222,22 @@ class Engine:
     async def run(self) -> None:
         in_flight: dict[asyncio.Task, list[LiveJob]] = {}
         while True:
-            await self._free_finished()
-            while len(in_flight) < self.config.pp_size:
-                batch, step = await self._next_batch()
-                if not batch:
-                    break
-                for live in batch:
-                    live.in_flight = True
-                task = asyncio.create_task(self._execute(batch, step))
-                in_flight[task] = batch
+            try:
+                await self._free_finished()
+                while len(in_flight) < self.config.pp_size and not self._outage():
+                    batch, step = await self._next_batch()
+                    if not batch:
+                        break
+                    for live in batch:
+                        live.in_flight = True
+                    task = asyncio.create_task(self._execute(batch, step))
+                    in_flight[task] = batch
+            except grpc.aio.AioRpcError as exc:
+                self.kv_lost = f"kvmanager: {exc.code().name} {exc.details()}"
+            if self._outage() and not in_flight and self.recover is not None:
+                await self._write_store()
+                await self.recover()
+                continue
             if not in_flight:
                 self._observe_queues([])  # idle: the gauges say so instead of keeping the last iteration's
                 await self._write_store()
@@ -395,6 +409,8 @@ class Engine:
                 (prefill, sum(not j.needs_prefill for j in jobs), sum(j.context_len for j in jobs), elapsed)
             )
         metrics.ITERATION_TOKENS.observe(sum(live.job.tokens_this_iteration for live in batch))
+        if tokens is None and self.workers.broken is not None:
+            return  # a rank died: these jobs wait for the group to come back, then recompute
         if tokens is None:
             log.error("iteration failed for %d jobs: %s", len(batch), error)
             for live in batch:
@@ -444,11 +460,30 @@ class Engine:
         reply = await self.kv.Free(kvmanager_pb2.FreeRequest(request_ids=ids))
         self.free_blocks, self.free_host_blocks = reply.free_gpu_blocks, reply.free_host_blocks
 
+    def _outage(self) -> str:
+        if self.workers.broken is not None:
+            return str(self.workers.broken)
+        return self.kv_lost
+
+    def forget_kv(self) -> None:
+        """Every job's KV is gone (its worker group or the kvmanager restarted): each one recomputes."""
+        for rid, live in self.jobs.items():
+            if rid in self.holds_kv or not live.job.needs_prefill:
+                live.recomputes += 1
+                metrics.RECOMPUTES.inc()
+            live.job.needs_prefill = True
+            if live.state in ("running", "swapped"):
+                live.state = "preempted"
+            self.dirty[rid] = live
+        self.holds_kv.clear()
+        self.running.clear()
+        self.pending_free.clear()
+        self.free_blocks, self.free_host_blocks = self.config.num_gpu_blocks, self.config.num_host_blocks
+        self.kv_lost = ""
+        self.wakeup.set()
+
     async def _write_store(self) -> None:
-        if not self.dirty:
-            return
-        updates, self.dirty = {rid: live.record() for rid, live in self.dirty.items()}, {}
-        try:
-            await self.store.write(updates)
-        except Exception as exc:  # Redis trouble must not stop serving
-            log.warning("could not write %d request records to Redis: %s", len(updates), exc)
+        """Hands what changed to the job log; its background task writes Redis (never blocking here)."""
+        for rid, live in self.dirty.items():
+            self.store.update(rid, live.record(), live.generated)
+        self.dirty = {}

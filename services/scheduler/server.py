@@ -8,22 +8,25 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+import redis.exceptions
 
 from fastserve import tracing
 from fastserve.flags import add_common_flags, add_flag, setup_logging
 from fastserve.metrics import serve_metrics
 from fastserve.model_spec import resolve_model
-from fastserve.rpc import channel, create_server, start_server, wait_serving
-from fastserve.store import RequestStore
+from fastserve.rpc import channel, create_server, start_server, use_internal_token, wait_serving
+from fastserve.store import JobLog, RequestStore
 from fastserve.v1 import common_pb2, kvmanager_pb2
 from fastserve.v1 import scheduler_pb2 as pb
 from fastserve.v1 import scheduler_pb2_grpc as pb_grpc
 from fastserve.v1.kvmanager_pb2_grpc import KVManagerStub
 
+from . import resume
 from .engine import Engine, EngineConfig
 from .enst import EnstEstimator
 from .policy import POLICIES, BatchLimits, CostModel, PolicyConfig, make_policy, swap_policy_of
 from .profiler import profile
+from .recovery import Recovery
 from .workers import WorkerGroup
 
 log = logging.getLogger("fastserve.scheduler")
@@ -34,10 +37,11 @@ class SchedulerService(pb_grpc.SchedulerServicer):
 
     def __init__(self) -> None:
         self.engine: Engine | None = None
+        self.job_log: JobLog | None = None
         self.info = pb.SchedulerInfo()
 
-    def ready(self, engine: Engine, info: pb.SchedulerInfo) -> None:
-        self.engine, self.info = engine, info
+    def ready(self, engine: Engine, job_log: JobLog, info: pb.SchedulerInfo) -> None:
+        self.engine, self.job_log, self.info = engine, job_log, info
 
     async def _require_engine(self, context: grpc.aio.ServicerContext) -> Engine:
         if self.engine is None:
@@ -47,20 +51,32 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     async def Submit(
         self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SubmitResponse]:
-        await self._require_engine(context)
-        problem = self._check(request)
-        if problem:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        live = self.engine.submit(request)
+        engine = await self._require_engine(context)
+        tokens = list(request.generated_token_ids)
+        live = engine.jobs.get(request.request_id) if request.resume else None
+        if live is not None:  # a gateway re-attaching to a job this scheduler still runs
+            yield resume.attach(live, len(tokens))
+        else:
+            problem = self._check(request)
+            if problem:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            reason = resume.ended(request, tokens, self.info.eos_token_id)
+            if reason:  # everything was generated before the outage; only the end was missing
+                yield resume.final_message(request, tokens, reason)
+                return
+            live = resume.take_on(engine, self.job_log, request, tokens)
+            if request.resume:
+                yield pb.SubmitResponse(first_index=len(tokens))
+        outbox = live.outbox
         try:
             while True:
-                message = await live.outbox.get()
+                message = await outbox.get()
                 yield message
                 if message.finish_reason:
                     return
         finally:
-            if not live.finished:  # the gateway went away: the job leaves within one iteration
-                self.engine.abort(request.request_id)
+            if not live.finished and live.outbox is outbox:  # the gateway went away: the job leaves
+                engine.abort(request.request_id)
 
     def _check(self, request: pb.SubmitRequest) -> str:
         if not request.request_id:
@@ -72,10 +88,19 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         max_tokens = request.sampling.max_tokens
         if max_tokens < 1:
             return "sampling.max_tokens: must be >= 1"
+        if len(request.generated_token_ids) > max_tokens:
+            return f"generated_token_ids: {len(request.generated_token_ids)} tokens is more than sampling.max_tokens"
         total = len(request.prompt_token_ids) + max_tokens
         if total > self.info.max_model_len:
             return f"prompt ({len(request.prompt_token_ids)} tokens) + sampling.max_tokens ({max_tokens}) = {total} exceeds max_model_len {self.info.max_model_len}"
-        bad = next((t for t in request.prompt_token_ids if t >= self.info.vocab_size), None)
+        bad = next(
+            (
+                t
+                for t in [*request.prompt_token_ids, *request.generated_token_ids]
+                if t >= self.info.vocab_size
+            ),
+            None,
+        )
         if bad is not None:
             return f"prompt_token_ids: {bad} is outside the vocabulary [0, {self.info.vocab_size})"
         return ""
@@ -182,8 +207,8 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("listening on %s (NOT_SERVING until workers and KV manager answer)", address)
 
     store = RequestStore(args.redis_url, args.request_ttl)
-    await store.ping()
-    log.info("connected to Redis at %s", args.redis_url.split("@")[-1])
+    await wait_for_redis(store, args.connect_timeout)
+    log.info("connected to Redis at %s", store.address)
     kv_channel = channel(args.kvmanager_address)
     await wait_serving(kv_channel, args.kvmanager_address, args.connect_timeout)
     kv = KVManagerStub(kv_channel)
@@ -194,15 +219,14 @@ async def serve(args: argparse.Namespace) -> None:
     first = workers.infos[0]
     reserve = args.kv_reserve_blocks if args.kv_reserve_blocks >= 0 else -(-workers.num_gpu_blocks // 20)
     host_blocks = 0 if args.swap_policy == "recompute" else workers.num_host_blocks  # recompute never swaps
-    await kv.Configure(
-        kvmanager_pb2.ConfigureRequest(
-            num_gpu_blocks=workers.num_gpu_blocks,
-            num_host_blocks=host_blocks,
-            block_size=first.block_size,
-            swap_policy=args.swap_policy,
-            reserve_blocks=reserve,
-        )
+    configure = kvmanager_pb2.ConfigureRequest(
+        num_gpu_blocks=workers.num_gpu_blocks,
+        num_host_blocks=host_blocks,
+        block_size=first.block_size,
+        swap_policy=args.swap_policy,
+        reserve_blocks=reserve,
     )
+    await kv.Configure(configure)
     limits = BatchLimits(max_batch_size=args.max_batch_size, max_batched_tokens=args.max_num_batched_tokens)
     samples = await profile(
         workers,
@@ -257,7 +281,10 @@ async def serve(args: argparse.Namespace) -> None:
         num_host_blocks=host_blocks,
         block_size=first.block_size,
     )
-    engine = Engine(config, policy, workers, kv, store, enst, cost_model, tracer)
+    job_log = JobLog(store)
+    job_log.start()
+    engine = Engine(config, policy, workers, kv, job_log, enst, cost_model, tracer)
+    recovery = Recovery(engine, workers, kv_channel, args.kvmanager_address, configure, state)
     info = pb.SchedulerInfo(
         model=first.model,
         dtype=first.dtype,
@@ -276,8 +303,12 @@ async def serve(args: argparse.Namespace) -> None:
         tokenizer=resolve_model(first.model).tokenizer,
         swap_policy=args.swap_policy,
     )
-    service.ready(engine, info)
+    restored = await resume.restore(engine, job_log, store)
+    if restored:
+        log.warning("re-queued %d unfinished jobs from Redis; each recomputes its KV", restored)
+    service.ready(engine, job_log, info)
     loop_task = asyncio.create_task(engine.run())
+    watch_task = asyncio.create_task(recovery.watch_kvmanager())
     await state.mark_serving()
     log.info(
         "serving: policy %s, max batch %d, max batched tokens %d, max model len %d",
@@ -287,14 +318,30 @@ async def serve(args: argparse.Namespace) -> None:
         info.max_model_len,
     )
     done, _ = await asyncio.wait(
-        [loop_task, asyncio.create_task(server.wait_for_termination())], return_when=asyncio.FIRST_COMPLETED
+        [loop_task, watch_task, asyncio.create_task(server.wait_for_termination())],
+        return_when=asyncio.FIRST_COMPLETED,
     )
     for task in done:
         task.result()  # a crashed loop must take the service down loudly
 
 
+async def wait_for_redis(store: RequestStore, timeout: float) -> None:
+    """A scheduler starting while Redis restarts waits for it: the unfinished jobs are there."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            await store.ping()
+            return
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise SystemExit(f"Redis at {store.address} unreachable for {timeout:.0f}s: {exc}") from None
+            log.warning("waiting for Redis at %s: %s", store.address, exc)
+            await asyncio.sleep(0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level, "scheduler")
+    use_internal_token(args.internal_token)
     asyncio.run(serve(args))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import grpc
 
@@ -35,15 +36,24 @@ class WorkerGroup:
         self._pending: dict[int, list[asyncio.Future]] = {}
         self._write_lock = asyncio.Lock()
         self._readers: list[asyncio.Task] = []
+        self._channels: list[grpc.aio.Channel] = []
         self.broken: WorkerError | None = None
+        self.on_broken: Callable[[], None] = lambda: None  # called once when a rank goes away
 
     async def connect(self, timeout: float) -> None:
-        channels = [channel(a) for a in self.addresses]
+        self._channels = channels = [channel(a) for a in self.addresses]
         await asyncio.gather(
             *(wait_serving(c, a, timeout) for c, a in zip(channels, self.addresses, strict=True))
         )
         stubs = [pb_grpc.WorkerStub(c) for c in channels]
-        self.infos = list(await asyncio.gather(*(s.Info(pb.WorkerInfoRequest()) for s in stubs)))
+        infos = list(await asyncio.gather(*(s.Info(pb.WorkerInfoRequest()) for s in stubs)))
+        if self.infos and [(i.num_gpu_blocks, i.num_host_blocks) for i in infos] != [
+            (i.num_gpu_blocks, i.num_host_blocks) for i in self.infos
+        ]:
+            raise WorkerError(
+                "the restarted worker group has a different KV pool size; restart the scheduler"
+            )
+        self.infos = infos
         self._check_consistent()
         self._calls = [stub.Step() for stub in stubs]
         self._readers = [asyncio.create_task(self._read(rank, call)) for rank, call in enumerate(self._calls)]
@@ -100,11 +110,35 @@ class WorkerGroup:
             error = WorkerError(
                 f"worker rank {rank} ({self.addresses[rank]}): {exc.code().name} {exc.details()}"
             )
+        if call is not self._calls[rank]:
+            return  # a stream of a group this scheduler already gave up on
         log.error("%s", error)
-        self.broken = error
+        if self.broken is None:
+            self.broken = error
+            self.on_broken()
         for futures in self._pending.values():
             if not futures[rank].done():
                 futures[rank].set_exception(error)
+
+    async def reconnect(self) -> None:
+        """After a rank died: drops every stream and waits (as long as it takes) for the whole group
+        to be SERVING again, then opens fresh streams. Every rank's KV is gone."""
+        for call in self._calls:
+            call.cancel()
+        for task in self._readers:
+            task.cancel()
+        for chan in self._channels:
+            await chan.close()
+        self._pending.clear()
+        log.warning("worker group down (%s); waiting for it to come back", self.broken)
+        while True:
+            try:
+                await self.connect(timeout=30.0)
+                break
+            except (TimeoutError, grpc.aio.AioRpcError) as exc:
+                log.warning("worker group not back yet: %s", exc)
+        self.broken = None
+        log.info("worker group is back: %d ranks reconnected", len(self._calls))
 
     async def step(self, request: pb.StepRequest) -> pb.StepResponse:
         """Runs one step on every rank; the driver's answer, or WorkerError if any rank failed."""

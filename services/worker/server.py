@@ -21,7 +21,7 @@ from opentelemetry import trace
 from fastserve import tracing
 from fastserve.flags import add_common_flags, add_flag, setup_logging
 from fastserve.model_spec import ModelSpec, resolve_model
-from fastserve.rpc import create_server, start_server
+from fastserve.rpc import create_server, start_server, use_internal_token
 from fastserve.v1 import worker_pb2 as pb
 from fastserve.v1 import worker_pb2_grpc as pb_grpc
 
@@ -331,6 +331,7 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level, f"worker{args.rank}")
+    use_internal_token(args.internal_token)
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     log.info("torch uses %d CPU threads", torch.get_num_threads())

@@ -1,0 +1,92 @@
+"""Jobs that outlive a scheduler: taken on with their durable record, re-queued after a restart,
+and re-attached to a gateway that comes back for them.
+
+A job's spec (the SubmitRequest) goes to Redis when the scheduler takes it on; its tokens follow
+once per iteration (fastserve.store.JobLog). A starting scheduler re-queues every unfinished job
+with the tokens Redis holds; its KV is gone, so its first iteration recomputes prompt + tokens.
+A gateway re-attaches with `resume` and the tokens its client already has; the stream then opens
+with a message whose `first_index` says where its tokens start.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastserve.store import JobLog, RequestStore
+from fastserve.v1 import common_pb2
+from fastserve.v1 import scheduler_pb2 as pb
+
+from .engine import Engine, LiveJob
+
+log = logging.getLogger("fastserve.scheduler.resume")
+FR = common_pb2.FinishReason
+
+
+def ended(request: pb.SubmitRequest, tokens: list[int], eos_token_id: int) -> int:
+    """The finish reason of a job that already has `tokens`, or 0 when it goes on."""
+    if tokens and tokens[-1] == eos_token_id and not request.sampling.ignore_eos:
+        return FR.FINISH_REASON_STOP
+    if len(tokens) >= request.sampling.max_tokens:
+        return FR.FINISH_REASON_LENGTH
+    return FR.FINISH_REASON_UNSPECIFIED
+
+
+def take_on(
+    engine: Engine, job_log: JobLog, request: pb.SubmitRequest, tokens: list[int], record: dict | None = None
+) -> LiveJob:
+    """Queues the job (with the tokens it already has) and writes its durable record."""
+    live = engine.submit(request)
+    if tokens:
+        live.generated = list(tokens)
+        live.job.num_generated = len(tokens)
+        live.first_token_time = float((record or {}).get("first_token_time") or 0.0)
+    live.recomputes = int((record or {}).get("recomputes") or 0) + (1 if tokens else 0)
+    job_log.begin(
+        request.request_id,
+        request.SerializeToString(),
+        {
+            "arrival_time": request.arrival_time,
+            "max_tokens": request.sampling.max_tokens,
+            **live.record(),
+        },
+    )
+    job_log.update(request.request_id, {}, live.generated)
+    return live
+
+
+def attach(live: LiveJob, have: int) -> pb.SubmitResponse:
+    """Re-attaches a stream to a job still in this scheduler; the opening message replays what the
+    client lacks (tokens from index `have` on), or says where the next token's index starts."""
+    live.outbox = type(live.outbox)()
+    start = min(have, len(live.generated))
+    return pb.SubmitResponse(token_ids=live.generated[start:], first_index=start)
+
+
+def final_message(request: pb.SubmitRequest, tokens: list[int], reason: int) -> pb.SubmitResponse:
+    return pb.SubmitResponse(
+        first_index=len(tokens),
+        finish_reason=reason,
+        prompt_tokens=len(request.prompt_token_ids),
+        completion_tokens=len(tokens),
+    )
+
+
+async def restore(engine: Engine, job_log: JobLog, store: RequestStore) -> int:
+    """Re-queues every unfinished job Redis holds; returns how many."""
+    count = 0
+    for saved in await store.unfinished():
+        request = pb.SubmitRequest.FromString(saved.spec)
+        reason = ended(request, saved.tokens, engine.config.eos_token_id)
+        if reason:  # finished, but the final state did not reach Redis before the restart
+            job_log.update(
+                saved.request_id,
+                {
+                    "state": "finished",
+                    "finish_reason": FR.Name(reason).removeprefix("FINISH_REASON_").lower(),
+                    "generated_tokens": len(saved.tokens),
+                },
+            )
+            continue
+        take_on(engine, job_log, request, saved.tokens, saved.fields)
+        count += 1
+    return count
