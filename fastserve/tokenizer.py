@@ -40,6 +40,8 @@ class HFTokenizer:
         from transformers import AutoTokenizer
 
         self.inner = AutoTokenizer.from_pretrained(name_or_path)
+        if len(self.inner) <= 1:  # a checkpoint saved without tokenizer files loads as an empty one
+            raise ValueError(f"{name_or_path}: the tokenizer has no vocabulary")
         self.eos_token_id = int(self.inner.eos_token_id)
 
     def encode(self, text: str) -> list[int]:

@@ -10,22 +10,20 @@ import torch
 
 from fastserve.model_spec import PRESETS, resolve_model
 from services.worker import attention
+from services.worker.penalties import TokenCounts, process_logits
 from services.worker.runner import ModelRunner, SeqWork
-from services.worker.sampling import Sampler, derive_seed
+from services.worker.sampling import Sampler, SamplingParams, derive_seed, logprobs
 from tests.helpers_checkpoint import make_tiny_opt_checkpoint
 
 VOCAB = 272
 
 
 def draw(sampler: Sampler, logits: torch.Tensor, rows: list[dict]) -> list[int]:
-    return sampler(
-        logits,
-        [r.get("temperature", 1.0) for r in rows],
-        [r.get("top_p", 1.0) for r in rows],
-        [r.get("top_k", 0) for r in rows],
-        [r.get("seed") for r in rows],
-        [r.get("sample_index", 0) for r in rows],
-    )
+    params = [
+        SamplingParams(**{"temperature": 1.0, **{k: v for k, v in r.items() if k != "sample_index"}})
+        for r in rows
+    ]
+    return sampler(logits, params, [r.get("sample_index", 0) for r in rows])
 
 
 # --- sampling ---------------------------------------------------------------------------------
@@ -79,6 +77,40 @@ def test_top_k_one_and_tiny_top_p_equal_greedy_and_filters_restrict_support():
     # softmax([4,3,2,1,0]) = .64, .23, .09, ...: top_p 0.8 keeps exactly the first two
     nucleus = set(draw(sampler, row, [{"seed": 8, "sample_index": i, "top_p": 0.8} for i in range(300)]))
     assert nucleus == {0, 1}
+    # min_p 0.3 keeps tokens with p >= 0.3 x 0.64: the first two (0.23 >= 0.19, 0.09 < 0.19)
+    min_p = set(draw(sampler, row, [{"seed": 9, "sample_index": i, "min_p": 0.3} for i in range(300)]))
+    assert min_p == {0, 1}
+
+
+def test_penalties_bias_and_min_tokens_follow_vllm_definitions():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    counts = TokenCounts(5, torch.device("cpu"))
+    counts.start("a", [0, 1], [3, 3, 2])  # prompt 0 1, generated 3 3 2
+    params = [
+        SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25),
+        SamplingParams(logit_bias=((4, 10.0),), min_tokens=2, stop_token_ids=(0, 2)),
+    ]
+    out = process_logits(logits.clone(), params, [3, 1], ["a", "b"], counts)
+    # a: repetition on prompt + generated (2/2, -1*2, 0.5/2, 3/2); then -0.5*count - 0.25*seen on generated
+    assert out[0].tolist() == [1.0, -2.0, 0.25 - 0.5 - 0.25, 1.5 - 1.0 - 0.25, -2.0]
+    assert out[1].tolist() == [float("-inf"), 1.0, float("-inf"), 1.0, 11.0]  # masked until 2 generated
+    assert process_logits(logits[1:].clone(), params[1:], [2], ["b"], counts)[0, 0] == 1.0
+    counts.add(["a"], [4])
+    assert counts.rows(["a"])[0].tolist() == [[0.0, 0.0, 1.0, 2.0, 1.0]]
+    counts.forget(["a"])
+    assert "a" not in counts
+
+
+def test_logprobs_are_of_the_tempered_distribution_with_ranks():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [1.0, 3.0, 2.0, 0.0]])
+    params = [SamplingParams(logprobs=2), SamplingParams(temperature=2.0, logprobs=0)]
+    out = logprobs(logits, params, [1, 2])
+    greedy = logits[0].log_softmax(-1)
+    assert out[0].token_id == 1 and out[0].rank == 1 and out[0].logprob == pytest.approx(greedy[1].item())
+    assert [t for t, _ in out[0].top] == [1, 2]
+    assert out[1].rank == 2 and out[1].top == []
+    assert out[1].logprob == pytest.approx((logits[1] / 2).log_softmax(-1)[2].item())
+    assert logprobs(logits, [SamplingParams(), SamplingParams()], [1, 1]) == {}
 
 
 def test_unseeded_sampling_is_reproducible_per_runner_seed():
@@ -154,13 +186,13 @@ def test_dummy_opt_tiny_runs_a_step(dtype):
 
 def test_seeded_sampling_through_the_runner_ignores_batch_composition():
     runner = ModelRunner(resolve_model("opt-tiny"), dtype=torch.float32, device="cpu", num_gpu_blocks=16)
-    a = SeqWork("a", [2, 10, 20, 30], 0, [0], temperature=0.9, top_p=0.95, seed=11, sample_index=0)
-    b = SeqWork("b", [2, 99], 0, [1], temperature=1.0, seed=12)
-    c = SeqWork("c", [2, 50, 51, 52, 53], 0, [2], temperature=0.0)
+    a = SeqWork("a", [2, 10, 20, 30], 0, [0], SamplingParams(temperature=0.9, top_p=0.95, seed=11))
+    b = SeqWork("b", [2, 99], 0, [1], SamplingParams(temperature=1.0, seed=12))
+    c = SeqWork("c", [2, 50, 51, 52, 53], 0, [2], SamplingParams(temperature=0.0))
     alone = runner.step([a])
     assert runner.step([b, c, a])[2] == alone[0]
     greedy = runner.step([SeqWork("a", a.token_ids, 0, [0])])
-    top1 = runner.step([SeqWork("a", a.token_ids, 0, [0], temperature=1.5, top_k=1, seed=4)])
+    top1 = runner.step([SeqWork("a", a.token_ids, 0, [0], SamplingParams(temperature=1.5, top_k=1, seed=4))])
     assert top1 == greedy
 
 

@@ -60,6 +60,20 @@ BAD_REQUESTS = {
         "top_k",
     ),
     "oversized": (gateway_pb2.GenerateRequest(prompt="x" * (2 << 20)), "bytes"),
+    "logprobs above limit": (
+        gateway_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(logprobs=21)),
+        "--max-logprobs",
+    ),
+    "NaN penalty": (
+        gateway_pb2.GenerateRequest(
+            prompt="hi", sampling=common_pb2.SamplingParams(presence_penalty=float("nan"))
+        ),
+        "presence_penalty",
+    ),
+    "stop token outside vocabulary": (
+        gateway_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(stop_token_ids=[10**6])),
+        "stop_token_ids",
+    ),
 }
 
 

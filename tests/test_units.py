@@ -53,6 +53,12 @@ def test_text_stream_holds_back_only_possible_stop_prefixes_and_cuts_at_stop():
     assert stream.stopped and out == "hello "
 
 
+def test_text_stream_names_the_earliest_stop_and_can_keep_it():
+    tok = ByteTokenizer()
+    stream = TextStream(tok, ("LO", "ELL", "EL"), include_stop=True)
+    assert stream.add(tok.encode("HELLO")[1:]) == "HELL" and stream.matched == "ELL"
+
+
 def test_text_stream_flushes_everything_without_stop():
     tok = ByteTokenizer()
     stream = TextStream(tok, ())

@@ -53,7 +53,7 @@ class GatewayService(pb_grpc.GatewayServicer):
         self.tokenizer = tokenizer
         self.info = info
         self.limits = limits
-        self.in_flight: set[str] = set()
+        self.in_flight: dict[str, list[str]] = {}  # request id -> its completions' job ids
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -62,11 +62,8 @@ class GatewayService(pb_grpc.GatewayServicer):
         try:
             check_envelope(request, self.limits)
             sampling = resolve_sampling(request, self.limits)
-            if sampling.n > 1:
-                raise InvalidRequest(f"sampling.n: {sampling.n} is not supported yet (only 1)")
-            job_sampling = sampling.job_sampling(0)
             prompt_ids = list(request.prompt_token_ids) or self.tokenizer.encode(request.prompt)
-            check_length(len(prompt_ids), job_sampling.max_tokens, self.limits)
+            check_length(len(prompt_ids), sampling.resolved.max_tokens, self.limits)
             request_id = request.request_id or uuid.uuid4().hex
             if request_id in self.in_flight:
                 raise InvalidRequest(f"request_id: {request_id!r} is already in flight")
@@ -75,34 +72,58 @@ class GatewayService(pb_grpc.GatewayServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
         metrics.PROMPT_TOKENS.inc(len(prompt_ids))
-        self.in_flight.add(request_id)
-        stream = None
+        # Each completion is its own job to the scheduler: the request's id when n = 1, else id-i.
+        job_ids = [request_id] if sampling.n == 1 else [f"{request_id}-{i}" for i in range(sampling.n)]
+        self.in_flight[request_id] = job_ids
+        resolved = sampling.resolved
+        streams: list = []
         span = self.tracer.start_span(
             "fastserve.generate",
             kind=trace.SpanKind.SERVER,
             attributes={
                 "gen_ai.operation.name": "text_completion",
                 "gen_ai.request.model": self.info.model,
-                "gen_ai.request.max_tokens": job_sampling.max_tokens,
-                "gen_ai.request.temperature": job_sampling.temperature,
-                "gen_ai.request.top_p": job_sampling.top_p,
-                "gen_ai.request.top_k": job_sampling.top_k,
+                "gen_ai.request.max_tokens": resolved.max_tokens,
+                "gen_ai.request.temperature": resolved.temperature,
+                "gen_ai.request.top_p": resolved.top_p,
+                "gen_ai.request.top_k": resolved.top_k,
+                "gen_ai.request.choice.count": sampling.n,
                 "gen_ai.usage.input_tokens": len(prompt_ids),
                 "fastserve.request_id": request_id,
             },
         )
         try:
-            submit = scheduler_pb2.SubmitRequest(
-                request_id=request_id,
-                prompt_token_ids=prompt_ids,
-                sampling=job_sampling,
-                arrival_time=arrival,
-                trace_context=tracing.inject(trace.set_span_in_context(span)),
-            )
-            stream = self.link.stream(submit)  # the scheduler records the request in Redis
-            text = TextStream(self.tokenizer, tuple(job_sampling.stop))
+            trace_context = tracing.inject(trace.set_span_in_context(span))
+            streams = [
+                self.link.stream(  # the scheduler records the job in Redis
+                    scheduler_pb2.SubmitRequest(
+                        request_id=job_id,
+                        prompt_token_ids=prompt_ids,
+                        sampling=sampling.job_sampling(i),
+                        arrival_time=arrival,
+                        trace_context=trace_context,
+                    )
+                )
+                for i, job_id in enumerate(job_ids)
+            ]
             last_sent = None
-            async for reply in self._relay(request_id, stream, text, len(prompt_ids)):
+            output_tokens = 0
+            reasons: list[str] = []
+            replies = merge(
+                [
+                    self._relay(
+                        request_id,
+                        job_id,
+                        i,
+                        stream,
+                        len(prompt_ids),
+                        resolved,
+                        request.continuous_usage_stats,
+                    )
+                    for i, (job_id, stream) in enumerate(zip(job_ids, streams, strict=True))
+                ]
+            )
+            async for reply in replies:
                 now = time.time()
                 if reply.token_ids:
                     metrics.GENERATION_TOKENS.inc(len(reply.token_ids))
@@ -116,13 +137,12 @@ class GatewayService(pb_grpc.GatewayServicer):
                     reason = FR.Name(reply.finish_reason).removeprefix("FINISH_REASON_").lower()
                     metrics.E2E.observe(now - arrival)
                     metrics.FINISHED.labels(reason).inc()
-                    span.set_attributes(
-                        {
-                            "gen_ai.usage.output_tokens": reply.usage.completion_tokens,
-                            "gen_ai.response.finish_reasons": [reason],
-                        }
-                    )
+                    output_tokens += reply.usage.completion_tokens
+                    reasons.append(reason)
                 yield reply
+            span.set_attributes(
+                {"gen_ai.usage.output_tokens": output_tokens, "gen_ai.response.finish_reasons": reasons}
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.details())
@@ -133,62 +153,88 @@ class GatewayService(pb_grpc.GatewayServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         finally:
             span.end()
-            self.in_flight.discard(request_id)
-            if stream is not None:
+            self.in_flight.pop(request_id, None)
+            for stream in streams:
                 await stream.aclose()  # the client went away: the scheduler drops the job
 
     async def _relay(
-        self, request_id: str, call, text: TextStream, prompt_len: int
+        self,
+        request_id: str,
+        job_id: str,
+        index: int,
+        call,
+        prompt_len: int,
+        sampling: common_pb2.ResolvedSampling,
+        usage_always: bool,
     ) -> AsyncIterator[pb.GenerateResponse]:
+        """One completion's stream: text deltas, logprobs, and the final message with the outcome."""
+        text = TextStream(self.tokenizer, tuple(sampling.stop), sampling.include_stop_str_in_output)
         completion = 0
+
+        def message(reply, token_ids, delta: str, **final) -> pb.GenerateResponse:
+            out = pb.GenerateResponse(
+                request_id=request_id,
+                index=index,
+                token_ids=token_ids,
+                text=delta,
+                logprobs=reply.logprobs,
+                prompt_logprobs=reply.prompt_logprobs,
+                **final,
+            )
+            if final or usage_always:
+                out.usage.CopyFrom(common_pb2.Usage(prompt_tokens=prompt_len, completion_tokens=completion))
+            return out
+
         async for reply in call:
-            completion += len(reply.token_ids)
-            delta = text.add(list(reply.token_ids)) if reply.token_ids else ""
+            token_ids = list(reply.token_ids)
+            completion += len(token_ids)
+            stop_token = reply.stop_reason.WhichOneof("kind") in ("eos", "token_id")
+            # vLLM: the text of the EOS / stop token that ended generation is left out unless asked for
+            shown = token_ids[:-1] if stop_token and not sampling.include_stop_str_in_output else token_ids
+            delta = text.add(shown) if shown else ""
             if text.stopped:
                 await self.scheduler.Abort(
-                    scheduler_pb2.AbortRequest(request_id=request_id, reason=FR.FINISH_REASON_STOP)
+                    scheduler_pb2.AbortRequest(request_id=job_id, reason=FR.FINISH_REASON_STOP)
                 )
-                yield self._final(
-                    request_id, reply.token_ids, delta, FR.FINISH_REASON_STOP, prompt_len, completion
+                yield message(
+                    reply,
+                    token_ids,
+                    delta,
+                    finish_reason=FR.FINISH_REASON_STOP,
+                    stop_reason=common_pb2.StopReason(text=text.matched),
                 )
                 return
             if reply.finish_reason:
                 delta += text.finish()
-                reason = FR.FINISH_REASON_STOP if text.stopped else reply.finish_reason
-                yield self._final(
-                    request_id, reply.token_ids, delta, reason, prompt_len, completion, reply.error
-                )
+                final = {"finish_reason": reply.finish_reason, "error": reply.error}
+                if reply.HasField("stop_reason"):
+                    final["stop_reason"] = reply.stop_reason
+                if text.stopped:
+                    final.update(
+                        finish_reason=FR.FINISH_REASON_STOP,
+                        stop_reason=common_pb2.StopReason(text=text.matched),
+                    )
+                yield message(reply, token_ids, delta, **final)
                 return
-            if reply.token_ids:
-                yield pb.GenerateResponse(request_id=request_id, token_ids=reply.token_ids, text=delta)
-        yield self._final(
-            request_id,
+            if token_ids or reply.prompt_logprobs:
+                yield message(reply, token_ids, delta)
+        yield message(
+            scheduler_pb2.SubmitResponse(),
             [],
             text.finish(),
-            FR.FINISH_REASON_ERROR,
-            prompt_len,
-            completion,
-            "the scheduler closed the stream before the request finished",
-        )
-
-    @staticmethod
-    def _final(
-        request_id: str, token_ids, text: str, reason: int, prompt_len: int, completion: int, error: str = ""
-    ) -> pb.GenerateResponse:
-        return pb.GenerateResponse(
-            request_id=request_id,
-            token_ids=token_ids,
-            text=text,
-            finish_reason=reason,
-            usage=common_pb2.Usage(prompt_tokens=prompt_len, completion_tokens=completion),
-            error=error,
+            finish_reason=FR.FINISH_REASON_ERROR,
+            error="the scheduler closed the stream before the request finished",
         )
 
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
+        """Cancels every completion of the request."""
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
-        reply = await self.scheduler.Abort(scheduler_pb2.AbortRequest(request_id=request.request_id))
-        return pb.CancelResponse(cancelled=reply.found)
+        job_ids = self.in_flight.get(request.request_id, [request.request_id])
+        replies = await asyncio.gather(
+            *(self.scheduler.Abort(scheduler_pb2.AbortRequest(request_id=job_id)) for job_id in job_ids)
+        )
+        return pb.CancelResponse(cancelled=any(r.found for r in replies))
 
     async def GetRequest(
         self, request: pb.GetRequestRequest, context: grpc.aio.ServicerContext
@@ -231,6 +277,40 @@ class GatewayService(pb_grpc.GatewayServicer):
             swap_policy=i.swap_policy,
             version=VERSION,
         )
+
+
+async def merge(streams: list[AsyncIterator[pb.GenerateResponse]]) -> AsyncIterator[pb.GenerateResponse]:
+    """The messages of several streams as they come (one stream: itself, no tasks)."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream: AsyncIterator[pb.GenerateResponse]) -> None:
+        try:
+            async for item in stream:
+                await queue.put(item)
+        except Exception as exc:  # handed to the consumer, which re-raises it
+            await queue.put(exc)
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

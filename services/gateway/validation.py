@@ -45,11 +45,13 @@ class Sampling:
     resolved: common_pb2.ResolvedSampling  # completion 0's; completion i differs only in its seed
 
     def job_sampling(self, index: int) -> common_pb2.ResolvedSampling:
-        """Completion `index`'s sampling: the request's seed for the first, one derived from it for the rest."""
+        """Completion `index`'s sampling: the request's seed for the first, one derived from it for
+        the rest (which skip the prompt logprobs: the first completion carries them)."""
         job = common_pb2.ResolvedSampling()
         job.CopyFrom(self.resolved)
         if index:
             job.seed = derive_seed(self.resolved.seed, index)
+            job.prompt_logprobs, job.prompt_top_logprobs = False, 0
         return job
 
 

@@ -190,7 +190,10 @@ class Engine:
         self.wakeup.set()
         return True
 
-    def _finish(self, live: LiveJob, reason: int, error: str = "") -> None:
+    def _finish(
+        self, live: LiveJob, reason: int, error: str = "", last: scheduler_pb2.SubmitResponse | None = None
+    ) -> None:
+        """Ends the job; its last message (``last``: the final token's, if any) carries the outcome."""
         live.finish_reason = reason
         live.state = STATE_OF_REASON[reason]
         live.finish_time = time.time()
@@ -208,14 +211,12 @@ class Engine:
             self.holds_kv.discard(live.request_id)
             self.pending_free.append(live.request_id)
         self.dirty[live.request_id] = live
-        live.outbox.put_nowait(
-            scheduler_pb2.SubmitResponse(
-                finish_reason=reason,
-                prompt_tokens=live.job.prompt_len,
-                completion_tokens=len(live.generated),
-                error=error,
-            )
-        )
+        last = last or scheduler_pb2.SubmitResponse()
+        last.finish_reason = reason
+        last.prompt_tokens = live.job.prompt_len
+        last.completion_tokens = len(live.generated)
+        last.error = error
+        live.outbox.put_nowait(last)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -366,7 +367,7 @@ class Engine:
 
     async def _execute(
         self, batch: list[LiveJob], request: worker_pb2.StepRequest
-    ) -> tuple[list[int] | None, float, str]:
+    ) -> tuple[list[int] | None, dict[int, worker_pb2.SeqLogprobs], float, str]:
         self.iterations += 1
         # The iteration joins the trace of its first (highest-priority) job and links to every job it served.
         span = self.tracer.start_span(
@@ -382,7 +383,7 @@ class Engine:
             reply = await self.workers.step(request)
         except WorkerError as exc:
             span.set_status(trace.StatusCode.ERROR, str(exc))
-            return None, time.monotonic() - started, str(exc)
+            return None, {}, time.monotonic() - started, str(exc)
         finally:
             span.end()
         metrics.COMPUTE_TIME.observe(reply.compute_seconds)
@@ -391,12 +392,21 @@ class Engine:
         if len(reply.token_ids) != len(batch):
             return (
                 None,
+                {},
                 time.monotonic() - started,
                 f"driver returned {len(reply.token_ids)} tokens for {len(batch)} jobs",
             )
-        return list(reply.token_ids), time.monotonic() - started, ""
+        logprobs = {lp.seq_index: lp for lp in reply.logprobs}
+        return list(reply.token_ids), logprobs, time.monotonic() - started, ""
 
-    def _complete(self, batch: list[LiveJob], tokens: list[int] | None, elapsed: float, error: str) -> None:
+    def _complete(
+        self,
+        batch: list[LiveJob],
+        tokens: list[int] | None,
+        logprobs: dict[int, worker_pb2.SeqLogprobs],
+        elapsed: float,
+        error: str,
+    ) -> None:
         now = time.monotonic()
         for live in batch:
             live.in_flight = False
@@ -416,16 +426,16 @@ class Engine:
             for live in batch:
                 self._finish(live, FR.FINISH_REASON_ERROR, error)
             return
-        for live, token in zip(batch, tokens, strict=True):
+        for i, (live, token) in enumerate(zip(batch, tokens, strict=True)):
             if live.finished:
                 continue
-            self._emit(live, token)
+            self._emit(live, token, logprobs.get(i))
         self._apply(self.policy.on_iteration_done([live.job for live in batch], elapsed, now))
         for live in batch:
             if not live.finished and live.abort_reason is not None:
                 self._finish(live, live.abort_reason)
 
-    def _emit(self, live: LiveJob, token: int) -> None:
+    def _emit(self, live: LiveJob, token: int, logprobs: worker_pb2.SeqLogprobs | None = None) -> None:
         live.generated.append(token)
         live.job.num_generated += 1
         live.job.needs_prefill = False
@@ -433,14 +443,26 @@ class Engine:
             live.first_token_time = time.time()
             live.span.add_event("first_token")
         self.dirty[live.request_id] = live
+        message = scheduler_pb2.SubmitResponse(token_ids=[token])
+        if logprobs is not None:
+            if logprobs.HasField("sampled"):
+                message.logprobs.append(logprobs.sampled)
+            message.prompt_logprobs.extend(logprobs.prompt_logprobs)
+        sampling = live.request.sampling
         reason = FR.FINISH_REASON_UNSPECIFIED
-        if token == self.config.eos_token_id and not live.request.sampling.ignore_eos:
-            reason = FR.FINISH_REASON_STOP
-        elif len(live.generated) >= live.job.max_tokens:
+        if len(live.generated) > sampling.min_tokens:  # the workers mask stop tokens until then
+            if token == self.config.eos_token_id and not sampling.ignore_eos:
+                reason = FR.FINISH_REASON_STOP
+                message.stop_reason.eos = True
+            elif token in sampling.stop_token_ids:
+                reason = FR.FINISH_REASON_STOP
+                message.stop_reason.token_id = token
+        if not reason and len(live.generated) >= live.job.max_tokens:
             reason = FR.FINISH_REASON_LENGTH
-        live.outbox.put_nowait(scheduler_pb2.SubmitResponse(token_ids=[token]))
-        if reason != FR.FINISH_REASON_UNSPECIFIED:
-            self._finish(live, reason)
+        if reason:
+            self._finish(live, reason, last=message)
+        else:
+            live.outbox.put_nowait(message)
 
     def _apply(self, transitions: list[Transition]) -> None:
         for t in transitions:

@@ -24,7 +24,10 @@ FR = common_pb2.FinishReason
 
 def ended(request: pb.SubmitRequest, tokens: list[int], eos_token_id: int) -> int:
     """The finish reason of a job that already has `tokens`, or 0 when it goes on."""
-    if tokens and tokens[-1] == eos_token_id and not request.sampling.ignore_eos:
+    sampling = request.sampling
+    if len(tokens) > sampling.min_tokens and (
+        (tokens[-1] == eos_token_id and not sampling.ignore_eos) or tokens[-1] in sampling.stop_token_ids
+    ):
         return FR.FINISH_REASON_STOP
     if len(tokens) >= request.sampling.max_tokens:
         return FR.FINISH_REASON_LENGTH

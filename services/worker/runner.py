@@ -20,10 +20,12 @@ from .attention import AttentionMetadata, PrefillChunk
 from .kv_cache import KVCache
 from .loader import init_dummy, load_checkpoint
 from .model import OPTShard
-from .sampling import Sampler
+from .penalties import TokenCounts, process_logits
+from .sampling import GREEDY, Sampler, SamplingParams, TokenLogprobs, logprobs, top_logprobs
 from .tp import ParallelContext
 
 log = logging.getLogger("fastserve.worker.runner")
+PROMPT_LOGPROBS_CHUNK = 256  # prompt positions scored at once (bounds the [chunk, vocab] logits)
 
 
 @dataclass
@@ -32,11 +34,20 @@ class SeqWork:
     token_ids: list[int]  # tokens fed this iteration: the whole context on (re)prefill, else the last token
     start_pos: int  # tokens of this job already in the KV cache
     block_table: list[int]  # KV block ids covering positions [0, start_pos + len(token_ids))
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = disabled
-    seed: int | None = None  # per-request seed; sampling is reproducible given (seed, sample_index)
+    sampling: SamplingParams = GREEDY  # reproducible given (seed, sample_index)
     sample_index: int = 0  # how many tokens this job has generated so far
+
+    @property
+    def first_prefill(self) -> bool:
+        """The job's whole prompt is fed and nothing was generated yet."""
+        return self.start_pos == 0 and self.sample_index == 0
+
+
+@dataclass
+class StepOutput:
+    tokens: list[int]  # one per job, in the order of the step's seqs
+    logprobs: dict[int, TokenLogprobs]  # by seq index, for the jobs that asked
+    prompt_logprobs: dict[int, list[TokenLogprobs]]  # by seq index: prompt tokens 1.., on the first prefill
 
 
 @dataclass
@@ -83,6 +94,7 @@ class ModelRunner:
             self.device,
         )
         self.sampler = Sampler(seed, self.device) if self.is_driver else None
+        self.token_counts = TokenCounts(spec.vocab_size, self.device) if self.is_driver else None
 
     @property
     def is_driver(self) -> bool:
@@ -97,11 +109,21 @@ class ModelRunner:
         layers = -(-spec.num_layers // pp_size)
         return KVCache.bytes_per_block(layers, block_size, spec.num_heads // tp_size, spec.head_dim, dtype)
 
-    @torch.inference_mode()
     def step(self, seqs: list[SeqWork]) -> list[int] | None:
         """Runs one iteration; the sampled token per job (same order as ``seqs``) on the driver, else None."""
+        out = self.run(seqs)
+        return out.tokens if out is not None else None
+
+    def forget(self, request_ids: list[str]) -> None:
+        """Drops what this rank keeps for jobs that left."""
+        if self.token_counts is not None:
+            self.token_counts.forget(request_ids)
+
+    @torch.inference_mode()
+    def run(self, seqs: list[SeqWork]) -> StepOutput | None:
+        """Runs one iteration; on the driver the sampled tokens and the logprobs asked for, else None."""
         if not seqs:
-            return [] if self.is_driver else None
+            return StepOutput([], {}, {}) if self.is_driver else None
         inputs = self.prepare(seqs)
         par, model = self.parallel, self.model
         if par.is_first_stage:
@@ -113,22 +135,70 @@ class ModelRunner:
             par.send_next(hidden)
             return None
         logits = par.gather_last_dim(model.logits(hidden.index_select(0, inputs.last_token)))
+        prompt_logprobs = self._prompt_logprobs(seqs, inputs, hidden)
         if not self.is_driver:
             return None
-        logits = logits[:, : self.spec.vocab_size]
         ordered = [seqs[i] for i in inputs.order]
-        sampled = self.sampler(
-            logits,
-            [s.temperature for s in ordered],
-            [s.top_p for s in ordered],
-            [s.top_k for s in ordered],
-            [s.seed for s in ordered],
-            [s.sample_index for s in ordered],
-        )
+        sampled, sampled_logprobs = self._sample(logits[:, : self.spec.vocab_size].float(), ordered)
         tokens = [0] * len(seqs)
         for i, token in zip(inputs.order, sampled, strict=True):
             tokens[i] = token
-        return tokens
+        return StepOutput(
+            tokens, {inputs.order[k]: lp for k, lp in sampled_logprobs.items()}, prompt_logprobs or {}
+        )
+
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[SeqWork]
+    ) -> tuple[list[int], dict[int, TokenLogprobs]]:
+        """Penalises, samples and scores one row of ``logits`` per job of ``seqs`` (the driver's part)."""
+        counts = self.token_counts
+        params = [s.sampling for s in seqs]
+        indices = [s.sample_index for s in seqs]
+        ids = [s.request_id for s in seqs]
+        penalised = [s for s in seqs if s.sampling.penalised]
+        for s in penalised:
+            if s.start_pos == 0:  # the whole context: rebuild the counts (first prefill or recompute)
+                split = len(s.token_ids) - s.sample_index
+                counts.start(s.request_id, s.token_ids[:split], s.token_ids[split:])
+            elif s.request_id not in counts:
+                raise ValueError(f"{s.request_id}: penalised, but this rank never saw its prefill")
+        process_logits(logits, params, indices, ids, counts)
+        tokens = self.sampler(logits, params, indices)
+        if penalised:
+            counts.add(
+                [s.request_id for s in penalised],
+                [t for s, t in zip(seqs, tokens, strict=True) if s.sampling.penalised],
+            )
+        return tokens, logprobs(logits, params, tokens)
+
+    def _prompt_logprobs(
+        self, seqs: list[SeqWork], inputs: StepInputs, hidden: torch.Tensor
+    ) -> dict[int, list[TokenLogprobs]] | None:
+        """Every prompt token's logprob (from the position before it) for the first prefills that ask.
+        All ranks of the last stage take part (the logits are vocab-sharded); the driver returns them."""
+        wanted = [
+            (k, i)
+            for k, i in enumerate(inputs.order)
+            if seqs[i].sampling.prompt_logprobs >= 0 and seqs[i].first_prefill and len(seqs[i].token_ids) > 1
+        ]
+        if not wanted:
+            return None
+        last = inputs.last_token.tolist()
+        out: dict[int, list[TokenLogprobs]] = {}
+        for k, i in wanted:
+            s = seqs[i]
+            n = len(s.token_ids)
+            rows = torch.arange(last[k] - n + 1, last[k], device=self.device)  # positions 0 .. n-2
+            targets = torch.tensor(s.token_ids[1:], dtype=torch.int64, device=self.device)
+            scored: list[TokenLogprobs] = []
+            for lo in range(0, n - 1, PROMPT_LOGPROBS_CHUNK):
+                chunk = rows[lo : lo + PROMPT_LOGPROBS_CHUNK]
+                logits = self.parallel.gather_last_dim(self.model.logits(hidden.index_select(0, chunk)))
+                if logits is not None:
+                    lp = logits[:, : self.spec.vocab_size].float().log_softmax(dim=-1)
+                    scored += top_logprobs(lp, targets[lo : lo + len(chunk)], s.sampling.prompt_logprobs)
+            out[i] = scored
+        return out
 
     def prepare(self, seqs: list[SeqWork]) -> StepInputs:
         """Flattens the jobs (decodes first) into token, position and cache-slot tensors."""

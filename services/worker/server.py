@@ -22,6 +22,7 @@ from fastserve import tracing
 from fastserve.flags import add_common_flags, add_flag, setup_logging
 from fastserve.model_spec import ModelSpec, resolve_model
 from fastserve.rpc import create_server, start_server, use_internal_token
+from fastserve.v1 import common_pb2
 from fastserve.v1 import worker_pb2 as pb
 from fastserve.v1 import worker_pb2_grpc as pb_grpc
 
@@ -96,6 +97,27 @@ def host_block_budget(swap_space_gib: float, bytes_per_block: int) -> int:
             f"({total / 2**30:.1f} GiB)"
         )
     return int(swap_space_gib * 2**30 // bytes_per_block)
+
+
+def position_logprobs(lp) -> common_pb2.PositionLogprobs:
+    return common_pb2.PositionLogprobs(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        rank=lp.rank,
+        top=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+    )
+
+
+def seq_logprobs(out) -> list[pb.SeqLogprobs]:
+    """The StepOutput's logprobs, one message per seq that has any."""
+    return [
+        pb.SeqLogprobs(
+            seq_index=i,
+            sampled=position_logprobs(out.logprobs[i]) if i in out.logprobs else None,
+            prompt_logprobs=[position_logprobs(lp) for lp in out.prompt_logprobs.get(i, [])],
+        )
+        for i in sorted(out.logprobs.keys() | out.prompt_logprobs.keys())
+    ]
 
 
 class WorkerService(pb_grpc.WorkerServicer):
@@ -190,21 +212,21 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def _run_step(self, request: pb.StepRequest) -> pb.StepResponse:
         from .runner import SeqWork
+        from .sampling import from_resolved
 
+        eos = self.info.eos_token_id
         seqs = [
             SeqWork(
                 request_id=s.request_id,
                 token_ids=list(s.token_ids),
                 start_pos=s.start_pos,
                 block_table=list(s.block_table),
-                temperature=s.sampling.temperature,
-                top_p=s.sampling.top_p,
-                top_k=s.sampling.top_k,
-                seed=s.sampling.seed,
+                sampling=from_resolved(s.sampling, eos),
                 sample_index=s.sample_index,
             )
             for s in request.seqs
         ]
+        self.runner.forget(list(request.finished))
         links = [
             trace.Link(
                 trace.get_current_span(tracing.extract({"traceparent": s.traceparent})).get_span_context()
@@ -235,7 +257,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                     exposed = self.swapper.wait_for({b for s in seqs for b in s.block_table})
                 elif request.swap_out or request.swap_in or request.prefetch:
                     raise RuntimeError("swap orders for a worker without a host KV pool (--swap-space 0)")
-                tokens = self.runner.step(seqs) if seqs else None
+                out = self.runner.run(seqs) if seqs else None
             except Exception as exc:  # a bad step fails its jobs, not the worker
                 log.exception("step %d failed", request.step_id)
                 span.set_status(trace.StatusCode.ERROR, str(exc))
@@ -243,7 +265,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.steps_done += 1
         return pb.StepResponse(
             step_id=request.step_id,
-            token_ids=tokens or [],
+            token_ids=out.tokens if out else [],
+            logprobs=seq_logprobs(out) if out else [],
             compute_seconds=time.perf_counter() - started,
             exposed_swap_seconds=exposed,
             swap_seconds=(self.swapper.stats.transfer_seconds - swap_before) if self.swapper else 0.0,
