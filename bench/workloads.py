@@ -8,6 +8,10 @@ with the location chosen so the clipped mean equals the published mean:
 |---|---|---|
 | sharegpt | 161, 1.0 | 338, 1.0 |
 | alpaca   | 19, 0.8  | 58, 0.9  |
+| summarize | 780, 0.4 | 60, 0.5 |
+
+`summarize` is a long-prompt workload shaped like news summarisation (CNN/DailyMail:
+articles of ~780 GPT-2 tokens, summaries of ~60), where prompts, not outputs, dominate.
 
 Lengths are rounded, clipped to at least 1, and a pair with both under 4 tokens is
 drawn again (the dataset filter). Medians come out near 0.6x the mean, as in the
@@ -40,7 +44,11 @@ from collections.abc import Callable
 MAX_INPUT = 1024
 MAX_TOTAL = 2048
 MIN_LEN = 4  # pairs with both prompt and output under this are dropped
-SHAPES = {"sharegpt": ((161, 1.0), (338, 1.0)), "alpaca": ((19, 0.8), (58, 0.9))}
+SHAPES = {
+    "sharegpt": ((161, 1.0), (338, 1.0)),
+    "alpaca": ((19, 0.8), (58, 0.9)),
+    "summarize": ((780, 0.4), (60, 0.5)),
+}
 REAL = "sharegpt-real"
 WORKLOADS = (*SHAPES, REAL)
 
@@ -178,33 +186,108 @@ def write_jsonl(trace: Trace | list[tuple[float | None, int, int]], path: str) -
             f.write(json.dumps(row) + "\n")
 
 
+def length_stats(values: list[int]) -> dict[str, float]:
+    """Mean, median, P95, P99 and max of a list of token counts."""
+    ordered = sorted(values)
+    n = len(ordered)
+    pick = lambda q: ordered[min(n - 1, int(q * n))]  # noqa: E731
+    return {
+        "mean": sum(ordered) / n,
+        "p50": pick(0.5),
+        "p95": pick(0.95),
+        "p99": pick(0.99),
+        "max": ordered[-1],
+    }
+
+
+def stats_table(
+    workloads: list[str], num_requests: int, seed: int, tokenizer: str, dataset: str
+) -> list[dict]:
+    """Length statistics of each workload (the real one: every conversation that passes the filter)."""
+    rows = []
+    for name in workloads:
+        if name == REAL:
+            from bench.sharegpt import DEFAULT_TOKENIZER, real_lengths
+
+            pairs = real_lengths(tokenizer or DEFAULT_TOKENIZER, dataset)
+        else:
+            pairs = synthetic_lengths(name, num_requests, seed)
+        rows.append(
+            {
+                "workload": name,
+                "requests": len(pairs),
+                "input": length_stats([i for i, _ in pairs]),
+                "output": length_stats([o for _, o in pairs]),
+                "output_over_input_median": sorted(o / i for i, o in pairs)[len(pairs) // 2],
+            }
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Dataset JSON (ShareGPT / Alpaca) -> JSONL trace of token lengths, with the artifact's filters."""
+    """Dataset -> JSONL trace of token lengths (the artifact's filters), or --stats of the workloads."""
     parser = argparse.ArgumentParser(prog="python -m bench.workloads", description=main.__doc__)
-    parser.add_argument("--dataset", required=True, help="ShareGPT or Alpaca JSON file")
-    parser.add_argument("--out", required=True, help="JSONL to write")
+    parser.add_argument(
+        "--dataset", default="", help="ShareGPT or Alpaca JSON file, or sharegpt-real (bench/sharegpt.py)"
+    )
+    parser.add_argument("--out", default="", help="JSONL to write")
     parser.add_argument(
         "--tokenizer",
         default="",
-        help="Hugging Face tokenizer (e.g. facebook/opt-13b); default: whitespace split",
+        help="a JSON file: Hugging Face tokenizer (e.g. facebook/opt-13b), default whitespace split; "
+        "sharegpt-real: sharegpt-bpe (default) | byte | whitespace | HF tokenizer",
+    )
+    parser.add_argument(
+        "--sharegpt-file", default="", help="sharegpt-real: the JSON (default: the package's)"
     )
     parser.add_argument(
         "--num-requests", type=int, default=0, help="sample this many (0 = all, in file order)"
     )
+    parser.add_argument("--max-input-len", type=int, default=0, help="clip prompts to this (0 = no clip)")
+    parser.add_argument("--max-output-len", type=int, default=0, help="clip outputs to this (0 = no clip)")
     parser.add_argument("--rate", type=float, default=0.0, help="also write Gamma arrival times at this rate")
     parser.add_argument("--cv", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--stats", default="", help="comma list of workloads: print their length statistics instead"
+    )
+    parser.add_argument("--json", default="", help="--stats: also write them here")
     args = parser.parse_args(argv)
-    if args.tokenizer:
-        from transformers import AutoTokenizer  # only for this conversion
+    if args.stats:
+        rows = stats_table(
+            args.stats.split(","), args.num_requests or 20000, args.seed, args.tokenizer, args.sharegpt_file
+        )
+        print(
+            f"{'workload':<15}{'requests':>9}  input mean  p50  p95  p99  max | output mean  p50  p95  p99  max"
+        )
+        for r in rows:
+            i, o = r["input"], r["output"]
+            print(
+                f"{r['workload']:<15}{r['requests']:>9}  {i['mean']:10.1f}{i['p50']:5}{i['p95']:5}{i['p99']:5}"
+                f"{i['max']:5} | {o['mean']:11.1f}{o['p50']:5}{o['p95']:5}{o['p99']:5}{o['max']:5}"
+            )
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+        return 0
+    if not args.dataset or not args.out:
+        parser.error("--dataset and --out are required (or --stats)")
+    if args.dataset == REAL:
+        from bench.sharegpt import DEFAULT_TOKENIZER, real_lengths
 
-        tok = AutoTokenizer.from_pretrained(args.tokenizer)
-        tokenize = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
+        pairs = real_lengths(args.tokenizer or DEFAULT_TOKENIZER, args.sharegpt_file)
     else:
-        tokenize = str.split
-    pairs = load_dataset(args.dataset, tokenize)
+        if args.tokenizer:
+            from transformers import AutoTokenizer  # only for this conversion
+
+            tok = AutoTokenizer.from_pretrained(args.tokenizer)
+            tokenize = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
+        else:
+            tokenize = str.split
+        pairs = load_dataset(args.dataset, tokenize)
     if args.num_requests:
         pairs = sample_pairs(pairs, args.num_requests, args.seed)
+    pairs = [(min(i, args.max_input_len or i), min(o, args.max_output_len or o)) for i, o in pairs]
     times = arrivals(len(pairs), args.rate, args.cv, args.seed) if args.rate else [None] * len(pairs)
     write_jsonl([(t, i, o) for t, (i, o) in zip(times, pairs, strict=True)], args.out)
     n = max(len(pairs), 1)

@@ -37,7 +37,7 @@ def test_synthetic_lengths_match_published_means_with_a_heavy_tail(name, mean_in
 def test_synthetic_lengths_are_reproducible_and_unknown_names_refused():
     assert synthetic_lengths("alpaca", 100, 3) == synthetic_lengths("alpaca", 100, 3)
     assert synthetic_lengths("alpaca", 100, 3) != synthetic_lengths("alpaca", 100, 4)
-    with pytest.raises(ValueError, match="sharegpt, alpaca"):
+    with pytest.raises(ValueError, match="sharegpt, alpaca, summarize, sharegpt-real"):
         synthetic_lengths("lmsys", 10, 0)
 
 
@@ -104,3 +104,19 @@ def test_dataset_to_jsonl_cli(tmp_path, capsys):
     assert [(i, o) for _, i, o in rows] == [(5, 2), (3, 5), (4, 1)]
     assert all(a is not None for a, _, _ in rows)
     assert "3 requests" in capsys.readouterr().out
+
+
+def test_dataset_to_jsonl_cli_clips_lengths(tmp_path):
+    out = tmp_path / "trace.jsonl"
+    argv = ["--dataset", str(dataset(tmp_path)), "--out", str(out), "--max-input-len", "4"]
+    assert main([*argv, "--max-output-len", "2"]) == 0
+    assert [(i, o) for _, i, o in load_jsonl(str(out))] == [(4, 2), (3, 2), (4, 1)]
+
+
+def test_summarize_workload_is_long_prompts_short_outputs(capsys):
+    lengths = synthetic_lengths("summarize", 20000, seed=0)
+    assert statistics.mean(i for i, _ in lengths) == pytest.approx(780, rel=0.03)
+    assert statistics.mean(o for _, o in lengths) == pytest.approx(60, rel=0.03)
+    assert main(["--stats", "summarize,alpaca", "--num-requests", "2000"]) == 0
+    table = capsys.readouterr().out
+    assert "summarize" in table and "alpaca" in table

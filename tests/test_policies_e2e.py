@@ -1,0 +1,37 @@
+"""Each policy beside MLFQ serves the live stack: greedy tokens equal transformers' under preemption."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from fastserve.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.conftest import start_stack
+from tests.reference import MAX_TOKENS, PROMPTS, generate_concurrently, hf_greedy
+
+
+@pytest.mark.parametrize("policy", ["las", "gittins", "gittins-slowdown", "vllm"])
+def test_policy_serves_greedy_tokens_equal_to_transformers(redis_url, tiny_checkpoint, policy):
+    # 2 batch slots and 12 KV blocks (192 tokens) for 8 concurrent requests: jobs are preempted,
+    # and their KV swapped out or (vllm: always) dropped and recomputed, while they generate
+    stack = start_stack(
+        redis_url,
+        "--model",
+        tiny_checkpoint,
+        "--num-gpu-blocks",
+        "12",
+        "--policy",
+        policy,
+        "--max-batch-size",
+        "2",
+    )
+    try:
+        stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(stack.addresses["gateway"]))
+        info = stub.ServerInfo(gateway_pb2.ServerInfoRequest())
+        assert info.policy == policy
+        assert (info.swap_policy == "recompute") is (policy == "vllm")
+        results = generate_concurrently(stub)
+        for i, prompt in enumerate(PROMPTS):
+            assert results[i] == hf_greedy(tiny_checkpoint, tuple(prompt), MAX_TOKENS[i]), f"request {i}"
+    finally:
+        stack.stop()
