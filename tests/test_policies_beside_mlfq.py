@@ -146,3 +146,17 @@ def test_new_policies_finish_every_job_in_the_simulator(name):
     config = SimConfig(policy=name, limits=BatchLimits(4, 512), num_gpu_blocks=200)
     records = simulate(trace, config, CostModel(c0=0.02, c_prefill=1e-4, c_decode=1e-4))
     assert len(records) == 40 and name in POLICIES
+
+
+def test_policy_table_reads_a_sweep(tmp_path, capsys):
+    from bench.policy_table import main as table_main
+    from bench.simulator import main as simulate_main
+
+    path = tmp_path / "sweep.json"
+    argv = ["--workload", "alpaca", "--num-requests", "30", "--sweep-rates", "5,200", "--json", str(path)]
+    assert simulate_main([*argv, "--policy", "fcfs,las"]) == 0
+    capsys.readouterr()
+    assert table_main([str(path), "--rates", "200"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| policy | tput mean | tput P95 | JCT s @200 |")
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| fcfs", "| las"]
