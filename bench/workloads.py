@@ -200,6 +200,17 @@ def length_stats(values: list[int]) -> dict[str, float]:
     }
 
 
+def kendall_tau(pairs: list[tuple[int, int]], n: int = 2000, seed: int = 0) -> float:
+    """Kendall's tau-a between input and output length over `n` sampled pairs (O(n^2))."""
+    sample = random.Random(seed).sample(pairs, min(n, len(pairs)))
+    concordant = 0
+    for k, (i1, o1) in enumerate(sample):
+        for i2, o2 in sample[k + 1 :]:
+            sign = (i1 - i2) * (o1 - o2)
+            concordant += (sign > 0) - (sign < 0)
+    return concordant / max(len(sample) * (len(sample) - 1) / 2, 1)
+
+
 def stats_table(
     workloads: list[str], num_requests: int, seed: int, tokenizer: str, dataset: str
 ) -> list[dict]:
@@ -219,6 +230,7 @@ def stats_table(
                 "input": length_stats([i for i, _ in pairs]),
                 "output": length_stats([o for _, o in pairs]),
                 "output_over_input_median": sorted(o / i for i, o in pairs)[len(pairs) // 2],
+                "kendall_tau_input_output": kendall_tau(pairs),
             }
         )
     return rows
@@ -259,12 +271,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"{'workload':<15}{'requests':>9}  input mean  p50  p95  p99  max | output mean  p50  p95  p99  max"
+            " | tau(in, out)"
         )
         for r in rows:
             i, o = r["input"], r["output"]
             print(
                 f"{r['workload']:<15}{r['requests']:>9}  {i['mean']:10.1f}{i['p50']:5}{i['p95']:5}{i['p99']:5}"
                 f"{i['max']:5} | {o['mean']:11.1f}{o['p50']:5}{o['p95']:5}{o['p99']:5}{o['max']:5}"
+                f" | {r['kendall_tau_input_output']:12.3f}"
             )
         if args.json:
             with open(args.json, "w") as f:
