@@ -57,11 +57,19 @@ def take_on(
     return live
 
 
-def attach(live: LiveJob, have: int) -> pb.SubmitResponse:
+def attach(engine: Engine, live: LiveJob, tokens: list[int]) -> pb.SubmitResponse:
     """Re-attaches a stream to a job still in this scheduler; the opening message replays what the
-    client lacks (tokens from index `have` on), or says where the next token's index starts."""
+    client lacks, or says where the next token's index starts. A job restored from Redis may hold
+    fewer tokens than the client already has (Redis is written after tokens are streamed): while it
+    waits to recompute, it takes the client's."""
     live.outbox = type(live.outbox)()
-    start = min(have, len(live.generated))
+    if len(tokens) > len(live.generated) and live.job.needs_prefill and not live.in_flight:
+        live.generated.extend(tokens[len(live.generated) :])  # in place: the job log holds this list
+        live.job.num_generated = len(live.generated)
+        reason = ended(live.request, live.generated, engine.config.eos_token_id)
+        if reason:
+            engine.abort(live.request_id, reason)  # its final message follows on the new outbox
+    start = min(len(tokens), len(live.generated))
     return pb.SubmitResponse(token_ids=live.generated[start:], first_index=start)
 
 

@@ -55,7 +55,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         tokens = list(request.generated_token_ids)
         live = engine.jobs.get(request.request_id) if request.resume else None
         if live is not None:  # a gateway re-attaching to a job this scheduler still runs
-            yield resume.attach(live, len(tokens))
+            yield resume.attach(engine, live, tokens)
         else:
             problem = self._check(request)
             if problem:
