@@ -23,13 +23,14 @@ FR = common_pb2.FinishReason
 
 
 def ended(request: pb.SubmitRequest, tokens: list[int], eos_token_id: int) -> int:
-    """The finish reason of a job that already has `tokens`, or 0 when it goes on."""
+    """The finish reason of a job that already has `tokens` (as the engine decides it), or 0."""
     sampling = request.sampling
-    if len(tokens) > sampling.min_tokens and (
-        (tokens[-1] == eos_token_id and not sampling.ignore_eos) or tokens[-1] in sampling.stop_token_ids
-    ):
-        return FR.FINISH_REASON_STOP
-    if len(tokens) >= request.sampling.max_tokens:
+    if tokens and len(tokens) > sampling.min_tokens:
+        if tokens[-1] == eos_token_id and not sampling.ignore_eos:
+            return FR.FINISH_REASON_STOP
+        if tokens[-1] in sampling.stop_token_ids:
+            return FR.FINISH_REASON_STOP
+    if len(tokens) >= sampling.max_tokens:
         return FR.FINISH_REASON_LENGTH
     return FR.FINISH_REASON_UNSPECIFIED
 
