@@ -48,7 +48,9 @@ def _csv_ints(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.attention_kernel", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.attention_kernel", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     p.add_argument("--models", default="opt-1.3b,opt-6.7b", help=f"comma list of {sorted(MODELS)}")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: heads per rank = heads / tp")
     p.add_argument("--batch-sizes", default="1,8,32,64")

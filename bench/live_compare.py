@@ -51,7 +51,7 @@ def run_policy(policy: str, args: argparse.Namespace, bench_argv: list[str], log
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     up_cmd = [sys.executable, "-m", "fastserve.cli", "up", "--policy", policy, "--demo", "false"]
-    up_cmd += ["--host", "127.0.0.1", "--port", str(free_port()), "--model", args.model]
+    up_cmd += ["--host", "127.0.0.1", "--port", str(free_port()), "--http-port", "0", "--model", args.model]
     up_cmd += ["--max-batch-size", str(args.max_batch_size), "--log-level", "WARNING", *args.up_flags]
     with open(log, "w") as out:
         up = subprocess.Popen(up_cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.live_compare",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--policies", default="fcfs,skip-join-mlfq", help="comma list; first = baseline")
     parser.add_argument("--model", default="opt-tiny")

@@ -35,7 +35,9 @@ from fastserve.model_spec import PRESETS, resolve_model
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.model_vs_hf", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.model_vs_hf", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     p.add_argument("--model", default="opt-125m", help=f"preset shape ({', '.join(PRESETS)})")
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--contexts", default="128,512", help="prompt tokens per sequence, comma list")

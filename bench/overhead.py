@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.overhead",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--queued", default="100,1000,10000", help="comma list of live job counts")
     parser.add_argument("--iterations", type=int, default=3000, help="timed iterations per run")

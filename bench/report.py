@@ -48,8 +48,17 @@ def summarize(records: list[dict], slo: float = 0.3) -> dict:
     tpot = [
         (r["finish"] - r["first_token"]) / (r["output_tokens"] - 1) for r in records if r["output_tokens"] > 1
     ]
+    itl = [gap for r in records for gap in r.get("itl", ())]
+    duration = max(r["finish"] for r in records) - min(r["arrival"] for r in records) if records else math.nan
+    output_tokens = sum(r["output_tokens"] for r in records)
     return {
         "num_requests": len(records),
+        "completed": sum(r.get("finish_reason", "length") in ("length", "stop") for r in records),
+        "input_tokens": sum(r.get("input_len", 0) for r in records),
+        "benchmark_duration": duration,
+        "request_throughput": len(records) / duration if duration else math.nan,
+        "output_throughput": output_tokens / duration if duration else math.nan,
+        "itl": stats(itl),
         "jct": stats(jct),
         "ttft": stats(ttft),
         "latency_per_token": stats(per_token),
@@ -59,8 +68,40 @@ def summarize(records: list[dict], slo: float = 0.3) -> dict:
         "preemptions": sum(r.get("preemptions", 0) for r in records),
         "demotions": sum(r.get("demotions", 0) for r in records),
         "promotions": sum(r.get("promotions", 0) for r in records),
-        "output_tokens": sum(r["output_tokens"] for r in records),
+        "output_tokens": output_tokens,
     }
+
+
+def format_summary(result: dict) -> str:
+    """A run's numbers as vLLM's serving benchmark prints them (times in ms), plus FastServe's own."""
+    rows = [
+        ("Successful requests", f"{result['completed']}"),
+        ("Benchmark duration (s)", f"{result['benchmark_duration']:.2f}"),
+        ("Total input tokens", f"{result['input_tokens']}"),
+        ("Total generated tokens", f"{result['output_tokens']}"),
+        ("Request throughput (req/s)", f"{result['request_throughput']:.2f}"),
+        ("Output token throughput (tok/s)", f"{result['output_throughput']:.2f}"),
+    ]
+    lines = ["{:=^50}".format(" Serving Benchmark Result "), *(f"{k + ':':<40}{v:<10}" for k, v in rows)]
+    for key, title, short in (
+        ("ttft", "Time to First Token", "TTFT"),
+        ("tpot", "Time per Output Token (excl. 1st token)", "TPOT"),
+        ("itl", "Inter-token Latency", "ITL"),
+        ("jct", "End-to-end Latency", "E2EL"),
+    ):
+        lines.append(f"{title:-^50}")
+        for stat, name in (("mean", "Mean"), ("p50", "Median"), ("p99", "P99")):
+            lines.append(f"{f'{name} {short} (ms):':<40}{result[key][stat] * 1e3:<10.2f}")
+    lines.append("{:-^50}".format("FastServe"))
+    lines.append(
+        f"{'Mean latency per output token (ms):':<40}{result['latency_per_token']['mean'] * 1e3:<10.2f}"
+    )
+    slo = f"SLO attainment ({result['slo']:g} s/token):"
+    lines.append(f"{slo:<40}{result['slo_attainment']:<10.2%}")
+    for name in ("preemptions", "demotions", "promotions"):
+        lines.append(f"{name.capitalize() + ':':<40}{result[name]:<10}")
+    lines.append("=" * 50)
+    return "\n".join(lines)
 
 
 def slo_crossing(points: list[tuple[float, float]], slo: float) -> tuple[float | None, str]:

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.sensitivity",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--workload", default="sharegpt,alpaca", help="comma list")
     parser.add_argument("--num-requests", type=int, default=400)

@@ -345,7 +345,10 @@ def split_names(values: list[str] | None, known, flag: str, default: list[str]) 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="fastserve simulate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="fastserve simulate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument(
         "--policy",

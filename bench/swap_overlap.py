@@ -22,7 +22,9 @@ from fastserve.procs import free_port
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.swap_overlap", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.swap_overlap", description=__doc__, allow_abbrev=False
+    )
     parser.add_argument("--model", default="opt-tiny")
     parser.add_argument("--num-gpu-blocks", type=int, default=48)
     parser.add_argument("--num-host-blocks", type=int, default=4096)
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                 "127.0.0.1",
                 "--port",
                 str(free_port()),
+                "--http-port",
+                "0",
                 "--model",
                 args.model,
                 "--demo",

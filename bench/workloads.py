@@ -238,7 +238,9 @@ def stats_table(
 
 def main(argv: list[str] | None = None) -> int:
     """Dataset -> JSONL trace of token lengths (the artifact's filters), or --stats of the workloads."""
-    parser = argparse.ArgumentParser(prog="python -m bench.workloads", description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.workloads", description=main.__doc__, allow_abbrev=False
+    )
     parser.add_argument(
         "--dataset", default="", help="ShareGPT or Alpaca JSON file, or sharegpt-real (bench/sharegpt.py)"
     )

@@ -16,7 +16,7 @@ def stream_generate(
     address: str,
     prompt: str,
     *,
-    max_tokens: int,
+    max_tokens: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
     top_k: int | None = None,
@@ -52,10 +52,10 @@ def stream_generate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastserve generate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fastserve generate", description=__doc__, allow_abbrev=False)
     parser.add_argument("prompt")
     add_flag(parser, "--address", default="127.0.0.1:50051", help="gateway address")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=None, help="default 16, as in the API")
     parser.add_argument("--temperature", type=float, default=None, help="default 1.0; 0 = greedy")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)

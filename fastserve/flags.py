@@ -34,9 +34,13 @@ def add_flag(
     type: Callable[[str], Any] | None = None,
     choices: list[Any] | None = None,
     env: str | None = None,
+    aliases: tuple[str, ...] = (),
+    dest: str | None = None,
 ) -> None:
-    """Adds `flag` with its environment variable (FASTSERVE_<FLAG> unless `env` names another)."""
+    """Adds `flag` (and its older `aliases`) with its environment variable (FASTSERVE_<FLAG> unless `env`)."""
     env = env or env_name(flag)
+    names = (flag, *aliases)
+    named = {"dest": dest} if dest else {}
     if type is None:
         type = _parse_bool if isinstance(default, bool) else (builtin_type(default) or str)
     value = default
@@ -47,7 +51,8 @@ def add_flag(
             parser.error(f"environment variable {env}={os.environ[env]!r} is not valid for {flag}: {exc}")
     if isinstance(default, bool):
         parser.add_argument(
-            flag,
+            *names,
+            **named,
             default=value,
             type=_parse_bool,
             nargs="?",
@@ -57,7 +62,12 @@ def add_flag(
         )
         return
     parser.add_argument(
-        flag, default=value, type=type, choices=choices, help=f"{help} [env {env}; default {default}]"
+        *names,
+        **named,
+        default=value,
+        type=type,
+        choices=choices,
+        help=f"{help} [env {env}; default {default}]",
     )
 
 

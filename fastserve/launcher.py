@@ -9,6 +9,8 @@ or SIGTERM, then stops every child (children also die with this process).
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import logging
 import os
 import secrets
@@ -23,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastserve.child_output import Relay
 from fastserve.flags import add_common_flags, add_flag, setup_logging
 from fastserve.procs import free_port, free_ports, popen_child, stop_all
 from fastserve.rpc import check_serving_sync
@@ -34,25 +37,83 @@ DEMO_PROMPTS = ["FastServe preempts at every token.", "Short jobs first:", "Hell
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="fastserve up", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="fastserve up",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
-    add_flag(parser, "--host", default="0.0.0.0", help="gateway listen address", env="FASTSERVE_GATEWAY_HOST")
-    add_flag(parser, "--port", default=50051, help="gateway port")
+    add_flag(
+        parser,
+        "--host",
+        default="127.0.0.1",
+        help="address of the public ports (gRPC, HTTP, metrics); 0.0.0.0 exposes them on every interface",
+    )
+    add_flag(parser, "--port", default=50051, help="gRPC port of the gateway")
+    add_flag(parser, "--http-port", default=8000, help="OpenAI-compatible HTTP port of the gateway; 0 = off")
     add_flag(parser, "--model", default="opt-tiny", help="preset name, checkpoint directory or hub id")
+    add_flag(
+        parser, "--served-model-name", default="", help="the model's name in the HTTP API; empty = --model"
+    )
+    add_flag(
+        parser,
+        "--api-key",
+        default="",
+        help="comma-separated API keys the public ports require; empty = open",
+    )
+    add_flag(parser, "--ssl-certfile", default="", help="TLS certificate (PEM) for the public ports")
+    add_flag(parser, "--ssl-keyfile", default="", help="TLS private key (PEM) for the public ports")
     add_flag(
         parser, "--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16"
     )
     add_flag(parser, "--device", default="auto", help="auto (cuda when present), cpu, cuda")
     add_flag(parser, "--redis-url", default="", help="Redis to use; empty = start an embedded redis-server")
-    add_flag(parser, "--policy", default="skip-join-mlfq", help="fcfs, mlfq, skip-join-mlfq or srpt-oracle")
-    add_flag(parser, "--tp", default=1, help="tensor-parallel size")
-    add_flag(parser, "--pp", default=1, help="pipeline-parallel size")
-    add_flag(parser, "--max-batch-size", default=16, help="most jobs in one iteration")
+    choices = service_choices()
+    add_flag(
+        parser, "--policy", default="skip-join-mlfq", help="scheduling policy", choices=choices["policy"]
+    )
+    add_flag(
+        parser,
+        "--tensor-parallel-size",
+        default=1,
+        help="tensor-parallel size",
+        aliases=("-tp", "--tp"),
+        dest="tp",
+    )
+    add_flag(
+        parser,
+        "--pipeline-parallel-size",
+        default=1,
+        help="pipeline-parallel size",
+        aliases=("-pp", "--pp"),
+        dest="pp",
+    )
+    add_flag(
+        parser,
+        "--max-num-seqs",
+        default=16,
+        help="most jobs in one iteration",
+        aliases=("--max-batch-size",),
+        dest="max_batch_size",
+    )
     add_flag(parser, "--max-num-batched-tokens", default=2048, help="most tokens fed in one iteration")
+    add_flag(
+        parser,
+        "--max-model-len",
+        default=0,
+        help="most tokens (prompt + output) of one request; 0 = the model's",
+    )
+    add_flag(parser, "--block-size", default=16, help="tokens per KV block")
+    add_flag(parser, "--gpu-memory-utilization", default=0.9, help="fraction of GPU memory a worker may fill")
     add_flag(parser, "--num-gpu-blocks", default=0, help="KV blocks per worker; 0 = size from memory")
     add_flag(parser, "--num-host-blocks", default=0, help="host KV blocks per worker; 0 = from --swap-space")
     add_flag(parser, "--swap-space", default=4.0, help="GiB of host memory per worker for swapped-out KV")
-    add_flag(parser, "--swap-policy", default="proactive", help="KV swapping: proactive, reactive, recompute")
+    add_flag(
+        parser,
+        "--swap-policy",
+        default="proactive",
+        help="KV swapping: reserve + prefetch, swap on demand, or drop and recompute",
+        choices=choices["swap_policy"],
+    )
     # MLFQ knobs and worker threads: empty = the service's own default (fastserve imports no service)
     for flag, (service, kind, help_text) in SERVICE_KNOBS.items():
         add_flag(
@@ -80,8 +141,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_common_flags(parser)
     args = parser.parse_args(argv)
     if args.tp < 1 or args.pp < 1:
-        parser.error(f"--tp and --pp must be >= 1, got {args.tp} and {args.pp}")
+        parser.error(
+            f"--tensor-parallel-size and --pipeline-parallel-size must be >= 1, got {args.tp} and {args.pp}"
+        )
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        parser.error("--ssl-certfile and --ssl-keyfile go together")
     return args
+
+
+@functools.cache
+def service_choices() -> dict[str, list[str]]:
+    """The policies the scheduler registers and the swap policies the KV manager plans, asked of
+    the services' own (light, pure-Python) packages in a child process: fastserve imports no service."""
+    code = (
+        "import json; from services.scheduler.policy import POLICIES; "
+        "from services.kvmanager.planner import SWAP_POLICIES; "
+        "print(json.dumps({'policy': sorted(POLICIES), 'swap_policy': list(SWAP_POLICIES)}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
 
 
 SERVICE_KNOBS = {  # flag of `up` -> (the service it goes to when given, type, what it sets)
@@ -171,6 +249,7 @@ class Stack:
         self.env = {**os.environ, "FASTSERVE_INTERNAL_TOKEN": self.token}
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self.output = Relay()  # what the children print: relayed, held during the demo, remembered
 
     @property
     def procs(self) -> list[tuple[str, subprocess.Popen]]:
@@ -184,21 +263,38 @@ class Stack:
         self.groups.setdefault(child.group, Group(child.group, [])).children.append(child)
         child.proc = start()
 
-    def spawn(self, name: str, module: str, flags: Callable[[], list[str]], group: str | None = None) -> None:
+    def spawn(
+        self,
+        name: str,
+        module: str,
+        flags: Callable[[], list[str]],
+        group: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         def start() -> subprocess.Popen:
             cmd = [sys.executable, "-m", module, *flags(), "--log-level", self.args.log_level]
-            return popen_child(cmd, env=self.env)
+            proc = popen_child(
+                cmd, env={**self.env, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+            self.output.follow(name, proc.stdout)
+            return proc
 
         self.add(name, start, group)
 
-    def wait_serving(self, name: str, address: str) -> None:
+    def exited(self, name: str, code: int | None) -> str:
+        """' (model_type 'gpt2' is not 'opt')': a dead child's own last words, when it left some."""
+        reason = self.output.fatal_reason(name)
+        return f": {reason}" if reason else ""
+
+    def wait_serving(self, name: str, address: str, root_cert: bytes | None = None) -> None:
         self.addresses[name] = address
         proc = self.child(name).proc
         deadline = time.monotonic() + self.args.start_timeout
-        while not check_serving_sync(address):
+        while not check_serving_sync(address, root_cert=root_cert):
             if proc.poll() is not None:
                 raise RuntimeError(
                     f"{name} ({address}) stopped with {describe_exit(proc.returncode)} before it was SERVING"
+                    + self.exited(name, proc.returncode)
                 )
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name} at {address} not SERVING after {self.args.start_timeout:.0f}s")
@@ -215,30 +311,41 @@ class Stack:
         self.addresses["redis"] = redis_url
         self.env["FASTSERVE_REDIS_URL"] = redis_url  # not on a command line: it may hold a password
         world = args.tp * args.pp
-        kv_port, sched_port, sched_metrics, gw_metrics, *worker_ports = free_ports(4 + world)
+        kv_port, sched_port, sched_metrics, gw_metrics, kv_metrics, *ports = free_ports(5 + 2 * world)
+        worker_ports, worker_metrics = ports[:world], ports[world:]
+        model_name = args.served_model_name or args.model
         kv_addr, sched_addr = f"127.0.0.1:{kv_port}", f"127.0.0.1:{sched_port}"
         worker_addrs = [f"127.0.0.1:{port}" for port in worker_ports]
         self.addresses["scheduler-metrics"] = f"127.0.0.1:{sched_metrics}"
         self.addresses["gateway-metrics"] = f"{args.host}:{gw_metrics}"
-        self.spawn("kvmanager", "services.kvmanager", lambda: as_flags(port=kv_port))
+        self.addresses["kvmanager-metrics"] = f"127.0.0.1:{kv_metrics}"
+        self.spawn(
+            "kvmanager",
+            "services.kvmanager",
+            lambda: as_flags(port=kv_port, metrics_port=kv_metrics, served_model_name=model_name),
+        )
         master = {"port": free_port()}
 
         def new_world() -> None:  # a restarted TP x PP group forms a fresh torch.distributed world
             master["port"] = free_port()
 
         for rank, port in enumerate(worker_ports):
+            self.addresses[f"worker{rank}-metrics"] = f"127.0.0.1:{worker_metrics[rank]}"
             self.spawn(
                 f"worker{rank}",
                 "services.worker",
                 lambda rank=rank, port=port: (
                     as_flags(
                         port=port,
+                        metrics_port=worker_metrics[rank],
                         model=args.model,
                         dtype=args.dtype,
                         device=args.device,
                         num_gpu_blocks=args.num_gpu_blocks,
                         num_host_blocks=args.num_host_blocks,
                         swap_space=args.swap_space,
+                        block_size=args.block_size,
+                        gpu_memory_utilization=args.gpu_memory_utilization,
                         rank=rank,
                         world_size=world,
                         tp=args.tp,
@@ -258,12 +365,14 @@ class Stack:
                 as_flags(
                     port=sched_port,
                     metrics_port=sched_metrics,
+                    served_model_name=model_name,
                     worker_addresses=",".join(worker_addrs),
                     kvmanager_address=kv_addr,
                     policy=args.policy,
                     swap_policy=args.swap_policy,
                     max_batch_size=args.max_batch_size,
                     max_num_batched_tokens=args.max_num_batched_tokens,
+                    max_model_len=args.max_model_len,
                 )
                 + knob_flags(args, "scheduler")
             ),
@@ -274,16 +383,26 @@ class Stack:
             lambda: as_flags(
                 host=args.host,
                 port=args.port,
+                http_port=args.http_port,
+                served_model_name=model_name,
                 metrics_port=gw_metrics,
                 scheduler_address=sched_addr,
+                ssl_certfile=args.ssl_certfile,
+                ssl_keyfile=args.ssl_keyfile,
             ),
+            env={"FASTSERVE_API_KEY": args.api_key},  # keys stay off the command line
         )
         self.wait_serving("kvmanager", kv_addr)
         for rank, addr in enumerate(worker_addrs):
             self.wait_serving(f"worker{rank}", addr)
         self.wait_serving("scheduler", sched_addr)
         gateway = f"{gateway_host}:{args.port}"
-        self.wait_serving("gateway", gateway)
+        if args.http_port:
+            self.addresses["http"] = (
+                f"{'https' if args.ssl_certfile else 'http'}://{gateway_host}:{args.http_port}"
+            )
+        root_cert = Path(args.ssl_certfile).read_bytes() if args.ssl_certfile else None
+        self.wait_serving("gateway", gateway, root_cert)
         return gateway
 
     def _start_embedded_redis(self) -> str:
@@ -333,7 +452,12 @@ class Stack:
             if not dead:
                 return
             for child in dead:
-                log.warning("%s stopped with %s", child.name, describe_exit(child.proc.returncode))
+                log.warning(
+                    "%s stopped with %s%s",
+                    child.name,
+                    describe_exit(child.proc.returncode),
+                    self.exited(child.name, child.proc.returncode),
+                )
             for child in group.children:  # a TP x PP group restarts as a whole
                 if child.proc is not None and child.proc.poll() is None:
                     log.warning("stopping %s: its group %s restarts as a whole", child.name, group.name)
@@ -383,23 +507,31 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     code = 0
+    failure = ""
     try:
         gateway = stack.start()
+        http = stack.addresses.get("http")
         print(
-            f"FastServe is up: gateway on {gateway} (model {args.model}, policy {args.policy}, "
-            f"tp={args.tp}, pp={args.pp}). Ctrl-C stops it.",
+            f"FastServe is up: gateway on {gateway}{f' and {http}/v1' if http else ''} (model {args.model}, "
+            f"policy {args.policy}, tp={args.tp}, pp={args.pp}). Ctrl-C stops it.",
             flush=True,
         )
         if args.demo:
-            run_demo(gateway)
-            print(f"\nTry: fastserve generate 'Your prompt' --address {gateway}", flush=True)
+            stack.output.hold()  # the services' logs wait until the demo's text is out
+            try:
+                run_demo(gateway)
+                print(f"\nTry: fastserve generate 'Your prompt' --address {gateway}", flush=True)
+            finally:
+                stack.output.release()
         if not args.exit_after_demo:
             stack.supervise()
     except KeyboardInterrupt:
         print("\nstopping FastServe...", flush=True)
     except RuntimeError as exc:
-        log.error("%s", exc)
+        failure = str(exc)
         code = 1
     finally:
         stack.stop()
+    if failure:  # the last line a user sees says why
+        log.error("%s", failure)
     return code

@@ -35,7 +35,7 @@ def generate(out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--out", type=Path, default=ROOT, help="root to write fastserve/v1/ under")
     args = parser.parse_args(argv)
     for path in generate(args.out):

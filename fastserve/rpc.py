@@ -8,9 +8,9 @@ import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from fastserve.internal_auth import ServerGuard, client_interceptors
+from fastserve.reflection import enable_reflection
 
 log = logging.getLogger("fastserve.rpc")
 
@@ -45,6 +45,10 @@ def create_server(
             ("grpc.max_receive_message_length", max_receive_bytes),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            # accept our channels' keepalive pings on idle streams: by default a server answers
+            # pings every 30 s without data with GOAWAY "too many pings" after a few minutes
+            ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+            ("grpc.keepalive_permit_without_calls", 1),
         ],
         interceptors=[ServerGuard("" if public else _internal_token), *(interceptors or [])],
     )
@@ -56,12 +60,12 @@ class ServingState:
     def __init__(self, server: grpc.aio.Server, service_names: list[str]) -> None:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        enable_reflection([*service_names, health.SERVICE_NAME], server)
         self.service_names = service_names
+        self.serving = False
 
     async def _set(self, status: int) -> None:
+        self.serving = status == health_pb2.HealthCheckResponse.SERVING
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
@@ -73,13 +77,20 @@ class ServingState:
 
 
 async def start_server(
-    server: grpc.aio.Server, service_names: list[str], host: str, port: int
+    server: grpc.aio.Server,
+    service_names: list[str],
+    host: str,
+    port: int,
+    tls: grpc.ServerCredentials | None = None,
 ) -> tuple[ServingState, str]:
-    """Adds health + reflection, binds and starts; health stays NOT_SERVING until state.mark_serving()."""
+    """Adds health + reflection, binds (with TLS when given) and starts; NOT_SERVING until mark_serving()."""
     state = ServingState(server, service_names)
     await state.mark_not_serving()
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if tls is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound = server.add_secure_port(f"{host}:{port}", tls)
     except RuntimeError:
         bound = 0
     if bound == 0:
@@ -111,9 +122,14 @@ async def wait_serving(chan: grpc.aio.Channel, address: str, timeout: float = 30
     raise TimeoutError(f"{address} not SERVING after {timeout:.0f}s (last: {last_error})")
 
 
-def check_serving_sync(address: str, timeout: float = 1.0) -> bool:
-    """Blocking health probe, for the launcher and tests."""
-    with grpc.insecure_channel(address) as chan:
+def check_serving_sync(address: str, timeout: float = 1.0, root_cert: bytes | None = None) -> bool:
+    """Blocking health probe, for the launcher and tests; `root_cert` (PEM) = over TLS trusting it."""
+    chan = (
+        grpc.insecure_channel(address)
+        if root_cert is None
+        else grpc.secure_channel(address, grpc.ssl_channel_credentials(root_cert))
+    )
+    with chan:
         try:
             reply = health_pb2_grpc.HealthStub(chan).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         except grpc.RpcError:

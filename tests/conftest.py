@@ -34,6 +34,8 @@ def start_stack(redis_url: str, *flags: str) -> Stack:
             "127.0.0.1",
             "--port",
             str(free_port()),
+            "--http-port",
+            str(free_port()),
             "--redis-url",
             redis_url,
             "--demo",
@@ -57,7 +59,9 @@ def start_stack(redis_url: str, *flags: str) -> Stack:
 @pytest.fixture(scope="session")
 def checkpoint_stack(redis_url, tiny_checkpoint):
     """A stack serving the tiny Hugging Face checkpoint with FCFS, shared by several tests."""
-    stack = start_stack(redis_url, "--model", tiny_checkpoint, "--num-gpu-blocks", "256")
+    stack = start_stack(
+        redis_url, "--model", tiny_checkpoint, "--num-gpu-blocks", "256", "--served-model-name", "tiny-opt"
+    )
     yield stack
     stack.stop()
 

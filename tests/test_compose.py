@@ -44,9 +44,8 @@ COMPOSE = ROOT / "compose"
 FILES = ("docker-compose.yml", "docker-compose.multinode.yml")
 SERVICES = ("gateway", "scheduler", "kvmanager", "worker")
 DIST_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
-# environment names the compose files set that no FastServe flag reads yet: the metrics
-# ports of the KV manager and the workers come with the observability issue
-PENDING = {"kvmanager": {"FASTSERVE_KVMANAGER_METRICS_PORT"}, "worker": {"FASTSERVE_WORKER_METRICS_PORT"}}
+# environment names the compose files set that no FastServe flag reads yet (none today)
+PENDING: dict[str, set[str]] = {}
 # read by NCCL, gloo and Python themselves
 THIRD_PARTY_ENV = {"NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "NCCL_DEBUG", "PYTHONUNBUFFERED"}
 OTLP_GRPC_PORT = 4317

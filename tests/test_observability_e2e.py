@@ -61,6 +61,8 @@ def traced_stack(redis_url, tiny_checkpoint, receiver, monkeypatch_module):
         "skip-join-mlfq",
         "--max-batch-size",
         "1",
+        "--served-model-name",
+        "traced",
     )
     yield stack
     stack.stop()
@@ -147,28 +149,40 @@ def test_metrics_agree_with_what_was_served(traced_stack):
     def delta(name):
         return gateway.get(name, 0.0) - before.get(name, 0.0)
 
-    assert delta("fastserve:generation_tokens_total") == 15
-    assert delta("fastserve:prompt_tokens_total") == 12
-    assert delta('fastserve:request_success_total{finished_reason="length"}') == 3
-    assert delta("fastserve:time_to_first_token_seconds_count") == 3
-    assert delta("fastserve:e2e_request_latency_seconds_count") == 3
+    model = 'model_name="traced"'
+    assert delta(f"fastserve:generation_tokens_total{{{model}}}") == 15
+    assert delta(f"fastserve:prompt_tokens_total{{{model}}}") == 12
+    assert delta(f'fastserve:request_success_total{{finished_reason="length",{model}}}') == 3
+    assert delta(f"fastserve:time_to_first_token_seconds_count{{{model}}}") == 3
+    assert delta(f"fastserve:e2e_request_latency_seconds_count{{{model}}}") == 3
+    assert delta(f"fastserve:time_per_output_token_seconds_count{{{model}}}") == 3
+    assert delta(f"fastserve:request_prompt_tokens_sum{{{model}}}") == 12
+    assert delta(f"fastserve:request_generation_tokens_sum{{{model}}}") == 15
     for name in (
         "fastserve:iteration_time_seconds_count",
-        "fastserve:num_requests_running",
+        f"fastserve:num_requests_running{{{model}}}",
         'fastserve:kv_blocks_used{tier="gpu"}',
-        "fastserve:num_preemptions_total",
+        f"fastserve:num_preemptions_total{{{model}}}",
         "fastserve:num_demotions_total",
-        "fastserve:request_queue_time_seconds_count",
+        f"fastserve:request_queue_time_seconds_count{{{model}}}",
     ):
         assert name in scheduler, name
+    kvmanager = scrape(traced_stack.addresses["kvmanager-metrics"])
+    assert 0 <= kvmanager[f"fastserve:kv_cache_usage_perc{{{model}}}"] <= 1
+    assert kvmanager[f"fastserve:num_requests_swapped{{{model}}}"] == 0
+    worker = scrape(traced_stack.addresses["worker0-metrics"])
+    assert worker['fastserve:worker_kv_blocks{tier="gpu"}'] == 128
     assert scheduler['fastserve:request_finished_total{state="finished"}'] >= 3
     assert scheduler["fastserve:iteration_time_seconds_count"] >= 15
     # once idle, the gauges say so (they used to keep the last iteration's values)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         idle = scrape(traced_stack.addresses["scheduler-metrics"])
-        if idle["fastserve:num_requests_running"] == 0 and idle['fastserve:kv_blocks_used{tier="gpu"}'] == 0:
+        if (
+            idle[f"fastserve:num_requests_running{{{model}}}"] == 0
+            and not idle['fastserve:kv_blocks_used{tier="gpu"}']
+        ):
             break
         time.sleep(0.1)
-    assert idle["fastserve:num_requests_running"] == 0
+    assert idle[f"fastserve:num_requests_running{{{model}}}"] == 0
     assert idle['fastserve:kv_blocks_used{tier="gpu"}'] == 0

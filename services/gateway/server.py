@@ -9,27 +9,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
-from opentelemetry import trace
 
 from fastserve import tracing
 from fastserve.flags import add_common_flags, add_flag, setup_logging
-from fastserve.metrics import serve_metrics
+from fastserve.metrics import serve_metrics, set_model_name
 from fastserve.rpc import channel, create_server, start_server, use_internal_token, wait_serving
 from fastserve.store import RequestStore, StoreUnavailable
-from fastserve.tokenizer import Tokenizer, load_tokenizer
+from fastserve.tokenizer import load_tokenizer
 from fastserve.v1 import common_pb2, scheduler_pb2
 from fastserve.v1 import gateway_pb2 as pb
 from fastserve.v1 import gateway_pb2_grpc as pb_grpc
 
-from . import metrics
-from .scheduler_link import SchedulerGone, SchedulerLink
-from .text_stream import TextStream
-from .validation import InvalidRequest, Limits, check_envelope, check_length, resolve_sampling
+from .api_keys import ApiKeyInterceptor, ApiKeys, authorization, parse_keys
+from .generation import Generations, SchedulerUnavailable
+from .openai_api import create_app
+from .scheduler_link import SchedulerLink
+from .validation import InvalidRequest, Limits
 
 log = logging.getLogger("fastserve.gateway")
 FR = common_pb2.FinishReason
@@ -37,219 +35,57 @@ VERSION = "0.1.0"
 
 
 class GatewayService(pb_grpc.GatewayServicer):
-    def __init__(
-        self,
-        link: SchedulerLink,
-        store: RequestStore,
-        tokenizer: Tokenizer,
-        info: scheduler_pb2.SchedulerInfo,
-        limits: Limits,
-        tracer: trace.Tracer,
-    ) -> None:
-        self.tracer = tracer
-        self.link = link
-        self.scheduler = link.stub
+    def __init__(self, generations: Generations, store: RequestStore, keys: ApiKeys) -> None:
+        self.generations = generations
         self.store = store
-        self.tokenizer = tokenizer
-        self.info = info
-        self.limits = limits
-        self.in_flight: dict[str, list[str]] = {}  # request id -> its completions' job ids
+        self.keys = keys
+        self.info = generations.info
+        self.limits = generations.limits
+
+    def _owner(self, context: grpc.aio.ServicerContext) -> str:
+        return self.keys.owner(authorization(context.invocation_metadata()))
+
+    def _may_see(self, request_id: str, context: grpc.aio.ServicerContext) -> bool:
+        """With API keys, a request answers only to the key that made it."""
+        return not self.keys.required or self.generations.owner(request_id) == self._owner(context)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        arrival = time.time()
         try:
-            check_envelope(request, self.limits)
-            sampling = resolve_sampling(request, self.limits)
-            prompt_ids = list(request.prompt_token_ids) or self.tokenizer.encode(request.prompt)
-            check_length(len(prompt_ids), sampling.resolved.max_tokens, self.limits)
-            request_id = request.request_id or uuid.uuid4().hex
-            if request_id in self.in_flight:
-                raise InvalidRequest(f"request_id: {request_id!r} is already in flight")
-        except InvalidRequest as exc:
-            metrics.REJECTED.inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-
-        metrics.PROMPT_TOKENS.inc(len(prompt_ids))
-        # Each completion is its own job to the scheduler: the request's id when n = 1, else id-i.
-        job_ids = [request_id] if sampling.n == 1 else [f"{request_id}-{i}" for i in range(sampling.n)]
-        self.in_flight[request_id] = job_ids
-        resolved = sampling.resolved
-        streams: list = []
-        span = self.tracer.start_span(
-            "fastserve.generate",
-            kind=trace.SpanKind.SERVER,
-            attributes={
-                "gen_ai.operation.name": "text_completion",
-                "gen_ai.request.model": self.info.model,
-                "gen_ai.request.max_tokens": resolved.max_tokens,
-                "gen_ai.request.temperature": resolved.temperature,
-                "gen_ai.request.top_p": resolved.top_p,
-                "gen_ai.request.top_k": resolved.top_k,
-                "gen_ai.request.choice.count": sampling.n,
-                "gen_ai.usage.input_tokens": len(prompt_ids),
-                "fastserve.request_id": request_id,
-            },
-        )
-        try:
-            trace_context = tracing.inject(trace.set_span_in_context(span))
-            streams = [
-                self.link.stream(  # the scheduler records the job in Redis
-                    scheduler_pb2.SubmitRequest(
-                        request_id=job_id,
-                        prompt_token_ids=prompt_ids,
-                        sampling=sampling.job_sampling(i),
-                        arrival_time=arrival,
-                        trace_context=trace_context,
-                    )
-                )
-                for i, job_id in enumerate(job_ids)
-            ]
-            last_sent = None
-            output_tokens = 0
-            reasons: list[str] = []
-            replies = merge(
-                [
-                    self._relay(
-                        request_id,
-                        job_id,
-                        i,
-                        stream,
-                        len(prompt_ids),
-                        resolved,
-                        request.continuous_usage_stats,
-                    )
-                    for i, (job_id, stream) in enumerate(zip(job_ids, streams, strict=True))
-                ]
-            )
-            async for reply in replies:
-                now = time.time()
-                if reply.token_ids:
-                    metrics.GENERATION_TOKENS.inc(len(reply.token_ids))
-                    if last_sent is None:
-                        metrics.TTFT.observe(now - arrival)
-                        span.add_event("first_token")
-                    else:
-                        metrics.INTER_TOKEN.observe(now - last_sent)
-                    last_sent = now
-                if reply.finish_reason:
-                    reason = FR.Name(reply.finish_reason).removeprefix("FINISH_REASON_").lower()
-                    metrics.E2E.observe(now - arrival)
-                    metrics.FINISHED.labels(reason).inc()
-                    output_tokens += reply.usage.completion_tokens
-                    reasons.append(reason)
+            job = self.generations.prepare(request, self._owner(context))
+            async for reply in self.generations.stream(job):
                 yield reply
-            span.set_attributes(
-                {"gen_ai.usage.output_tokens": output_tokens, "gen_ai.response.finish_reasons": reasons}
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.details())
-            log.error("request %s: scheduler failed: %s %s", request_id, exc.code().name, exc.details())
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"scheduler: {exc.code().name}: {exc.details()}")
-        except SchedulerGone as exc:
-            log.error("request %s: %s", request_id, exc)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except SchedulerUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        finally:
-            span.end()
-            self.in_flight.pop(request_id, None)
-            for stream in streams:
-                await stream.aclose()  # the client went away: the scheduler drops the job
-
-    async def _relay(
-        self,
-        request_id: str,
-        job_id: str,
-        index: int,
-        call,
-        prompt_len: int,
-        sampling: common_pb2.ResolvedSampling,
-        usage_always: bool,
-    ) -> AsyncIterator[pb.GenerateResponse]:
-        """One completion's stream: text deltas, logprobs, and the final message with the outcome."""
-        text = TextStream(self.tokenizer, tuple(sampling.stop), sampling.include_stop_str_in_output)
-        completion = 0
-
-        def message(reply, token_ids, delta: str, **final) -> pb.GenerateResponse:
-            out = pb.GenerateResponse(
-                request_id=request_id,
-                index=index,
-                token_ids=token_ids,
-                text=delta,
-                logprobs=reply.logprobs,
-                prompt_logprobs=reply.prompt_logprobs,
-                **final,
-            )
-            if final or usage_always:
-                out.usage.CopyFrom(common_pb2.Usage(prompt_tokens=prompt_len, completion_tokens=completion))
-            return out
-
-        async for reply in call:
-            token_ids = list(reply.token_ids)
-            completion += len(token_ids)
-            stop_token = reply.stop_reason.WhichOneof("kind") in ("eos", "token_id")
-            # vLLM: the text of the EOS / stop token that ended generation is left out unless asked for
-            shown = token_ids[:-1] if stop_token and not sampling.include_stop_str_in_output else token_ids
-            delta = text.add(shown) if shown else ""
-            if text.stopped:
-                await self.scheduler.Abort(
-                    scheduler_pb2.AbortRequest(request_id=job_id, reason=FR.FINISH_REASON_STOP)
-                )
-                yield message(
-                    reply,
-                    token_ids,
-                    delta,
-                    finish_reason=FR.FINISH_REASON_STOP,
-                    stop_reason=common_pb2.StopReason(text=text.matched),
-                )
-                return
-            if reply.finish_reason:
-                delta += text.finish()
-                final = {"finish_reason": reply.finish_reason, "error": reply.error}
-                if reply.HasField("stop_reason"):
-                    final["stop_reason"] = reply.stop_reason
-                if text.stopped:
-                    final.update(
-                        finish_reason=FR.FINISH_REASON_STOP,
-                        stop_reason=common_pb2.StopReason(text=text.matched),
-                    )
-                yield message(reply, token_ids, delta, **final)
-                return
-            if token_ids or reply.prompt_logprobs:
-                yield message(reply, token_ids, delta)
-        yield message(
-            scheduler_pb2.SubmitResponse(),
-            [],
-            text.finish(),
-            finish_reason=FR.FINISH_REASON_ERROR,
-            error="the scheduler closed the stream before the request finished",
-        )
 
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
         """Cancels every completion of the request."""
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
-        job_ids = self.in_flight.get(request.request_id, [request.request_id])
-        replies = await asyncio.gather(
-            *(self.scheduler.Abort(scheduler_pb2.AbortRequest(request_id=job_id)) for job_id in job_ids)
-        )
-        return pb.CancelResponse(cancelled=any(r.found for r in replies))
+        if not self._may_see(request.request_id, context):
+            return pb.CancelResponse(cancelled=False)
+        try:
+            return pb.CancelResponse(cancelled=await self.generations.cancel(request.request_id))
+        except SchedulerUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     async def GetRequest(
         self, request: pb.GetRequestRequest, context: grpc.aio.ServicerContext
     ) -> pb.RequestInfo:
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
+        missing = f"request_id: no record of {request.request_id!r} (records expire after --request-ttl)"
+        if not self._may_see(request.request_id, context):
+            await context.abort(grpc.StatusCode.NOT_FOUND, missing)
         try:
             record = await self.store.read(request.request_id)
         except StoreUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; try again shortly")
         if record is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"request_id: no record of {request.request_id!r} (records expire after --request-ttl)",
-            )
+            await context.abort(grpc.StatusCode.NOT_FOUND, missing)
         fields = {f.name for f in pb.RequestInfo.DESCRIPTOR.fields}
         return pb.RequestInfo(
             request_id=request.request_id, **{k: v for k, v in record.items() if k in fields}
@@ -279,46 +115,24 @@ class GatewayService(pb_grpc.GatewayServicer):
         )
 
 
-async def merge(streams: list[AsyncIterator[pb.GenerateResponse]]) -> AsyncIterator[pb.GenerateResponse]:
-    """The messages of several streams as they come (one stream: itself, no tasks)."""
-    if len(streams) == 1:
-        async for item in streams[0]:
-            yield item
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(stream: AsyncIterator[pb.GenerateResponse]) -> None:
-        try:
-            async for item in stream:
-                await queue.put(item)
-        except Exception as exc:  # handed to the consumer, which re-raises it
-            await queue.put(exc)
-        finally:
-            await queue.put(done)
-
-    tasks = [asyncio.create_task(pump(s)) for s in streams]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield item
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="fastserve gateway", description="FastServe gateway: the public gRPC API"
+        prog="fastserve gateway",
+        description="FastServe gateway: the public gRPC API and the OpenAI-compatible HTTP API",
+        allow_abbrev=False,
     )
     add_flag(parser, "--host", default="0.0.0.0", help="address to listen on", env="FASTSERVE_GATEWAY_HOST")
-    add_flag(parser, "--port", default=50051, help="port to listen on")
+    add_flag(parser, "--port", default=50051, help="gRPC port to listen on")
+    add_flag(parser, "--http-port", default=8000, help="OpenAI-compatible HTTP port; 0 = off")
+    add_flag(parser, "--served-model-name", default="", help="model name of the HTTP API; empty = the model")
+    add_flag(
+        parser,
+        "--api-key",
+        default="",
+        help="comma-separated API keys the public ports require; empty = open",
+    )
+    add_flag(parser, "--ssl-certfile", default="", help="TLS certificate (PEM) for both public ports")
+    add_flag(parser, "--ssl-keyfile", default="", help="TLS private key (PEM) for both public ports")
     add_flag(parser, "--scheduler-address", default="127.0.0.1:50052", help="the scheduler")
     add_flag(parser, "--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for request metadata")
     add_flag(parser, "--request-ttl", default=86400, help="seconds a request's Redis record is kept")
@@ -350,7 +164,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_common_flags(parser)
     tracing.add_tracing_flags(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        parser.error("--ssl-certfile and --ssl-keyfile go together")
+    return args
+
+
+async def serve_http(app, args: argparse.Namespace) -> None:
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.http_port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        ssl_certfile=args.ssl_certfile or None,
+        ssl_keyfile=args.ssl_keyfile or None,
+        timeout_graceful_shutdown=2,
+    )
+    await uvicorn.Server(config).serve()
+
+
+def tls_credentials(certfile: str, keyfile: str) -> grpc.ServerCredentials | None:
+    if not certfile:
+        return None
+    with open(keyfile, "rb") as key, open(certfile, "rb") as cert:
+        return grpc.ssl_server_credentials([(key.read(), cert.read())])
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -382,18 +223,49 @@ async def serve(args: argparse.Namespace) -> None:
         max_n=args.max_n,
     )
 
+    served_model_name = args.served_model_name or info.model
+    set_model_name(served_model_name)
+    keys = ApiKeys(parse_keys(args.api_key))
+    tls = tls_credentials(args.ssl_certfile, args.ssl_keyfile)
     # the transport cap sits above --max-request-bytes so an oversized request gets our message
-    server = create_server(max_receive_bytes=4 * args.max_request_bytes + 4096, public=True)
-    pb_grpc.add_GatewayServicer_to_server(
-        GatewayService(link, store, tokenizer, info, limits, tracer), server
+    server = create_server(
+        max_receive_bytes=4 * args.max_request_bytes + 4096,
+        public=True,
+        interceptors=[ApiKeyInterceptor(keys)] if keys.required else None,
     )
+    generations = Generations(link, tokenizer, info, limits, tracer)
+    pb_grpc.add_GatewayServicer_to_server(GatewayService(generations, store, keys), server)
     state, address = await start_server(
-        server, [pb.DESCRIPTOR.services_by_name["Gateway"].full_name], args.host, args.port
+        server, [pb.DESCRIPTOR.services_by_name["Gateway"].full_name], args.host, args.port, tls
     )
-    log.info("listening on %s", address)
-    watch = asyncio.create_task(link.watch_health(state))  # SERVING while the scheduler is
-    await server.wait_for_termination()
-    watch.cancel()
+    log.info(
+        "gRPC listening on %s (%s; API keys %s)",
+        address,
+        "TLS" if tls else "plaintext",
+        "required" if keys.required else "off",
+    )
+    tasks = [
+        asyncio.ensure_future(server.wait_for_termination()),
+        asyncio.ensure_future(link.watch_health(state)),  # SERVING while the scheduler is
+    ]
+    if args.http_port:
+        app = create_app(generations, served_model_name, keys, lambda: state.serving)
+        tasks.append(asyncio.ensure_future(serve_http(app, args)))
+        scheme = "https" if tls else "http"
+        log.info(
+            "OpenAI-compatible HTTP on %s://%s:%d/v1 (model %r)",
+            scheme,
+            args.host,
+            args.http_port,
+            served_model_name,
+        )
+    else:
+        log.info("HTTP off (--http-port 0)")
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    for task in done:
+        task.result()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,13 +7,16 @@ import asyncio
 import logging
 
 import grpc
+from prometheus_client import REGISTRY
 
 from fastserve.flags import add_common_flags, add_flag, setup_logging
+from fastserve.metrics import serve_metrics
 from fastserve.rpc import create_server, start_server, use_internal_token
 from fastserve.v1 import kvmanager_pb2 as pb
 from fastserve.v1 import kvmanager_pb2_grpc as pb_grpc
 
 from .block_manager import BlockManager
+from .metrics import KVCollector
 from .planner import SWAP_POLICIES, make_plan
 
 log = logging.getLogger("fastserve.kvmanager")
@@ -105,18 +108,31 @@ class KVManagerService(pb_grpc.KVManagerServicer):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="fastserve kvmanager", description="FastServe KV manager service")
+    parser = argparse.ArgumentParser(
+        prog="fastserve kvmanager", description="FastServe KV manager service", allow_abbrev=False
+    )
     add_flag(
         parser, "--host", default="127.0.0.1", help="address to listen on", env="FASTSERVE_KVMANAGER_HOST"
     )
     add_flag(parser, "--port", default=50053, help="port to listen on", env="FASTSERVE_KVMANAGER_PORT")
+    add_flag(
+        parser,
+        "--metrics-port",
+        default=9102,
+        help="Prometheus /metrics port; 0 = off",
+        env="FASTSERVE_KVMANAGER_METRICS_PORT",
+    )
+    add_flag(parser, "--served-model-name", default="", help="model_name label of the metrics")
     add_common_flags(parser)
     return parser.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> None:
+    service = KVManagerService()
+    REGISTRY.register(KVCollector(lambda: service.blocks, args.served_model_name))
+    serve_metrics(args.host, args.metrics_port)
     server = create_server()
-    pb_grpc.add_KVManagerServicer_to_server(KVManagerService(), server)
+    pb_grpc.add_KVManagerServicer_to_server(service, server)
     state, address = await start_server(
         server, [pb.DESCRIPTOR.services_by_name["KVManager"].full_name], args.host, args.port
     )

@@ -12,7 +12,7 @@ import redis.exceptions
 
 from fastserve import tracing
 from fastserve.flags import add_common_flags, add_flag, setup_logging
-from fastserve.metrics import serve_metrics
+from fastserve.metrics import serve_metrics, set_model_name
 from fastserve.model_spec import resolve_model
 from fastserve.rpc import channel, create_server, start_server, use_internal_token, wait_serving
 from fastserve.store import JobLog, RequestStore
@@ -123,7 +123,9 @@ class SchedulerService(pb_grpc.SchedulerServicer):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="fastserve scheduler", description="FastServe scheduler service")
+    parser = argparse.ArgumentParser(
+        prog="fastserve scheduler", description="FastServe scheduler service", allow_abbrev=False
+    )
     add_flag(
         parser, "--host", default="127.0.0.1", help="address to listen on", env="FASTSERVE_SCHEDULER_HOST"
     )
@@ -155,6 +157,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(parser, "--starvation-period", default=1000, help="iterations between starvation checks")
     add_flag(parser, "--max-batch-size", default=16, help="most jobs in one iteration")
     add_flag(parser, "--max-num-batched-tokens", default=2048, help="most tokens fed in one iteration")
+    add_flag(
+        parser, "--served-model-name", default="", help="model_name label of the metrics; empty = the model"
+    )
+    add_flag(
+        parser, "--max-model-len", default=0, help="most tokens (prompt + output) of one job; 0 = the model's"
+    )
     add_flag(
         parser, "--connect-timeout", default=600.0, help="seconds to wait for workers and the KV manager"
     )
@@ -298,7 +306,11 @@ async def serve(args: argparse.Namespace) -> None:
         num_gpu_blocks=workers.num_gpu_blocks,
         num_host_blocks=workers.num_host_blocks,
         vocab_size=first.vocab_size,
-        max_model_len=min(first.max_positions, workers.num_gpu_blocks * first.block_size),
+        max_model_len=min(
+            first.max_positions,
+            workers.num_gpu_blocks * first.block_size,
+            args.max_model_len or first.max_positions,
+        ),
         eos_token_id=first.eos_token_id,
         tokenizer=resolve_model(first.model).tokenizer,
         swap_policy=args.swap_policy,
@@ -306,6 +318,7 @@ async def serve(args: argparse.Namespace) -> None:
     restored = await resume.restore(engine, job_log, store)
     if restored:
         log.warning("re-queued %d unfinished jobs from Redis; each recomputes its KV", restored)
+    set_model_name(args.served_model_name or info.model)
     service.ready(engine, job_log, info)
     loop_task = asyncio.create_task(engine.run())
     watch_task = asyncio.create_task(recovery.watch_kvmanager())

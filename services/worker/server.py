@@ -20,12 +20,14 @@ from opentelemetry import trace
 
 from fastserve import tracing
 from fastserve.flags import add_common_flags, add_flag, setup_logging
+from fastserve.metrics import serve_metrics
 from fastserve.model_spec import ModelSpec, resolve_model
 from fastserve.rpc import create_server, start_server, use_internal_token
 from fastserve.v1 import common_pb2
 from fastserve.v1 import worker_pb2 as pb
 from fastserve.v1 import worker_pb2_grpc as pb_grpc
 
+from . import metrics
 from .swapper import Swapper
 
 log = logging.getLogger("fastserve.worker")
@@ -282,7 +284,9 @@ class WorkerService(pb_grpc.WorkerServicer):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="fastserve worker", description="FastServe worker: one model shard")
+    parser = argparse.ArgumentParser(
+        prog="fastserve worker", description="FastServe worker: one model shard", allow_abbrev=False
+    )
     add_flag(parser, "--host", default="127.0.0.1", help="address to listen on", env="FASTSERVE_WORKER_HOST")
     add_flag(parser, "--port", default=50060, help="port to listen on", env="FASTSERVE_WORKER_PORT")
     add_flag(parser, "--model", default="opt-tiny", help="preset name, checkpoint directory or hub id")
@@ -327,6 +331,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch CPU threads of this rank; 0 = torch's default (one per core). Set 1 when ranks "
         "or other processes share a few cores: oversubscribed threads slow a step several times",
     )
+    add_flag(
+        parser,
+        "--metrics-port",
+        default=9103,
+        help="Prometheus /metrics port; 0 = off",
+        env="FASTSERVE_WORKER_METRICS_PORT",
+    )
     add_common_flags(parser)
     tracing.add_tracing_flags(parser)
     args = parser.parse_args(argv)
@@ -338,6 +349,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    serve_metrics(args.host, args.metrics_port)
     service = WorkerService(args, tracing.setup_tracing("worker", args))
     server = create_server()
     pb_grpc.add_WorkerServicer_to_server(service, server)
@@ -345,7 +357,11 @@ async def serve(args: argparse.Namespace) -> None:
         server, [pb.DESCRIPTOR.services_by_name["Worker"].full_name], args.host, args.port
     )
     log.info("listening on %s (NOT_SERVING until the model is loaded)", address)
+    started = time.perf_counter()
     await asyncio.get_running_loop().run_in_executor(service.executor, service.load)
+    metrics.LOAD_SECONDS.set(time.perf_counter() - started)
+    metrics.KV_BLOCKS.labels("gpu").set(service.info.num_gpu_blocks)
+    metrics.KV_BLOCKS.labels("host").set(service.info.num_host_blocks)
     await state.mark_serving()
     log.info("rank %d serving %s on %s", args.rank, args.model, address)
     await server.wait_for_termination()

@@ -1,0 +1,316 @@
+"""One generation request, from a GenerateRequest to its last message, whatever the transport.
+
+The gRPC `Generate` handler and the OpenAI HTTP routes both call `prepare` (validation
+and tokenization: raises InvalidRequest before anything is sent) and then iterate
+`stream` (the scheduler streams through SchedulerLink, detokenized text, stop strings,
+metrics and the request's span). Closing the iterator early cancels the request's jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from opentelemetry import trace
+
+from fastserve import tracing
+from fastserve.tokenizer import Tokenizer
+from fastserve.v1 import common_pb2, scheduler_pb2
+from fastserve.v1 import gateway_pb2 as pb
+
+from . import metrics
+from .scheduler_link import SchedulerGone, SchedulerLink
+from .text_stream import TextStream
+from .validation import InvalidRequest, Limits, Sampling, check_envelope, check_length, resolve_sampling
+
+log = logging.getLogger("fastserve.gateway")
+FR = common_pb2.FinishReason
+MAX_OWNERS = 100_000  # request owners remembered for Cancel / GetRequest (the most recent ones)
+
+
+class SchedulerUnavailable(Exception):
+    """The scheduler could not take or finish the request: not the client's fault."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request that passed validation: what `stream` needs."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: Sampling
+    arrival: float
+    continuous_usage_stats: bool
+
+
+class Generations:
+    def __init__(
+        self,
+        link: SchedulerLink,
+        tokenizer: Tokenizer,
+        info: scheduler_pb2.SchedulerInfo,
+        limits: Limits,
+        tracer: trace.Tracer,
+    ) -> None:
+        self.link = link
+        self.scheduler = link.stub
+        self.tokenizer = tokenizer
+        self.info = info
+        self.limits = limits
+        self.tracer = tracer
+        self.in_flight: dict[str, list[str]] = {}  # request id -> its completions' job ids
+        self.owners: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    def prepare(self, request: pb.GenerateRequest, owner: str = "") -> Prepared:
+        """Validates and tokenizes; InvalidRequest names the field and the limit."""
+        arrival = time.time()
+        try:
+            check_envelope(request, self.limits)
+            sampling = resolve_sampling(request, self.limits)
+            prompt_ids = list(request.prompt_token_ids) or self.tokenizer.encode(request.prompt)
+            check_length(len(prompt_ids), sampling.resolved.max_tokens, self.limits)
+            request_id = request.request_id or uuid.uuid4().hex
+            if request_id in self.in_flight:
+                raise InvalidRequest(f"request_id: {request_id!r} is already in flight")
+        except InvalidRequest:
+            metrics.REJECTED.inc()
+            raise
+        if owner:
+            self.owners[request_id] = owner
+            self.owners.move_to_end(request_id)
+            while len(self.owners) > MAX_OWNERS:
+                self.owners.popitem(last=False)
+        return Prepared(request_id, prompt_ids, sampling, arrival, request.continuous_usage_stats)
+
+    def owner(self, request_id: str) -> str | None:
+        return self.owners.get(request_id)
+
+    async def cancel(self, request_id: str) -> bool:
+        """Cancels every completion of the request; False when none was in flight."""
+        job_ids = self.in_flight.get(request_id, [request_id])
+        try:
+            replies = await asyncio.gather(
+                *(self.scheduler.Abort(scheduler_pb2.AbortRequest(request_id=job_id)) for job_id in job_ids)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise SchedulerUnavailable(f"scheduler: {exc.code().name}: {exc.details()}") from None
+        return any(r.found for r in replies)
+
+    async def stream(
+        self, job: Prepared, operation: str = "text_completion"
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """Messages as the scheduler produces tokens (several completions interleaved when n > 1);
+        each completion's last message carries its finish_reason and usage.
+
+        Raises InvalidRequest when the scheduler refuses the request, SchedulerUnavailable when
+        it cannot be reached.
+        """
+        request_id, sampling = job.request_id, job.sampling
+        if request_id in self.in_flight:  # checked again: no await since prepare() for gRPC, maybe for HTTP
+            raise InvalidRequest(f"request_id: {request_id!r} is already in flight")
+        metrics.PROMPT_TOKENS.inc(len(job.prompt_ids))
+        metrics.REQUEST_MAX_TOKENS.observe(sampling.resolved.max_tokens)
+        # Each completion is its own job to the scheduler: the request's id when n = 1, else id-i.
+        job_ids = [request_id] if sampling.n == 1 else [f"{request_id}-{i}" for i in range(sampling.n)]
+        self.in_flight[request_id] = job_ids
+        resolved = sampling.resolved
+        streams: list = []
+        span = self.tracer.start_span(
+            "fastserve.generate",
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                "gen_ai.operation.name": operation,
+                "gen_ai.request.model": self.info.model,
+                "gen_ai.request.max_tokens": resolved.max_tokens,
+                "gen_ai.request.temperature": resolved.temperature,
+                "gen_ai.request.top_p": resolved.top_p,
+                "gen_ai.request.top_k": resolved.top_k,
+                "gen_ai.request.choice.count": sampling.n,
+                "gen_ai.usage.input_tokens": len(job.prompt_ids),
+                "fastserve.request_id": request_id,
+            },
+        )
+        try:
+            trace_context = tracing.inject(trace.set_span_in_context(span))
+            streams = [
+                self.link.stream(  # the scheduler records the job in Redis
+                    scheduler_pb2.SubmitRequest(
+                        request_id=job_id,
+                        prompt_token_ids=job.prompt_ids,
+                        sampling=sampling.job_sampling(i),
+                        arrival_time=job.arrival,
+                        trace_context=trace_context,
+                    )
+                )
+                for i, job_id in enumerate(job_ids)
+            ]
+            first_sent = last_sent = None
+            output_tokens = 0
+            reasons: list[str] = []
+            replies = merge(
+                [
+                    self._relay(
+                        request_id,
+                        job_id,
+                        i,
+                        stream,
+                        len(job.prompt_ids),
+                        resolved,
+                        job.continuous_usage_stats,
+                    )
+                    for i, (job_id, stream) in enumerate(zip(job_ids, streams, strict=True))
+                ]
+            )
+            async for reply in replies:
+                now = time.time()
+                if reply.token_ids:
+                    metrics.GENERATION_TOKENS.inc(len(reply.token_ids))
+                    if last_sent is None:
+                        first_sent = now
+                        metrics.TTFT.observe(now - job.arrival)
+                        span.add_event("first_token")
+                    else:
+                        metrics.INTER_TOKEN.observe(now - last_sent)
+                    last_sent = now
+                if reply.finish_reason:
+                    reason = finish_reason_name(reply.finish_reason)
+                    generated = reply.usage.completion_tokens
+                    metrics.E2E.observe(now - job.arrival)
+                    metrics.FINISHED.labels(reason).inc()
+                    metrics.REQUEST_PROMPT_TOKENS.observe(len(job.prompt_ids))
+                    metrics.REQUEST_GENERATION_TOKENS.observe(generated)
+                    if first_sent is not None and generated > 1:
+                        metrics.TPOT.observe((now - first_sent) / (generated - 1))
+                    output_tokens += generated
+                    reasons.append(reason)
+                yield reply
+            span.set_attributes(
+                {"gen_ai.usage.output_tokens": output_tokens, "gen_ai.response.finish_reasons": reasons}
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidRequest(exc.details()) from None
+            log.error("request %s: scheduler failed: %s %s", request_id, exc.code().name, exc.details())
+            raise SchedulerUnavailable(f"scheduler: {exc.code().name}: {exc.details()}") from None
+        except SchedulerGone as exc:
+            log.error("request %s: %s", request_id, exc)
+            raise SchedulerUnavailable(str(exc)) from None
+        finally:
+            span.end()
+            self.in_flight.pop(request_id, None)
+            for stream in streams:
+                await stream.aclose()  # the client went away: the scheduler drops the job
+
+    async def _relay(
+        self,
+        request_id: str,
+        job_id: str,
+        index: int,
+        call,
+        prompt_len: int,
+        sampling: common_pb2.ResolvedSampling,
+        usage_always: bool,
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """One completion's stream: text deltas, logprobs, and the final message with the outcome."""
+        text = TextStream(self.tokenizer, tuple(sampling.stop), sampling.include_stop_str_in_output)
+        completion = 0
+
+        def message(reply, token_ids, delta: str, **final) -> pb.GenerateResponse:
+            out = pb.GenerateResponse(
+                request_id=request_id,
+                index=index,
+                token_ids=token_ids,
+                text=delta,
+                logprobs=reply.logprobs,
+                prompt_logprobs=reply.prompt_logprobs,
+                **final,
+            )
+            if final or usage_always:
+                out.usage.CopyFrom(common_pb2.Usage(prompt_tokens=prompt_len, completion_tokens=completion))
+            return out
+
+        async for reply in call:
+            token_ids = list(reply.token_ids)
+            completion += len(token_ids)
+            stop_token = reply.stop_reason.WhichOneof("kind") in ("eos", "token_id")
+            # vLLM: the text of the EOS / stop token that ended generation is left out unless asked for
+            shown = token_ids[:-1] if stop_token and not sampling.include_stop_str_in_output else token_ids
+            delta = text.add(shown) if shown else ""
+            if text.stopped:
+                await self.scheduler.Abort(
+                    scheduler_pb2.AbortRequest(request_id=job_id, reason=FR.FINISH_REASON_STOP)
+                )
+                yield message(
+                    reply,
+                    token_ids,
+                    delta,
+                    finish_reason=FR.FINISH_REASON_STOP,
+                    stop_reason=common_pb2.StopReason(text=text.matched),
+                )
+                return
+            if reply.finish_reason:
+                delta += text.finish()
+                final = {"finish_reason": reply.finish_reason, "error": reply.error}
+                if reply.HasField("stop_reason"):
+                    final["stop_reason"] = reply.stop_reason
+                if text.stopped:
+                    final.update(
+                        finish_reason=FR.FINISH_REASON_STOP,
+                        stop_reason=common_pb2.StopReason(text=text.matched),
+                    )
+                yield message(reply, token_ids, delta, **final)
+                return
+            if token_ids or reply.prompt_logprobs:
+                yield message(reply, token_ids, delta)
+        yield message(
+            scheduler_pb2.SubmitResponse(),
+            [],
+            text.finish(),
+            finish_reason=FR.FINISH_REASON_ERROR,
+            error="the scheduler closed the stream before the request finished",
+        )
+
+
+def finish_reason_name(reason: int) -> str:
+    """FINISH_REASON_LENGTH -> 'length'."""
+    return FR.Name(reason).removeprefix("FINISH_REASON_").lower()
+
+
+async def merge(streams: list[AsyncIterator[pb.GenerateResponse]]) -> AsyncIterator[pb.GenerateResponse]:
+    """The messages of several streams as they come (one stream: itself, no tasks)."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream: AsyncIterator[pb.GenerateResponse]) -> None:
+        try:
+            async for item in stream:
+                await queue.put(item)
+        except Exception as exc:  # handed to the consumer, which re-raises it
+            await queue.put(exc)
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
