@@ -1,8 +1,14 @@
 """The scheduler's own cost, which the paper never measured.
 
-1. Policy decision time per iteration (order + batch formation + accounting) at
-   100, 1 000 and 10 000 queued jobs, for every policy.
-2. With `--metrics`, the live control plane: the scheduler's Prometheus histograms
+1. The whole per-iteration CPU path of the live `Engine` (scheduling core, KV plan
+   requests when needed, step messages, events to streams, metrics and Redis records)
+   at 100, 1 000 and 10 000 queued jobs, every one holding KV blocks: the Engine runs
+   its real loop against an instant in-process worker group and the KV manager's own
+   service object on an in-process plan stream, on a clock that advances by the OPT-13B
+   cost model's time for each step (so quanta, demotions and starvation behave as on
+   an A100). The KV manager's planning is timed apart (in a deployment it is another process).
+2. Policy decision time per iteration alone (order + batch formation + accounting).
+3. With `--metrics`, the live control plane: the scheduler's Prometheus histograms
    of policy time, KV-manager Plan round trip and the worker's own compute time,
    read before and after a short load, next to the iteration time.
 """
@@ -10,11 +16,18 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import time
 import urllib.request
+from dataclasses import replace
 
 from bench.workloads import synthetic_lengths
+from fastserve.v1 import common_pb2, scheduler_pb2, worker_pb2
+from services.kvmanager.block_manager import BlockManager
+from services.kvmanager.server import KVManagerService
+from services.scheduler.core import CoreConfig, SchedulerCore
+from services.scheduler.engine import Engine
 from services.scheduler.policy import (
     POLICIES,
     BatchLimits,
@@ -96,6 +109,126 @@ def decision_time(
     }
 
 
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _InstantWorkers:
+    """Answers every step at once and moves the clock by what the step would take on the GPU."""
+
+    def __init__(self, cost: CostModel, clock: _Clock, queued: int) -> None:
+        self.cost, self.clock, self.queued = cost, clock, queued
+        self.seen: set[str] = set()
+        self.steps = 0
+        self.warm = asyncio.Event()  # every job has run (holds KV)
+        self.target = 0
+        self.done = asyncio.Event()
+        self.broken = None  # never goes down
+
+    async def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+        prefill = decode = context = 0
+        for s in request.seqs:
+            fed = len(s.token_ids)
+            context += s.start_pos + max(fed, 1)
+            if fed > 1:
+                prefill += s.start_pos + fed
+            else:
+                decode += 1
+        if not self.warm.is_set():
+            self.seen.update(s.request_id for s in request.seqs)
+            if len(self.seen) == self.queued:
+                self.warm.set()
+        else:
+            self.steps += 1
+            if self.steps == self.target:
+                self.done.set()
+        self.clock.now += self.cost.time(prefill, decode, context)
+        await asyncio.sleep(0)
+        return worker_pb2.StepResponse(step_id=request.step_id, token_ids=[5] * len(request.seqs))
+
+
+class _InProcessKV:
+    """The KV manager's service object behind an in-process Plan stream; times its own planning."""
+
+    def __init__(self, config: CoreConfig) -> None:
+        self.service = KVManagerService()
+        self.service.blocks = BlockManager(config.num_gpu_blocks, config.block_size, config.host_blocks)
+        self.service.swap_policy, self.service.reserve = config.swap_policy, config.reserve
+        self.seconds = 0.0
+        self.plans = 0
+
+    def Plan(self) -> _InProcessKV:  # noqa: N802 (the stub's name)
+        self.replies: asyncio.Queue = asyncio.Queue()
+        return self
+
+    async def write(self, request) -> None:
+        started = time.process_time()
+        self.replies.put_nowait(self.service._answer(request))
+        self.seconds += time.process_time() - started
+        self.plans += bool(request.batch)
+
+    def __aiter__(self) -> _InProcessKV:
+        return self
+
+    async def __anext__(self):
+        return await self.replies.get()
+
+
+class _NullStore:
+    def update(self, request_id: str, fields, tokens=None) -> None:
+        pass
+
+
+async def _engine_run(policy_name: str, queued: int, iterations: int, seed: int) -> dict[str, float]:
+    cost = CostModel.resolve("opt-13b-a100")
+    lengths = synthetic_lengths("sharegpt", queued, seed)
+    # room for every job's prompt and the tokens it generates while timed, plus the proactive reserve
+    blocks = sum(-(-(inp + iterations) // 16) for inp, _ in lengths) * 21 // 20 + 64
+    config = CoreConfig(num_gpu_blocks=blocks, limits=BatchLimits(16, 2048), overlap=True, eos_token_id=2)
+    policy = make_policy(PolicyConfig(name=policy_name, base_quantum=cost.decode_time(1)), cost)
+    clock = _Clock()
+    workers = _InstantWorkers(cost, clock, queued)
+    kv = _InProcessKV(config)
+    engine = Engine(SchedulerCore(config, policy), workers, kv, _NullStore(), cost, 1, clock=clock)  # type: ignore[arg-type]
+    sampling = common_pb2.ResolvedSampling(max_tokens=10**6, top_p=1.0, repetition_penalty=1.0)
+    for i, (inp, _) in enumerate(lengths):
+        engine.submit(
+            scheduler_pb2.SubmitRequest(request_id=str(i), prompt_token_ids=[1] * inp, sampling=sampling)
+        )
+    # warm-up: one step prefills every job (a batch without limits), then the real limits apply
+    engine.core.config = replace(config, limits=BatchLimits(queued, 10**9))
+    loop = asyncio.create_task(engine.run())
+    await workers.warm.wait()
+    engine.core.config = config
+    holding = sum(seq.holds_kv for seq in engine.core.seqs.values())
+    workers.target = iterations
+    kv.seconds, kv.plans = 0.0, 0
+    cpu, wall = time.process_time(), time.perf_counter()
+    await workers.done.wait()
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    loop.cancel()
+    try:
+        await loop
+    except asyncio.CancelledError:
+        pass
+    return {
+        "engine_us": (cpu - kv.seconds) / iterations * 1e6,
+        "kv_planning_us": kv.seconds / iterations * 1e6,
+        "wall_us": wall / iterations * 1e6,
+        "plans_per_iteration": kv.plans / iterations,
+        "holding_kv": holding,
+    }
+
+
+def engine_time(policy_name: str, queued: int, iterations: int, seed: int = 0) -> dict[str, float]:
+    """Per-iteration CPU of the whole Engine loop with `queued` jobs, all holding KV (microseconds)."""
+    return asyncio.run(_engine_run(policy_name, queued, iterations, seed))
+
+
 def add_remove_time(policy_name: str, queued: int, seed: int = 0) -> float:
     """Mean microseconds to add then remove one job with `queued` live jobs."""
     cost = CostModel.resolve("opt-13b-a100")
@@ -155,9 +288,22 @@ def main(argv: list[str] | None = None) -> int:
         "--gateway", default="127.0.0.1:50051", help="gateway to load while reading --metrics"
     )
     parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument(
+        "--burst",
+        type=int,
+        default=0,
+        help="with --metrics: send this many requests at once instead (greedy, --burst-tokens in and out) "
+        "and report busy wall time / the worker's compute time",
+    )
+    parser.add_argument("--burst-tokens", type=int, default=64)
+    parser.add_argument("--engine-iterations", type=int, default=2000, help="timed Engine iterations per run")
+    parser.add_argument("--engine-only", action="store_true", help="skip the policy-only table")
+    parser.add_argument("--live-only", action="store_true", help="with --metrics: only the live part")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     policies = list(POLICIES) if args.policy == "all" else args.policy.split(",")
+    if args.live_only:
+        policies = []
     sizes = [int(n) for n in args.queued.split(",")]
     result: dict = {
         "iterations": args.iterations,
@@ -165,7 +311,25 @@ def main(argv: list[str] | None = None) -> int:
         "decision_us": {},
         "materialized_us": {},
         "add_remove_us": {},
+        "engine_us": {},
     }
+    print(
+        "whole Engine loop per iteration, every queued job holding KV (microseconds of CPU; the KV\n"
+        "manager's planning apart: another process in a deployment)"
+    )
+    print(f"{'policy':<16}{'queued':>8}{'engine':>9}{'kv plan':>9}{'plans/it':>9}{'holding':>9}")
+    for name in policies:
+        result["engine_us"][name] = {}
+        for n in sizes:
+            e = engine_time(name, n, args.engine_iterations)
+            result["engine_us"][name][n] = e
+            print(
+                f"{name:<16}{n:>8}{e['engine_us']:>9.1f}{e['kv_planning_us']:>9.1f}"
+                f"{e['plans_per_iteration']:>9.2f}{e['holding_kv']:>9}",
+                flush=True,
+            )
+    if args.engine_only:
+        policies = []
     print(
         "policy decision time per iteration (order + form_batch + on_iteration_done), microseconds;\n"
         "'list()' = order() copied whole first, as the live engine does for its swap estimates"
@@ -202,11 +366,31 @@ def main(argv: list[str] | None = None) -> int:
         from bench.load import replay
 
         before = scrape(args.metrics)
-        trace = [(i * 0.05, 64, 32) for i in range(args.requests)]
-        asyncio.run(replay(args.gateway, trace, 0, f"overhead-{int(time.time())}"))
-        result["live_seconds"] = live_breakdown(before, scrape(args.metrics))
+        if args.burst:
+            trace = [(0.0, args.burst_tokens, args.burst_tokens)] * args.burst
+        else:
+            trace = [(i * 0.05, 64, 32) for i in range(args.requests)]
+        records, _ = asyncio.run(replay(args.gateway, trace, 0, f"overhead-{int(time.time())}"))
+        after = scrape(args.metrics)
+        result["live_seconds"] = live_breakdown(before, after)
         for key, value in result["live_seconds"].items():
             print(f"live {key:<22} {value * 1e3:9.3f} ms")
+        if args.burst:
+            wall = max(r.finish for r in records) - min(r.arrival for r in records)
+            compute = (
+                after["fastserve:worker_compute_seconds_sum"] - before["fastserve:worker_compute_seconds_sum"]
+            )
+            result["burst"] = {
+                "requests": args.burst,
+                "tokens": sum(r.output_tokens for r in records),
+                "busy_wall_seconds": wall,
+                "worker_compute_seconds": compute,
+                "ratio": wall / compute,
+            }
+            print(
+                f"burst of {args.burst} x {args.burst_tokens} tokens: busy wall {wall:.2f} s, "
+                f"worker compute {compute:.2f} s, ratio {wall / compute:.2f}"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

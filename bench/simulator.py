@@ -43,14 +43,13 @@ from bench.report import format_throughput, summarize, sweep_throughput
 from bench.workloads import Trace, load_trace
 from services.kvmanager.block_manager import BlockManager
 from services.kvmanager.planner import SWAP_POLICIES, make_plan
-from services.scheduler.enst import EnstEstimator
+from services.scheduler.core import CoreConfig, KVPlan, Proposal, SchedulerCore, Step
 from services.scheduler.policy import (
+    MLFQ,
     POLICIES,
     BatchLimits,
     CostModel,
-    Job,
     PolicyConfig,
-    form_batch,
     make_policy,
     swap_policy_of,
 )
@@ -76,20 +75,9 @@ class SimConfig:
     kv_bytes_per_token: int = OPT_13B_KV_BYTES_PER_TOKEN
     host_bandwidth: float = PCIE4_X16
     swap_policy: str = "proactive"  # or reactive, recompute, none
-    reserve_blocks: int = -1  # -1: 5% of the GPU pool
+    reserve_blocks: int = -1  # -1: the core's default (5% of the GPU pool)
     pp: int = 1
     policy_config: PolicyConfig = field(default_factory=PolicyConfig)
-
-
-class _Held:
-    """blocks_held for form_batch, read straight from the block manager."""
-
-    def __init__(self, blocks: BlockManager) -> None:
-        self.tables = blocks.tables
-
-    def get(self, request_id: str, default: int = 0) -> int:
-        table = self.tables.get(request_id)
-        return len(table) if table is not None else default
 
 
 def simulate(
@@ -110,20 +98,19 @@ def simulate(
         raise ValueError(f"--swap-policy {config.swap_policy!r} is not one of {SIM_SWAP_POLICIES}")
     if config.pp < 1:
         raise ValueError(f"--pp must be >= 1, got {config.pp}")
-    policy_config = PolicyConfig(**{**config.policy_config.__dict__, "name": config.policy})
-    if policy_config.base_quantum is None:
-        policy_config.base_quantum = cost_model.decode_time(1)
-    policy = make_policy(policy_config, cost_model)
-    bs = config.block_size
-    host_blocks = 0 if config.swap_policy in ("none", "recompute") else config.num_host_blocks
-    blocks = BlockManager(config.num_gpu_blocks, bs, host_blocks)
-    held = _Held(blocks)
-    reserve = config.reserve_blocks if config.reserve_blocks >= 0 else -(-config.num_gpu_blocks // 20)
-    enst = EnstEstimator(
-        config.limits.max_batch_size,
-        getattr(policy, "starvation_threshold", None),
-        getattr(policy, "quantum", None),
+    policy = make_policy(PolicyConfig(**{**config.policy_config.__dict__, "name": config.policy}), cost_model)
+    core_config = CoreConfig(
+        num_gpu_blocks=config.num_gpu_blocks,
+        num_host_blocks=config.num_host_blocks,
+        limits=config.limits,
+        block_size=config.block_size,
+        swap_policy=config.swap_policy,
+        reserve_blocks=config.reserve_blocks,
+        pp_size=config.pp,
     )
+    core = SchedulerCore(core_config, policy)
+    bs = config.block_size
+    blocks = BlockManager(config.num_gpu_blocks, bs, core_config.host_blocks)
     block_seconds = bs * config.kv_bytes_per_token / config.host_bandwidth
     totals = dict.fromkeys(
         ("iterations", "batched_jobs", "swap_in_blocks", "swap_out_blocks", "prefetch_blocks", "recomputes"),
@@ -136,10 +123,7 @@ def simulate(
     next_arrival = 0
     now = 0.0
     stage_free_at = 0.0  # when the first pipeline stage can take the next batch
-    in_flight: list[tuple[float, int, float, list[Job]]] = []  # (finish time, seq, elapsed, batch)
-    busy: set[str] = set()  # jobs in an in-flight batch
-    last_running: set[str] = set()  # jobs in flight when the last batch started, and that batch
-    seq = 0
+    in_flight: list[tuple[float, int, float, Step]] = []  # (finish time, seq, elapsed, step)
     bar = tqdm(
         total=len(pending),
         desc=config.policy,
@@ -153,7 +137,7 @@ def simulate(
         while next_arrival < len(pending) and pending[next_arrival][0] <= now:
             arrival, input_len, output_len = pending[next_arrival]
             rid = str(next_arrival)
-            policy.add(Job(rid, input_len, output_len, arrival, output_len=output_len), arrival)
+            core.add(rid, [0] * input_len, output_len, arrival, output_len=output_len)
             records[rid] = {
                 "arrival": arrival,
                 "first_token": None,
@@ -165,54 +149,30 @@ def simulate(
             }
             next_arrival += 1
 
-    def plan_batch() -> tuple[list[Job], float, float]:
-        """The next batch, the swap seconds on its critical path, and those in the background."""
-        if config.swap_policy == "none":
-            while True:
-                batch = form_batch(
-                    policy.order(now),
-                    config.limits,
-                    busy,
-                    free_blocks=blocks.num_free,
-                    block_size=bs,
-                    blocks_held=held,  # type: ignore[arg-type]
-                    lookahead=None,  # the jobs that hold KV may sit far down the order
-                )
-                if batch or busy or not blocks.tables:
-                    break
-                # nothing fits and nothing runs: drop the lowest-priority holder's KV (recompute later)
-                victim = [j for j in policy.order(now) if j.request_id in blocks.tables][-1]
-                blocks.free(victim.request_id)
-                victim.needs_prefill = True
-                totals["recomputes"] += 1
-            for job in batch:
-                blocks.allocate(job.request_id, job.context_len)
-            return batch, 0.0, 0.0
-        # jobs without KV start only into blocks free in either tier (form_batch's admit_blocks)
-        admit = blocks.num_free + blocks.num_host_free
-        batch = form_batch(policy.order(now), config.limits, busy, block_size=bs, admit_blocks=admit)
-        if not batch:
-            return batch, 0.0, 0.0
-        ids = {j.request_id for j in batch}
-        need = 0
-        for job in batch:
-            host = blocks.host_tables.get(job.request_id)
-            need += len(host) if host else max(-(-job.context_len // bs) - held.get(job.request_id), 0)
-        floor = reserve if config.swap_policy == "proactive" else 0
-        if blocks.host_tables or blocks.num_free - need < floor:
-            # swaps may happen: the planner needs every idle job's estimated next scheduled time
-            waiting = [
-                (rid, e)
-                for rid, e in enst(policy.order(now), now).items()
-                if rid not in ids and rid not in busy
-            ]
-        else:
-            waiting = []  # no host jobs to prefetch and room to spare: the plan needs no victims
-        plan = make_plan(
-            blocks, [(j.request_id, j.context_len) for j in batch], waiting, config.swap_policy, reserve
-        )
-        for rid in plan.recompute:
-            policy.jobs[rid].needs_prefill = True
+    def record_events() -> None:
+        if frees := core.take_frees():
+            for rid in frees:
+                blocks.free(rid)
+            core.observe_free(blocks.num_free, blocks.num_host_free)
+        for event in core.take_events():
+            record = records[event.seq.request_id]
+            if event.kind == "token" and event.first:
+                record["first_token"] = now
+            elif event.kind == "preempted":
+                record["preemptions"] += 1
+            elif event.kind == "finished":
+                job = event.seq.job
+                record.update(finish=now, demotions=job.demotions, promotions=job.promotions)
+                bar.update()
+
+    def plan_for(proposal: Proposal) -> tuple[KVPlan | None, float, float]:
+        """The KV manager's part, in-process: the plan, swap seconds on the critical path and in the background."""
+        if not proposal.plan:
+            return None, 0.0, 0.0
+        if config.swap_policy == "none":  # the batch fits the free GPU blocks (form_batch's budget)
+            tables = {rid: blocks.allocate(rid, n) for rid, n in proposal.demands}
+            return KVPlan(tables=tables, free_gpu_blocks=blocks.num_free), 0.0, 0.0  # type: ignore[arg-type]
+        plan = make_plan(blocks, proposal.demands, proposal.waiting, config.swap_policy, core_config.reserve)
         totals["recomputes"] += len(plan.recompute)
         totals["swap_in_blocks"] += len(plan.swap_in)
         totals["swap_out_blocks"] += len(plan.swap_out)
@@ -222,50 +182,51 @@ def simulate(
         if config.swap_policy == "reactive":
             on_path += len(plan.swap_out) * block_seconds
             background = len(plan.prefetch) * block_seconds
-        return [j for j in batch if j.request_id in plan.tables], on_path, background
+        told = KVPlan(
+            plan.tables,
+            plan.swapped_in,
+            plan.swapped_out,
+            plan.recompute,
+            blocks.num_free,
+            blocks.num_host_free,
+        )
+        return told, on_path, background
 
     def start() -> bool:
-        nonlocal seq, stage_free_at, last_running
-        batch, on_path, background = plan_batch()
-        if not batch:
+        nonlocal stage_free_at
+        proposal = core.schedule(now)
+        while proposal is None and config.swap_policy == "none":
+            # nothing fits and nothing runs: drop the lowest-priority holder's KV (recompute later)
+            victim = core.drop_victim(now)
+            if victim is None:
+                break
+            blocks.free(victim)
+            totals["recomputes"] += 1
+            proposal = core.schedule(now)
+        if proposal is None:
             return False
-        ids = {j.request_id for j in batch}
-        for rid in last_running - ids - busy:
-            if rid in policy.jobs:  # ran last time, still alive, not running now: preempted
-                records[rid]["preemptions"] += 1
-        last_running = ids | busy
-        elapsed = on_path + max(cost_model.iteration_time(batch), background)
+        plan, on_path, background = plan_for(proposal)
+        step = core.launch(proposal, plan, now)
+        record_events()
+        if step is None:
+            return False
+        elapsed = on_path + max(
+            cost_model.time(step.prefill_tokens, step.decode_seqs, step.context_tokens), background
+        )
         totals["swap_seconds_on_path"] += on_path
         totals["iterations"] += 1
-        totals["batched_jobs"] += len(batch)
-        seq += 1
-        heapq.heappush(in_flight, (now + elapsed, seq, elapsed, batch))
-        busy.update(ids)
+        totals["batched_jobs"] += len(step.inputs)
+        heapq.heappush(in_flight, (now + elapsed, step.id, elapsed, step))
         stage_free_at = now + elapsed / config.pp
         return True
-
-    def complete(batch: list[Job], elapsed: float) -> None:
-        for job in batch:
-            busy.discard(job.request_id)
-            job.num_generated += 1
-            job.needs_prefill = False
-            record = records[job.request_id]
-            if record["first_token"] is None:
-                record["first_token"] = now
-            if job.num_generated >= job.output_len:
-                record.update(finish=now, demotions=job.demotions, promotions=job.promotions)
-                policy.remove(job.request_id)
-                blocks.free(job.request_id)
-                bar.update()
-        enst.observe(elapsed)
-        policy.on_iteration_done(batch, elapsed, now)
 
     while True:
         admit()
         while in_flight and in_flight[0][0] <= now:
-            _, _, elapsed, batch = heapq.heappop(in_flight)
-            complete(batch, elapsed)
-        if len(in_flight) < config.pp and stage_free_at <= now and policy.jobs:
+            _, _, elapsed, step = heapq.heappop(in_flight)
+            core.complete(step, [0] * len(step.inputs), elapsed, now)
+            record_events()
+        if len(in_flight) < config.pp and stage_free_at <= now and core.seqs:
             start()
         wake = []
         if next_arrival < len(pending):
@@ -468,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rates = [float(r) for r in args.sweep_rates.split(",")] if args.sweep_rates else [args.rate]
     cost_model = CostModel.resolve(args.cost_model)
-    base = args.base_quantum or cost_model.decode_time(1)
+    base = MLFQ(PolicyConfig(base_quantum=args.base_quantum or None), cost_model).base
     print(
         f"workload {args.workload}, {args.num_requests} requests"
         f"{f' (at most {args.duration:g} s of arrivals)' if args.duration > 0 else ''}, CV {args.cv}, seed {args.seed}; cost model "

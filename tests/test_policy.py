@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.scheduler.enst import EnstEstimator
+from services.scheduler.core.enst import EnstEstimator
 from services.scheduler.policy import BatchLimits, CostModel, Job, PolicyConfig, form_batch, make_policy
 
 

@@ -28,13 +28,7 @@ STATE_CHANGING = [
         kvmanager_pb2.ConfigureRequest(num_gpu_blocks=1),
         "unary_unary",
     ),
-    ("kvmanager", "/fastserve.v1.KVManager/Plan", kvmanager_pb2.PlanRequest(), "unary_unary"),
-    (
-        "kvmanager",
-        "/fastserve.v1.KVManager/Free",
-        kvmanager_pb2.FreeRequest(request_ids=["x"]),
-        "unary_unary",
-    ),
+    ("kvmanager", "/fastserve.v1.KVManager/Plan", kvmanager_pb2.PlanRequest(free=["x"]), "stream_stream"),
     ("worker0", "/fastserve.v1.Worker/Step", worker_pb2.StepRequest(step_id=1), "stream_stream"),
 ]
 
@@ -66,7 +60,7 @@ def test_malformed_protobuf_is_invalid_argument_everywhere(checkpoint_stack):
     garbage = b"\xff\xff\xff\xff\x0f"
     metadata = ((METADATA_KEY, checkpoint_stack.token),)
     for service, method, kind in [
-        ("kvmanager", "/fastserve.v1.KVManager/Plan", "unary_unary"),
+        ("kvmanager", "/fastserve.v1.KVManager/Plan", "stream_stream"),
         ("scheduler", "/fastserve.v1.Scheduler/Submit", "unary_stream"),
         ("gateway", "/fastserve.v1.Gateway/Generate", "unary_stream"),
         ("gateway", "/fastserve.v1.Gateway/GetRequest", "unary_unary"),

@@ -41,14 +41,16 @@ class JobHint(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., enst: _Optional[float] = ...) -> None: ...
 
 class PlanRequest(_message.Message):
-    __slots__ = ("iteration", "batch", "waiting")
+    __slots__ = ("iteration", "batch", "waiting", "free")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
+    FREE_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     batch: _containers.RepeatedCompositeFieldContainer[JobDemand]
     waiting: _containers.RepeatedCompositeFieldContainer[JobHint]
-    def __init__(self, iteration: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[JobDemand, _Mapping]]] = ..., waiting: _Optional[_Iterable[_Union[JobHint, _Mapping]]] = ...) -> None: ...
+    free: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, iteration: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[JobDemand, _Mapping]]] = ..., waiting: _Optional[_Iterable[_Union[JobHint, _Mapping]]] = ..., free: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BlockTable(_message.Message):
     __slots__ = ("request_id", "blocks")
@@ -89,20 +91,6 @@ class PlanResponse(_message.Message):
     free_gpu_blocks: int
     free_host_blocks: int
     def __init__(self, tables: _Optional[_Iterable[_Union[BlockTable, _Mapping]]] = ..., deferred: _Optional[_Iterable[str]] = ..., swap_in: _Optional[_Iterable[_Union[BlockCopy, _Mapping]]] = ..., swap_out: _Optional[_Iterable[_Union[BlockCopy, _Mapping]]] = ..., prefetch: _Optional[_Iterable[_Union[BlockCopy, _Mapping]]] = ..., swapped_in: _Optional[_Iterable[str]] = ..., swapped_out: _Optional[_Iterable[str]] = ..., recompute: _Optional[_Iterable[str]] = ..., free_gpu_blocks: _Optional[int] = ..., free_host_blocks: _Optional[int] = ...) -> None: ...
-
-class FreeRequest(_message.Message):
-    __slots__ = ("request_ids",)
-    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
-    request_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
-
-class FreeResponse(_message.Message):
-    __slots__ = ("free_gpu_blocks", "free_host_blocks")
-    FREE_GPU_BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    FREE_HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    free_gpu_blocks: int
-    free_host_blocks: int
-    def __init__(self, free_gpu_blocks: _Optional[int] = ..., free_host_blocks: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

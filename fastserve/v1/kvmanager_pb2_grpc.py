@@ -26,8 +26,9 @@ if _version_not_supported:
 
 
 class KVManagerStub:
-    """Internal: where every job's KV blocks live. The scheduler asks for a plan before each
-    iteration; workers execute its swap orders.
+    """Internal: where every job's KV blocks live. The scheduler asks for a plan before an
+    iteration whose jobs need blocks they do not hold (or when swaps may be due); workers
+    execute its swap orders.
     """
 
     def __init__(self, channel):
@@ -41,15 +42,10 @@ class KVManagerStub:
                 request_serializer=fastserve_dot_v1_dot_kvmanager__pb2.ConfigureRequest.SerializeToString,
                 response_deserializer=fastserve_dot_v1_dot_kvmanager__pb2.ConfigureResponse.FromString,
                 _registered_method=True)
-        self.Plan = channel.unary_unary(
+        self.Plan = channel.stream_stream(
                 '/fastserve.v1.KVManager/Plan',
                 request_serializer=fastserve_dot_v1_dot_kvmanager__pb2.PlanRequest.SerializeToString,
                 response_deserializer=fastserve_dot_v1_dot_kvmanager__pb2.PlanResponse.FromString,
-                _registered_method=True)
-        self.Free = channel.unary_unary(
-                '/fastserve.v1.KVManager/Free',
-                request_serializer=fastserve_dot_v1_dot_kvmanager__pb2.FreeRequest.SerializeToString,
-                response_deserializer=fastserve_dot_v1_dot_kvmanager__pb2.FreeResponse.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/fastserve.v1.KVManager/Stats',
@@ -59,8 +55,9 @@ class KVManagerStub:
 
 
 class KVManagerServicer:
-    """Internal: where every job's KV blocks live. The scheduler asks for a plan before each
-    iteration; workers execute its swap orders.
+    """Internal: where every job's KV blocks live. The scheduler asks for a plan before an
+    iteration whose jobs need blocks they do not hold (or when swaps may be due); workers
+    execute its swap orders.
     """
 
     def Configure(self, request, context):
@@ -70,14 +67,9 @@ class KVManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Plan(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Free(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def Plan(self, request_iterator, context):
+        """One long-lived stream per scheduler: requests are handled in order, one answer each.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -96,15 +88,10 @@ def add_KVManagerServicer_to_server(servicer, server):
                     request_deserializer=fastserve_dot_v1_dot_kvmanager__pb2.ConfigureRequest.FromString,
                     response_serializer=fastserve_dot_v1_dot_kvmanager__pb2.ConfigureResponse.SerializeToString,
             ),
-            'Plan': grpc.unary_unary_rpc_method_handler(
+            'Plan': grpc.stream_stream_rpc_method_handler(
                     servicer.Plan,
                     request_deserializer=fastserve_dot_v1_dot_kvmanager__pb2.PlanRequest.FromString,
                     response_serializer=fastserve_dot_v1_dot_kvmanager__pb2.PlanResponse.SerializeToString,
-            ),
-            'Free': grpc.unary_unary_rpc_method_handler(
-                    servicer.Free,
-                    request_deserializer=fastserve_dot_v1_dot_kvmanager__pb2.FreeRequest.FromString,
-                    response_serializer=fastserve_dot_v1_dot_kvmanager__pb2.FreeResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -120,8 +107,9 @@ def add_KVManagerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class KVManager:
-    """Internal: where every job's KV blocks live. The scheduler asks for a plan before each
-    iteration; workers execute its swap orders.
+    """Internal: where every job's KV blocks live. The scheduler asks for a plan before an
+    iteration whose jobs need blocks they do not hold (or when swaps may be due); workers
+    execute its swap orders.
     """
 
     @staticmethod
@@ -152,7 +140,7 @@ class KVManager:
             _registered_method=True)
 
     @staticmethod
-    def Plan(request,
+    def Plan(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -162,39 +150,12 @@ class KVManager:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/fastserve.v1.KVManager/Plan',
             fastserve_dot_v1_dot_kvmanager__pb2.PlanRequest.SerializeToString,
             fastserve_dot_v1_dot_kvmanager__pb2.PlanResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Free(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/fastserve.v1.KVManager/Free',
-            fastserve_dot_v1_dot_kvmanager__pb2.FreeRequest.SerializeToString,
-            fastserve_dot_v1_dot_kvmanager__pb2.FreeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 import grpc
 from prometheus_client import REGISTRY
@@ -59,8 +60,20 @@ class KVManagerService(pb_grpc.KVManagerServicer):
         )
         return pb.ConfigureResponse()
 
-    async def Plan(self, request: pb.PlanRequest, context: grpc.aio.ServicerContext) -> pb.PlanResponse:
-        blocks = await self._configured(context)
+    async def Plan(
+        self, request_iterator: AsyncIterator[pb.PlanRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PlanResponse]:
+        await self._configured(context)
+        log.info("scheduler opened a plan stream from %s", context.peer())
+        async for request in request_iterator:
+            yield self._answer(request)
+
+    def _answer(self, request: pb.PlanRequest) -> pb.PlanResponse:
+        blocks = self.blocks
+        for request_id in request.free:
+            blocks.free(request_id)
+        if not request.batch:
+            return pb.PlanResponse(free_gpu_blocks=blocks.num_free, free_host_blocks=blocks.num_host_free)
         plan = make_plan(
             blocks,
             [(d.request_id, d.num_tokens) for d in request.batch],
@@ -84,12 +97,6 @@ class KVManagerService(pb_grpc.KVManagerServicer):
             free_gpu_blocks=blocks.num_free,
             free_host_blocks=blocks.num_host_free,
         )
-
-    async def Free(self, request: pb.FreeRequest, context: grpc.aio.ServicerContext) -> pb.FreeResponse:
-        blocks = await self._configured(context)
-        for request_id in request.request_ids:
-            blocks.free(request_id)
-        return pb.FreeResponse(free_gpu_blocks=blocks.num_free, free_host_blocks=blocks.num_host_free)
 
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.KVStats:
         if self.blocks is None:

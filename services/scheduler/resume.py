@@ -39,12 +39,10 @@ def take_on(
     engine: Engine, job_log: JobLog, request: pb.SubmitRequest, tokens: list[int], record: dict | None = None
 ) -> LiveJob:
     """Queues the job (with the tokens it already has) and writes its durable record."""
-    live = engine.submit(request)
+    live = engine.submit(request, list(tokens))
     if tokens:
-        live.generated = list(tokens)
-        live.job.num_generated = len(tokens)
         live.first_token_time = float((record or {}).get("first_token_time") or 0.0)
-    live.recomputes = int((record or {}).get("recomputes") or 0) + (1 if tokens else 0)
+    live.seq.recomputes = int((record or {}).get("recomputes") or 0) + (1 if tokens else 0)
     job_log.begin(
         request.request_id,
         request.SerializeToString(),
@@ -54,7 +52,7 @@ def take_on(
             **live.record(),
         },
     )
-    job_log.update(request.request_id, {}, live.generated)
+    job_log.update(request.request_id, {}, live.seq.generated)
     return live
 
 
@@ -64,14 +62,15 @@ def attach(engine: Engine, live: LiveJob, tokens: list[int]) -> pb.SubmitRespons
     fewer tokens than the client already has (Redis is written after tokens are streamed): while it
     waits to recompute, it takes the client's."""
     live.outbox = type(live.outbox)()
-    if len(tokens) > len(live.generated) and live.job.needs_prefill and not live.in_flight:
-        live.generated.extend(tokens[len(live.generated) :])  # in place: the job log holds this list
-        live.job.num_generated = len(live.generated)
-        reason = ended(live.request, live.generated, engine.config.eos_token_id)
+    seq = live.seq
+    if len(tokens) > len(seq.generated) and seq.job.needs_prefill and not seq.in_flight:
+        seq.generated.extend(tokens[len(seq.generated) :])  # in place: the job log holds this list
+        seq.job.num_generated = len(seq.generated)
+        reason = ended(live.request, seq.generated, engine.core.config.eos_token_id)
         if reason:
             engine.abort(live.request_id, reason)  # its final message follows on the new outbox
-    start = min(len(tokens), len(live.generated))
-    return pb.SubmitResponse(token_ids=live.generated[start:], first_index=start)
+    start = min(len(tokens), len(seq.generated))
+    return pb.SubmitResponse(token_ids=seq.generated[start:], first_index=start)
 
 
 def final_message(request: pb.SubmitRequest, tokens: list[int], reason: int) -> pb.SubmitResponse:
@@ -88,7 +87,7 @@ async def restore(engine: Engine, job_log: JobLog, store: RequestStore) -> int:
     count = 0
     for saved in await store.unfinished():
         request = pb.SubmitRequest.FromString(saved.spec)
-        reason = ended(request, saved.tokens, engine.config.eos_token_id)
+        reason = ended(request, saved.tokens, engine.core.config.eos_token_id)
         if reason:  # finished, but the final state did not reach Redis before the restart
             job_log.update(
                 saved.request_id,

@@ -22,9 +22,9 @@ from fastserve.v1 import scheduler_pb2_grpc as pb_grpc
 from fastserve.v1.kvmanager_pb2_grpc import KVManagerStub
 
 from . import resume
-from .engine import Engine, EngineConfig
-from .enst import EnstEstimator
-from .policy import POLICIES, BatchLimits, CostModel, PolicyConfig, make_policy, swap_policy_of
+from .core import CoreConfig, EnstEstimator, SchedulerCore
+from .engine import Engine
+from .policy import MLFQ, POLICIES, BatchLimits, CostModel, PolicyConfig, make_policy, swap_policy_of
 from .profiler import profile
 from .recovery import Recovery
 from .workers import WorkerGroup
@@ -182,6 +182,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_flag(
         parser,
+        "--async-scheduling",
+        default=True,
+        help="send a job's next step before its last token is back (workers keep it); "
+        "without pipeline parallelism",
+    )
+    add_flag(
+        parser,
         "--kv-reserve-blocks",
         default=-1,
         help="free GPU blocks proactive swapping keeps; -1 = 5%% of the pool",
@@ -225,17 +232,26 @@ async def serve(args: argparse.Namespace) -> None:
     await workers.connect(args.connect_timeout)
 
     first = workers.infos[0]
-    reserve = args.kv_reserve_blocks if args.kv_reserve_blocks >= 0 else -(-workers.num_gpu_blocks // 20)
-    host_blocks = 0 if args.swap_policy == "recompute" else workers.num_host_blocks  # recompute never swaps
-    configure = kvmanager_pb2.ConfigureRequest(
+    limits = BatchLimits(max_batch_size=args.max_batch_size, max_batched_tokens=args.max_num_batched_tokens)
+    core_config = CoreConfig(
         num_gpu_blocks=workers.num_gpu_blocks,
-        num_host_blocks=host_blocks,
+        num_host_blocks=workers.num_host_blocks,
+        limits=limits,
         block_size=first.block_size,
         swap_policy=args.swap_policy,
-        reserve_blocks=reserve,
+        reserve_blocks=args.kv_reserve_blocks,
+        pp_size=first.pp_size,
+        overlap=args.async_scheduling,
+        eos_token_id=first.eos_token_id,
+    )
+    configure = kvmanager_pb2.ConfigureRequest(
+        num_gpu_blocks=core_config.num_gpu_blocks,
+        num_host_blocks=core_config.host_blocks,
+        block_size=core_config.block_size,
+        swap_policy=args.swap_policy,
+        reserve_blocks=core_config.reserve,
     )
     await kv.Configure(configure)
-    limits = BatchLimits(max_batch_size=args.max_batch_size, max_batched_tokens=args.max_num_batched_tokens)
     samples = await profile(
         workers,
         block_size=first.block_size,
@@ -245,18 +261,10 @@ async def serve(args: argparse.Namespace) -> None:
         max_batched_tokens=args.max_num_batched_tokens,
     )
     cost_model = CostModel().fit(samples)
-    # the paper's base quantum: one decode iteration, measured rather than fitted
-    decode_one = min(t for p, d, _, t in samples if d == 1 and not p)
-    base_quantum = args.base_quantum or decode_one
-    log.info(
-        "cost model: %s; one decode iteration %.4fs",
-        {k: f"{v:.3g}" for k, v in cost_model.to_dict().items()},
-        decode_one,
-    )
     policy = make_policy(
         PolicyConfig(
             name=args.policy,
-            base_quantum=base_quantum,
+            base_quantum=args.base_quantum or None,  # None: one decode iteration of the fitted cost model
             quantum_ratio=args.quantum_ratio,
             num_queues=args.num_queues,
             starvation_threshold=args.starvation_threshold,
@@ -264,11 +272,12 @@ async def serve(args: argparse.Namespace) -> None:
         ),
         cost_model,
     )
-    if args.policy in ("mlfq", "skip-join-mlfq"):
+    log.info("cost model: %s", {k: f"{v:.3g}" for k, v in cost_model.to_dict().items()})
+    if isinstance(policy, MLFQ):
         log.info(
             "%s: quanta %.4fs x %g^i over %d queues; starvation α %gs, checked every %d iterations",
             args.policy,
-            base_quantum,
+            policy.base,
             args.quantum_ratio,
             args.num_queues,
             args.starvation_threshold,
@@ -280,18 +289,10 @@ async def serve(args: argparse.Namespace) -> None:
         getattr(policy, "quantum", None),
         by=args.swap_order,
     )
-    config = EngineConfig(
-        limits=limits,
-        eos_token_id=first.eos_token_id,
-        num_gpu_blocks=workers.num_gpu_blocks,
-        block_bytes=first.kv_block_bytes,
-        pp_size=first.pp_size,
-        num_host_blocks=host_blocks,
-        block_size=first.block_size,
-    )
+    core = SchedulerCore(core_config, policy, enst)
     job_log = JobLog(store)
     job_log.start()
-    engine = Engine(config, policy, workers, kv, job_log, enst, cost_model, tracer)
+    engine = Engine(core, workers, kv, job_log, cost_model, first.kv_block_bytes, tracer)
     recovery = Recovery(engine, workers, kv_channel, args.kvmanager_address, configure, state)
     info = pb.SchedulerInfo(
         model=first.model,

@@ -31,7 +31,9 @@ PROMPT_LOGPROBS_CHUNK = 256  # prompt positions scored at once (bounds the [chun
 @dataclass
 class SeqWork:
     request_id: str
-    token_ids: list[int]  # tokens fed this iteration: the whole context on (re)prefill, else the last token
+    # tokens fed this iteration: the whole context on (re)prefill, else the last token; empty: the
+    # token this rank kept from the job's last step (the scheduler sent this step before it had it)
+    token_ids: list[int]
     start_pos: int  # tokens of this job already in the KV cache
     block_table: list[int]  # KV block ids covering positions [0, start_pos + len(token_ids))
     sampling: SamplingParams = GREEDY  # reproducible given (seed, sample_index)
@@ -95,6 +97,10 @@ class ModelRunner:
         )
         self.sampler = Sampler(seed, self.device) if self.is_driver else None
         self.token_counts = TokenCounts(spec.vocab_size, self.device) if self.is_driver else None
+        # each running job's last sampled token, on every rank that embeds (without pipeline
+        # parallelism: the whole TP group, which gets it from the driver by broadcast)
+        self.keeps_tokens = self.parallel.pp_size == 1
+        self.last_tokens: dict[str, int] = {}
 
     @property
     def is_driver(self) -> bool:
@@ -118,12 +124,19 @@ class ModelRunner:
         """Drops what this rank keeps for jobs that left."""
         if self.token_counts is not None:
             self.token_counts.forget(request_ids)
+        for rid in request_ids:
+            self.last_tokens.pop(rid, None)
 
     @torch.inference_mode()
     def run(self, seqs: list[SeqWork]) -> StepOutput | None:
         """Runs one iteration; on the driver the sampled tokens and the logprobs asked for, else None."""
         if not seqs:
             return StepOutput([], {}, {}) if self.is_driver else None
+        for s in seqs:
+            if not s.token_ids:
+                if s.request_id not in self.last_tokens:
+                    raise ValueError(f"{s.request_id}: no tokens to feed and none kept from its last step")
+                s.token_ids = [self.last_tokens[s.request_id]]
         inputs = self.prepare(seqs)
         par, model = self.parallel, self.model
         if par.is_first_stage:
@@ -137,12 +150,16 @@ class ModelRunner:
         logits = par.gather_last_dim(model.logits(hidden.index_select(0, inputs.last_token)))
         prompt_logprobs = self._prompt_logprobs(seqs, inputs, hidden)
         if not self.is_driver:
+            if self.keeps_tokens and par.tp_size > 1:
+                self._keep(seqs, self._shared_tokens(len(seqs)))
             return None
         ordered = [seqs[i] for i in inputs.order]
         sampled, sampled_logprobs = self._sample(logits[:, : self.spec.vocab_size].float(), ordered)
         tokens = [0] * len(seqs)
         for i, token in zip(inputs.order, sampled, strict=True):
             tokens[i] = token
+        if self.keeps_tokens:
+            self._keep(seqs, self._shared_tokens(len(seqs), tokens) if par.tp_size > 1 else tokens)
         return StepOutput(
             tokens, {inputs.order[k]: lp for k, lp in sampled_logprobs.items()}, prompt_logprobs or {}
         )
@@ -199,6 +216,15 @@ class ModelRunner:
                     scored += top_logprobs(lp, targets[lo : lo + len(chunk)], s.sampling.prompt_logprobs)
             out[i] = scored
         return out
+
+    def _shared_tokens(self, n: int, tokens: list[int] | None = None) -> list[int]:
+        """The driver's sampled tokens on every rank of its TP group."""
+        t = torch.tensor(tokens or [0] * n, dtype=torch.int64, device=self.device)
+        return self.parallel.broadcast_from_tp0(t).tolist()
+
+    def _keep(self, seqs: list[SeqWork], tokens: list[int]) -> None:
+        for s, token in zip(seqs, tokens, strict=True):
+            self.last_tokens[s.request_id] = token
 
     def prepare(self, seqs: list[SeqWork]) -> StepInputs:
         """Flattens the jobs (decodes first) into token, position and cache-slot tensors."""

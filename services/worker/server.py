@@ -130,6 +130,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.swapper: Swapper | None = None
         self.info = pb.WorkerInfo()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
+        self.kept: dict[str, tuple[list[int], object]] = {}  # per job: block table, sampling
         self.steps_done = 0
 
     def load(self) -> None:
@@ -212,23 +213,43 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def Info(self, request: pb.WorkerInfoRequest, context: grpc.aio.ServicerContext) -> pb.WorkerInfo:
         return self.info
 
-    def _run_step(self, request: pb.StepRequest) -> pb.StepResponse:
+    def _expand(self, request: pb.StepRequest) -> list:
+        """The step's jobs in full: what a SeqStep leaves out (sampling, blocks already sent) is kept here."""
         from .runner import SeqWork
         from .sampling import from_resolved
 
         eos = self.info.eos_token_id
-        seqs = [
-            SeqWork(
-                request_id=s.request_id,
-                token_ids=list(s.token_ids),
-                start_pos=s.start_pos,
-                block_table=list(s.block_table),
-                sampling=from_resolved(s.sampling, eos),
-                sample_index=s.sample_index,
-            )
-            for s in request.seqs
-        ]
+        for rid in request.finished:
+            self.kept.pop(rid, None)
         self.runner.forget(list(request.finished))
+        seqs = []
+        for s in request.seqs:
+            kept = self.kept.get(s.request_id)
+            if s.HasField("sampling"):
+                sampling = from_resolved(s.sampling, eos)
+            elif kept is not None:
+                sampling = kept[1]
+            else:
+                raise ValueError(f"{s.request_id}: no sampling sent and none kept from an earlier step")
+            table = list(s.block_table)
+            if s.table_offset:
+                if kept is None or len(kept[0]) < s.table_offset:
+                    raise ValueError(f"{s.request_id}: table_offset {s.table_offset} but fewer blocks kept")
+                table = kept[0][: s.table_offset] + table
+            self.kept[s.request_id] = (table, sampling)
+            seqs.append(
+                SeqWork(
+                    request_id=s.request_id,
+                    token_ids=list(s.token_ids),
+                    start_pos=s.start_pos,
+                    block_table=table,
+                    sampling=sampling,
+                    sample_index=s.sample_index,
+                )
+            )
+        return seqs
+
+    def _run_step(self, request: pb.StepRequest) -> pb.StepResponse:
         links = [
             trace.Link(
                 trace.get_current_span(tracing.extract({"traceparent": s.traceparent})).get_span_context()
@@ -246,10 +267,11 @@ class WorkerService(pb_grpc.WorkerServicer):
             attributes={
                 "fastserve.rank": self.args.rank,
                 "fastserve.step_id": request.step_id,
-                "fastserve.batch_size": len(seqs),
+                "fastserve.batch_size": len(request.seqs),
             },
         ) as span:
             try:
+                seqs = self._expand(request)
                 if self.swapper is not None:
                     self.swapper.submit(
                         [(m.src, m.dst) for m in request.swap_out],
@@ -279,8 +301,26 @@ class WorkerService(pb_grpc.WorkerServicer):
     ) -> AsyncIterator[pb.StepResponse]:
         loop = asyncio.get_running_loop()
         log.info("scheduler opened a step stream from %s", context.peer())
-        async for request in request_iterator:
-            yield await loop.run_in_executor(self.executor, self._run_step, request)
+        self.kept.clear()  # a new scheduler (or a reconnect) sends every job in full again
+        if self.runner is not None:
+            self.runner.forget(list(self.runner.last_tokens))
+        # steps go to the (single) step thread as they arrive, so one queued behind the running one
+        # starts the moment it ends; answers go back in order
+        queued: asyncio.Queue = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    queued.put_nowait(loop.run_in_executor(self.executor, self._run_step, request))
+            finally:
+                queued.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await queued.get()) is not None:
+                yield await answer
+        finally:
+            reader.cancel()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -82,6 +82,12 @@ class ParallelContext:
         dist.gather(x, parts, dst=dst, group=self.tp_group)
         return torch.cat(parts, dim=-1) if parts is not None else None
 
+    def broadcast_from_tp0(self, x: torch.Tensor) -> torch.Tensor:
+        """TP rank 0's ``x`` on every rank of the TP group, in place."""
+        if self.tp_size > 1:
+            dist.broadcast(x, src=self.pp_stage * self.tp_size, group=self.tp_group)
+        return x
+
     def send_next(self, x: torch.Tensor) -> None:
         """Sends activations to the next stage without waiting, so this stage can start its next step.
 

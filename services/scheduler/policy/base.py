@@ -86,6 +86,13 @@ class Policy(ABC):
             job.last_run_time = now
         return []
 
+    def queue_lengths(self) -> dict[int, int]:
+        """Live jobs per queue level (for gauges); policies that keep queues override this cheaply."""
+        counts: dict[int, int] = {}
+        for job in self.jobs.values():
+            counts[job.level] = counts.get(job.level, 0) + 1
+        return counts
+
     def __len__(self) -> int:
         return len(self.jobs)
 

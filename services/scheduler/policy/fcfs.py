@@ -14,5 +14,8 @@ from .base import Job, Policy
 class FCFS(Policy):
     name = "fcfs"
 
+    def queue_lengths(self) -> dict[int, int]:
+        return {0: len(self.jobs)} if self.jobs else {}  # one queue: levels stay 0
+
     def order(self, now: float) -> Iterator[Job]:
         return iter(self.jobs.values())  # dicts keep insertion order, which is arrival order

@@ -73,6 +73,9 @@ class MLFQ(Policy):
             self.idle.pop(request_id, None)
         return job
 
+    def queue_lengths(self) -> dict[int, int]:
+        return {level: len(q) for level, q in enumerate(self.queues) if q}
+
     def order(self, now: float) -> Iterator[Job]:
         return chain.from_iterable(q.values() for q in self.queues if q)
 

@@ -51,6 +51,9 @@ class SortedPolicy(Policy):
             self._unlink(request_id)
         return job
 
+    def queue_lengths(self) -> dict[int, int]:
+        return {0: len(self.jobs)} if self.jobs else {}  # one sorted queue: levels stay 0
+
     def order(self, now: float) -> Iterator[Job]:
         jobs = self.jobs
         return (jobs[key[-1]] for key in self.sorted)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from .policy import Job
+from ..policy import Job
 
 EnstFn = Callable[[Iterable[Job], float], dict[str, float]]
 
