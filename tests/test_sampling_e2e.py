@@ -175,6 +175,11 @@ def test_n_seeded_completions_are_distinct_reproducible_and_cancel_together(chec
     finals = [r for r in stream if r.finish_reason]
     assert sorted(r.index for r in finals) == [0, 1, 2, 3]
     assert all(r.finish_reason == FR.FINISH_REASON_CANCELLED for r in finals)
+    dropped = stub.Generate(
+        gateway_pb2.GenerateRequest(prompt_token_ids=[2, 71], sampling=sampling), timeout=120
+    )
+    next(dropped)
+    dropped.cancel()  # the client goes away: all n jobs leave
     deadline = time.monotonic() + 10
     while kv.Stats(kvmanager_pb2.StatsRequest()).num_jobs and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -121,6 +121,7 @@ class Generations:
         self.in_flight[request_id] = job_ids
         resolved = sampling.resolved
         streams: list = []
+        replies = None
         span = self.tracer.start_span(
             "fastserve.generate",
             kind=trace.SpanKind.SERVER,
@@ -204,6 +205,8 @@ class Generations:
         finally:
             span.end()
             self.in_flight.pop(request_id, None)
+            if replies is not None:
+                await replies.aclose()  # stops the completions' relays first
             for stream in streams:
                 await stream.aclose()  # the client went away: the scheduler drops the job
 
@@ -314,3 +317,4 @@ async def merge(streams: list[AsyncIterator[pb.GenerateResponse]]) -> AsyncItera
     finally:
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
