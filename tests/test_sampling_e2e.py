@@ -7,6 +7,7 @@ import threading
 import time
 
 import grpc
+import pytest
 import torch
 from transformers import LogitsProcessor, MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
@@ -185,3 +186,56 @@ def test_n_seeded_completions_are_distinct_reproducible_and_cancel_together(chec
         time.sleep(0.05)
     stats = kv.Stats(kvmanager_pb2.StatsRequest())
     assert stats.num_jobs == 0 and stats.free_gpu_blocks == stats.num_gpu_blocks
+
+
+def test_openai_front_maps_sampling_fields_with_vllm_names(checkpoint_stack):
+    import openai
+
+    api = openai.OpenAI(base_url=checkpoint_stack.addresses["http"] + "/v1", api_key="unused", max_retries=0)
+    stub = gateway(checkpoint_stack)
+    prompt = PROMPTS[1]
+    tokens, replies = generate(
+        stub, prompt, max_tokens=6, ignore_eos=True, logprobs=3, repetition_penalty=1.3
+    )
+    expected = [lp for r in replies for lp in r.logprobs]
+    reply = api.completions.create(
+        model="tiny-opt",
+        prompt=prompt,
+        max_tokens=6,
+        temperature=0,
+        logprobs=3,
+        extra_body={"ignore_eos": True, "repetition_penalty": 1.3},
+    )
+    got = reply.choices[0].logprobs
+    assert got.token_logprobs == pytest.approx([lp.logprob for lp in expected], abs=1e-6)
+    # keyed by token text, as OpenAI's format is: tokens that decode alike (partial bytes) share a key
+    assert all(1 <= len(top) <= 3 for top in got.top_logprobs) and len(got.top_logprobs) == 6
+
+    chat = api.chat.completions.create(
+        model="tiny-opt",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        n=2,
+        seed=5,
+        logprobs=True,
+        top_logprobs=2,
+        presence_penalty=0.5,
+        logit_bias={"88": 5.0},
+        extra_body={"ignore_eos": True, "min_p": 0.05},
+    )
+    assert sorted(c.index for c in chat.choices) == [0, 1] and chat.usage.completion_tokens == 8
+    assert all(
+        len(c.logprobs.content) == 4 and len(c.logprobs.content[0].top_logprobs) == 2 for c in chat.choices
+    )
+
+    plain, _ = generate(stub, prompt, max_tokens=6, ignore_eos=True)
+    stop = api.completions.create(
+        model="tiny-opt",
+        prompt=prompt,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"stop_token_ids": [plain[1]]},
+    )
+    assert stop.choices[0].finish_reason == "stop" and stop.choices[0].model_extra["stop_reason"] == plain[1]
+    with pytest.raises(openai.BadRequestError, match="--max-logprobs"):
+        api.completions.create(model="tiny-opt", prompt=prompt, max_tokens=2, logprobs=21)

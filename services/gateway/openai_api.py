@@ -131,7 +131,7 @@ def create_app(
             job = generations.prepare(generate, keys.owner(request.headers.get("authorization", "")))
         except InvalidRequest as exc:
             return invalid(exc)
-        shape = CompletionShape(f"cmpl-{job.request_id}", served_model_name)
+        shape = CompletionShape(f"cmpl-{job.request_id}", served_model_name, generations.tokenizer)
         return await respond(generations, job, body, shape, request)
 
     @app.post("/v1/chat/completions")
@@ -155,7 +155,7 @@ def create_app(
             job = generations.prepare(generate, keys.owner(request.headers.get("authorization", "")))
         except InvalidRequest as exc:
             return invalid(exc)
-        shape = ChatShape(f"chatcmpl-{job.request_id}", served_model_name)
+        shape = ChatShape(f"chatcmpl-{job.request_id}", served_model_name, generations.tokenizer)
         return await respond(generations, job, body, shape, request)
 
     return app
@@ -177,14 +177,14 @@ async def respond(generations: Generations, job, body: SamplingBody, shape, requ
         return Response(status_code=499)
     gone.cancel()
     try:
-        text, last = collect.result()
+        choices = collect.result()
     except InvalidRequest as exc:
         return invalid(exc)
     except SchedulerUnavailable as exc:
         return error(503, str(exc))
     except GenerationFailed as exc:
         return error(500, str(exc))
-    return JSONResponse(shape.whole(text, last))
+    return JSONResponse(shape.whole(choices))
 
 
 async def wait_disconnect(request: Request) -> None:
@@ -194,19 +194,45 @@ async def wait_disconnect(request: Request) -> None:
             return
 
 
-async def collect_all(stream: AsyncIterator[pb.GenerateResponse]) -> tuple[str, pb.GenerateResponse]:
-    parts, last = [], pb.GenerateResponse()
+class Choice:
+    """One completion of a request, gathered from its messages (those with its `index`)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.text: list[str] = []
+        self.logprobs: list[common_pb2.PositionLogprobs] = []
+        self.last = pb.GenerateResponse()
+
+
+async def collect_all(stream: AsyncIterator[pb.GenerateResponse]) -> list[Choice]:
+    choices: dict[int, Choice] = {}
     async for reply in stream:
-        parts.append(reply.text)
-        last = reply
-    if last.finish_reason == FR.FINISH_REASON_ERROR:
-        raise GenerationFailed(last.error or "the request failed")
-    return "".join(parts), last
+        choice = choices.setdefault(reply.index, Choice(reply.index))
+        choice.text.append(reply.text)
+        choice.logprobs.extend(reply.logprobs)
+        choice.last = reply
+        if reply.finish_reason == FR.FINISH_REASON_ERROR:
+            raise GenerationFailed(reply.error or "the request failed")
+    return [choices[i] for i in sorted(choices)]
 
 
-def usage(reply: pb.GenerateResponse) -> dict[str, int]:
-    prompt, completion = reply.usage.prompt_tokens, reply.usage.completion_tokens
+def usage(replies: list[pb.GenerateResponse]) -> dict[str, int]:
+    """Token counts over the request's completions (each completion's final message counts it)."""
+    prompt = replies[0].usage.prompt_tokens if replies else 0
+    completion = sum(r.usage.completion_tokens for r in replies)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def stop_reason(reply: pb.GenerateResponse) -> int | str | None:
+    """vLLM's stop_reason: the stop string or stop token id that ended the completion (None for EOS)."""
+    kind = reply.stop_reason.WhichOneof("kind")
+    return (
+        reply.stop_reason.text
+        if kind == "text"
+        else reply.stop_reason.token_id
+        if kind == "token_id"
+        else None
+    )
 
 
 def event(payload: dict[str, Any]) -> str:
@@ -216,21 +242,25 @@ def event(payload: dict[str, Any]) -> str:
 async def sse(stream: AsyncIterator[pb.GenerateResponse], shape, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events; an error after the stream began is an `error` event, then [DONE]."""
     try:
-        first = True
+        started: set[int] = set()  # completions that sent their first chunk
+        finals: list[pb.GenerateResponse] = []
         async for reply in stream:
+            first = reply.index not in started
             if reply.finish_reason == FR.FINISH_REASON_ERROR:
                 if reply.text:
-                    yield event(shape.chunk(reply.text, None, first))
+                    yield event(shape.chunk(reply, None, first))
                 yield event(
                     {"error": {"message": reply.error, "type": ERROR_TYPES[500], "param": None, "code": 500}}
                 )
                 break
             reason = FINISH.get(reply.finish_reason)
-            if reply.text or reason or (first and shape.role_first):
-                yield event(shape.chunk(reply.text, reason, first))
-                first = False
-            if reason and include_usage:
-                yield event(shape.usage_chunk(usage(reply)))
+            if reply.text or reply.logprobs or reason or (first and shape.role_first):
+                yield event(shape.chunk(reply, reason, first))
+                started.add(reply.index)
+            if reason:
+                finals.append(reply)
+        if include_usage and finals:
+            yield event(shape.usage_chunk(usage(finals)))
     except InvalidRequest as exc:
         yield event({"error": {"message": str(exc), "type": ERROR_TYPES[400], "param": None, "code": 400}})
     except SchedulerUnavailable as exc:
@@ -242,18 +272,56 @@ class CompletionShape:
     operation = "text_completion"
     role_first = False  # chat streams open with a chunk that names the role
 
-    def __init__(self, response_id: str, model: str) -> None:
+    def __init__(self, response_id: str, model: str, tokenizer) -> None:
         self.id, self.model, self.created = response_id, model, int(time.time())
+        self.tokenizer = tokenizer
 
     def _head(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def whole(self, text: str, last: pb.GenerateResponse) -> dict[str, Any]:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": FINISH.get(last.finish_reason)}
-        return {**self._head("text_completion"), "choices": [choice], "usage": usage(last)}
+    def token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
 
-    def chunk(self, text: str, reason: str | None, first: bool) -> dict[str, Any]:  # noqa: ARG002
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+    def logprobs(self, positions: list[common_pb2.PositionLogprobs], asked: bool) -> dict[str, Any] | None:
+        """The completions API's logprobs object (None when not asked for)."""
+        if not asked:
+            return None
+        tokens = [self.token(p.token_id) for p in positions]
+        offsets, at = [], 0
+        for text in tokens:
+            offsets.append(at)
+            at += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [p.logprob for p in positions],
+            "top_logprobs": [{self.token(t.token_id): t.logprob for t in p.top} for p in positions],
+            "text_offset": offsets,
+        }
+
+    def whole(self, choices: list[Choice]) -> dict[str, Any]:
+        return {
+            **self._head("text_completion"),
+            "choices": [
+                {
+                    "index": c.index,
+                    "text": "".join(c.text),
+                    "logprobs": self.logprobs(c.logprobs, bool(c.logprobs)),
+                    "finish_reason": FINISH.get(c.last.finish_reason),
+                    "stop_reason": stop_reason(c.last),
+                }
+                for c in choices
+            ],
+            "usage": usage([c.last for c in choices]),
+        }
+
+    def chunk(self, reply: pb.GenerateResponse, reason: str | None, first: bool) -> dict[str, Any]:  # noqa: ARG002
+        choice = {
+            "index": reply.index,
+            "text": reply.text,
+            "logprobs": self.logprobs(list(reply.logprobs), bool(reply.logprobs)),
+            "finish_reason": reason,
+            "stop_reason": stop_reason(reply) if reason else None,
+        }
         return {**self._head("text_completion"), "choices": [choice], "usage": None}
 
     def usage_chunk(self, counts: dict[str, int]) -> dict[str, Any]:
@@ -264,18 +332,50 @@ class ChatShape(CompletionShape):
     operation = "chat"
     role_first = True
 
-    def whole(self, text: str, last: pb.GenerateResponse) -> dict[str, Any]:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": FINISH.get(last.finish_reason),
-        }
-        return {**self._head("chat.completion"), "choices": [choice], "usage": usage(last)}
+    def logprobs(self, positions: list[common_pb2.PositionLogprobs], asked: bool) -> dict[str, Any] | None:
+        """The chat API's logprobs object: `content`, one entry per token."""
+        if not asked:
+            return None
 
-    def chunk(self, text: str, reason: str | None, first: bool) -> dict[str, Any]:
-        delta = {"role": "assistant", "content": text} if first else {"content": text}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self.token(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {
+            "content": [
+                {
+                    **entry(p.token_id, p.logprob),
+                    "top_logprobs": [entry(t.token_id, t.logprob) for t in p.top],
+                }
+                for p in positions
+            ]
+        }
+
+    def whole(self, choices: list[Choice]) -> dict[str, Any]:
+        return {
+            **self._head("chat.completion"),
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": "".join(c.text)},
+                    "logprobs": self.logprobs(c.logprobs, bool(c.logprobs)),
+                    "finish_reason": FINISH.get(c.last.finish_reason),
+                    "stop_reason": stop_reason(c.last),
+                }
+                for c in choices
+            ],
+            "usage": usage([c.last for c in choices]),
+        }
+
+    def chunk(self, reply: pb.GenerateResponse, reason: str | None, first: bool) -> dict[str, Any]:
+        delta = {"role": "assistant", "content": reply.text} if first else {"content": reply.text}
+        choice = {
+            "index": reply.index,
+            "delta": delta,
+            "logprobs": self.logprobs(list(reply.logprobs), bool(reply.logprobs)),
+            "finish_reason": reason,
+            "stop_reason": stop_reason(reply) if reason else None,
+        }
         return {**self._head("chat.completion.chunk"), "choices": [choice], "usage": None}
 
     def usage_chunk(self, counts: dict[str, int]) -> dict[str, Any]:

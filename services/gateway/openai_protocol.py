@@ -35,24 +35,28 @@ class SamplingBody(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM's extra sampling fields
     top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None
     ignore_eos: bool = False
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(field, why) for values this server cannot honour; refused rather than silently ignored."""
-        out = []
-        if self.n != 1:
-            out.append(("n", f"{self.n}: only n = 1 is supported"))
-        if self.presence_penalty:
-            out.append(("presence_penalty", f"{self.presence_penalty}: only 0 is supported"))
-        if self.frequency_penalty:
-            out.append(("frequency_penalty", f"{self.frequency_penalty}: only 0 is supported"))
-        return out
+        return []
+
+    def num_logprobs(self) -> int | None:
+        """How many alternatives per generated token (None: no logprobs)."""
+        return None
 
 
 class CompletionRequest(SamplingBody):
@@ -66,13 +70,14 @@ class CompletionRequest(SamplingBody):
         out = super().unsupported()
         if self.echo:
             out.append(("echo", "true: not supported"))
-        if self.logprobs is not None:
-            out.append(("logprobs", f"{self.logprobs}: not supported"))
-        if self.best_of not in (None, 1):
+        if self.best_of not in (None, 1, self.n):
             out.append(("best_of", f"{self.best_of}: only 1 is supported"))
         if self.suffix:
             out.append(("suffix", "not supported"))
         return out
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -96,13 +101,11 @@ class ChatCompletionRequest(SamplingBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
+    top_logprobs: int | None = None
     add_generation_prompt: bool = True  # vLLM's extra field
 
-    def unsupported(self) -> list[tuple[str, str]]:
-        out = super().unsupported()
-        if self.logprobs:
-            out.append(("logprobs", "true: not supported"))
-        return out
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def single_prompt(prompt: Any) -> str | list[int]:
@@ -141,6 +144,27 @@ def to_generate_request(
         sampling.seed = body.seed
     if body.ignore_eos:
         sampling.ignore_eos = True
+    for name in ("n", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty", "min_tokens"):
+        value = getattr(body, name)
+        if value is not None:
+            if name in ("n", "min_tokens") and value < 0:
+                raise InvalidRequest(f"sampling.{name}: {value} must be >= 0")
+            setattr(sampling, name, value)
+    if body.stop_token_ids:
+        if any(t < 0 for t in body.stop_token_ids):
+            raise InvalidRequest("sampling.stop_token_ids: token ids must be >= 0")
+        sampling.stop_token_ids.extend(body.stop_token_ids)
+    if body.include_stop_str_in_output:
+        sampling.include_stop_str_in_output = True
+    for key, bias in (body.logit_bias or {}).items():
+        if not key.isdigit() or int(key) >= 2**32:
+            raise InvalidRequest(f"sampling.logit_bias: key {key!r} is not a token id")
+        sampling.logit_bias[int(key)] = bias
+    for name, value in (("logprobs", body.num_logprobs()), ("prompt_logprobs", body.prompt_logprobs)):
+        if value is not None:
+            if value < 0:
+                raise InvalidRequest(f"sampling.{name}: {value} must be >= 0")
+            setattr(sampling, name, value)
     request = gateway_pb2.GenerateRequest(request_id=request_id, sampling=sampling)
     if isinstance(prompt, str):
         request.prompt = prompt
