@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--log-level",
                     "WARNING",
                 ),
-                *("--max-restarts-per-minute", "30"),
+                *("--max-restarts-per-minute", "30", "--http-port", "0"),
             ]
         )
     )

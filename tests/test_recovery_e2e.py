@@ -31,7 +31,7 @@ def supervised_stack(tiny_checkpoint: str, data_dir, *flags: str) -> Stack:
             *("--host", "127.0.0.1", "--port", str(free_port()), "--redis-url", ""),
             *("--data-dir", str(data_dir), "--demo", "false", "--log-level", "WARNING"),
             *("--model", tiny_checkpoint, "--num-gpu-blocks", "96", "--max-batch-size", "4"),
-            *("--num-threads", "1", "--start-timeout", "180"),
+            *("--num-threads", "1", "--start-timeout", "180", "--http-port", "0"),
             *flags,
         ]
     )
