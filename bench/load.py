@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.vocab_size,
                 args.address,
                 args.api_key,
+                args.prompt_format == "text",
             )
         )
     result = {
