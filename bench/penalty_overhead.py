@@ -63,6 +63,38 @@ async def measure(address: str, args: argparse.Namespace, vocab: int) -> dict[st
         return out
 
 
+def driver_cost(vocab: int, rows: int, steps: int = 50) -> tuple[float, float]:
+    """Seconds per iteration of the driver's logits processing + sampling + counting, in process:
+    all rows plain, then half of them penalised (best of 5)."""
+    import torch
+
+    from services.worker.penalties import TokenCounts, process_logits
+    from services.worker.sampling import Sampler, SamplingParams
+
+    counts = TokenCounts(vocab, torch.device("cpu"))
+    ids = [f"r{i}" for i in range(rows)]
+    for rid in ids:
+        counts.start(rid, list(range(2, 18)), list(range(20, 30)))
+    sampler = Sampler(0, "cpu")
+
+    def per_step(params: list[SamplingParams]) -> float:
+        best = float("inf")
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(steps):
+                logits = torch.randn(rows, vocab)
+                process_logits(logits, params, [10] * rows, ids, counts)
+                tokens = sampler(logits, params, [10] * rows)
+                hit = [i for i, p in enumerate(params) if p.penalised]
+                if hit:
+                    counts.add([ids[i] for i in hit], [tokens[i] for i in hit])
+            best = min(best, (time.perf_counter() - started) / steps)
+        return best
+
+    plain, penalised = SamplingParams(), SamplingParams(**PENALTIES)
+    return per_step([plain] * rows), per_step([plain] * (rows // 2) + [penalised] * (rows - rows // 2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -76,7 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each kind, alternating")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="", help="write the result here")
+    parser.add_argument(
+        "--driver-only", type=int, default=0, help="VOCAB: time only the driver's sampling work in process"
+    )
     args = parser.parse_args(argv)
+    if args.driver_only:
+        plain, mixed = driver_cost(args.driver_only, 2 * args.n)
+        print(
+            f"driver sampling per iteration, {2 * args.n} rows, vocab {args.driver_only}: all plain "
+            f"{plain * 1e3:.1f} ms, half penalised {mixed * 1e3:.1f} ms (+{(mixed - plain) * 1e3:.1f} ms)"
+        )
+        return 0
     flags = ["--host", "127.0.0.1", "--port", str(free_port()), "--model", args.model, "--demo", "false"]
     flags += ["--policy", "fcfs", "--max-batch-size", str(2 * args.n), "--log-level", "WARNING"]
     stack = Stack(up_args(flags))
