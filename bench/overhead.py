@@ -123,6 +123,7 @@ class _InstantWorkers:
     def __init__(self, cost: CostModel, clock: _Clock, queued: int) -> None:
         self.cost, self.clock, self.queued = cost, clock, queued
         self.seen: set[str] = set()
+        self.after = 0  # steps since every job had run
         self.steps = 0
         self.warm = asyncio.Event()  # every job has run (holds KV)
         self.target = 0
@@ -139,9 +140,13 @@ class _InstantWorkers:
             else:
                 decode += 1
         if not self.warm.is_set():
-            self.seen.update(s.request_id for s in request.seqs)
+            # warm once every job has run and the step that prefilled them all has been completed
+            # (the step after it went out before its tokens were back: the one after that)
             if len(self.seen) == self.queued:
-                self.warm.set()
+                self.after += 1
+                if self.after == 2:
+                    self.warm.set()
+            self.seen.update(s.request_id for s in request.seqs)
         else:
             self.steps += 1
             if self.steps == self.target:
