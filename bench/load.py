@@ -65,17 +65,25 @@ async def send_grpc(stub, request_id: str, prompt: list[int], max_tokens: int, s
 
 
 async def send_openai(
-    client, url: str, model: str, request_id: str, prompt: list[int] | str, max_tokens: int, start: float
+    client,
+    url: str,
+    model: str,
+    request_id: str,
+    prompt: list[int] | str,
+    max_tokens: int,
+    start: float,
+    ignore_eos: bool = True,
 ) -> RequestRecord:
-    body = {
+    body: dict = {
         "model": model,
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0.0,
-        "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if ignore_eos:
+        body["ignore_eos"] = True
     arrival = time.monotonic() - start
     times: list[float] = []
     count = chunks = 0
@@ -150,6 +158,7 @@ async def replay_openai(
     fastserve_address: str = "",
     api_key: str = "",
     text_prompts: bool = False,
+    ignore_eos: bool = True,
 ) -> tuple[list[RequestRecord], dict]:
     """The same over OpenAI HTTP: streamed /v1/completions with the prompt as token ids, or as
     text of one character per prompt token (for servers that take text only)."""
@@ -166,8 +175,8 @@ async def replay_openai(
         def send(request_id: str, prompt: list[int], max_tokens: int, start: float):
             if text_prompts:  # the first token stands for the tokenizer's BOS
                 text = "".join(TEXT_ALPHABET[t % len(TEXT_ALPHABET)] for t in prompt[1:]) or "a"
-                return send_openai(client, url, model, request_id, text, max_tokens, start)
-            return send_openai(client, url, model, request_id, prompt, max_tokens, start)
+                return send_openai(client, url, model, request_id, text, max_tokens, start, ignore_eos)
+            return send_openai(client, url, model, request_id, prompt, max_tokens, start, ignore_eos)
 
         records = await schedule(trace, seed, run_id, vocab_size, max_model_len, 1 << 30, send)
     if fastserve_address:
@@ -226,6 +235,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="ids",
         help="openai: prompts as token ids, or as text of one character per token (byte-level tokenizers)",
     )
+    parser.add_argument(
+        "--ignore-eos",
+        type=lambda text: text.lower() in ("1", "true", "yes"),
+        default=True,
+        help="openai: send vLLM's ignore_eos (false for servers that refuse unknown fields)",
+    )
     parser.add_argument("--workload", default="alpaca", help="sharegpt | alpaca | FILE.jsonl")
     parser.add_argument("--rate", type=float, default=4.0, help="requests per second")
     parser.add_argument(
@@ -268,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.address,
                 args.api_key,
                 args.prompt_format == "text",
+                args.ignore_eos,
             )
         )
     result = {

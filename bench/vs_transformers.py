@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         hf = [transformers_cli, "serve", str(checkpoint), "--port", str(port), "--host", "127.0.0.1"]
         hf += ["--device", "cpu", "--dtype", "float32"]
-        results.append(run_server("transformers serve", hf, port, bench_argv, Path(tmp) / "hf.log", env))
+        # transformers refuses ignore_eos; the checkpoint's min_new_tokens keeps it from stopping early
+        hf_argv = [*bench_argv, "--ignore-eos", "false"]
+        results.append(run_server("transformers serve", hf, port, hf_argv, Path(tmp) / "hf.log", env))
     print(table(results))
     if args.json:
         path = Path(args.json)
