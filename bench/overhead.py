@@ -117,45 +117,6 @@ class _Clock:
         return self.now
 
 
-class _InstantWorkers:
-    """Answers every step at once and moves the clock by what the step would take on the GPU."""
-
-    def __init__(self, cost: CostModel, clock: _Clock, queued: int) -> None:
-        self.cost, self.clock, self.queued = cost, clock, queued
-        self.seen: set[str] = set()
-        self.after = 0  # steps since every job had run
-        self.steps = 0
-        self.warm = asyncio.Event()  # every job has run (holds KV)
-        self.target = 0
-        self.done = asyncio.Event()
-        self.broken = None  # never goes down
-
-    async def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
-        prefill = decode = context = 0
-        for s in request.seqs:
-            fed = len(s.token_ids)
-            context += s.start_pos + max(fed, 1)
-            if fed > 1:
-                prefill += s.start_pos + fed
-            else:
-                decode += 1
-        if not self.warm.is_set():
-            # warm once every job has run and the step that prefilled them all has been completed
-            # (the step after it went out before its tokens were back: the one after that)
-            if len(self.seen) == self.queued:
-                self.after += 1
-                if self.after == 2:
-                    self.warm.set()
-            self.seen.update(s.request_id for s in request.seqs)
-        else:
-            self.steps += 1
-            if self.steps == self.target:
-                self.done.set()
-        self.clock.now += self.cost.time(prefill, decode, context)
-        await asyncio.sleep(0)
-        return worker_pb2.StepResponse(step_id=request.step_id, token_ids=[5] * len(request.seqs))
-
-
 class _InProcessKV:
     """The KV manager's service object behind an in-process Plan stream; times its own planning."""
 
@@ -183,6 +144,48 @@ class _InProcessKV:
         return await self.replies.get()
 
 
+class _InstantWorkers:
+    """Answers every step at once and moves the clock by what the step would take on the GPU.
+
+    Once `warm` (every job has run and holds KV), each step it answers is a mark: the CPU
+    time since the previous mark is one iteration of the Engine's loop (`marks`)."""
+
+    def __init__(self, cost: CostModel, clock: _Clock, queued: int, kv: _InProcessKV) -> None:
+        self.cost, self.clock, self.queued, self.kv = cost, clock, queued, kv
+        self.seen: set[str] = set()
+        self.after = 0  # steps since every job had run
+        self.warm = asyncio.Event()  # every job has run (holds KV)
+        self.target = 0
+        self.done = asyncio.Event()
+        self.broken = None  # never goes down
+        self.marks: list[tuple[float, float, float]] = []  # (CPU, KV planning CPU, wall) at each step
+
+    async def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+        prefill = decode = context = 0
+        for s in request.seqs:
+            fed = len(s.token_ids)
+            context += s.start_pos + max(fed, 1)
+            if fed > 1:
+                prefill += s.start_pos + fed
+            else:
+                decode += 1
+        if not self.warm.is_set():
+            # warm once every job has run and the step that prefilled them all has been completed
+            # (the step after it went out before its tokens were back: the one after that)
+            if len(self.seen) == self.queued:
+                self.after += 1
+                if self.after == 2:
+                    self.warm.set()
+            self.seen.update(s.request_id for s in request.seqs)
+        elif not self.done.is_set():
+            self.marks.append((time.process_time(), self.kv.seconds, time.perf_counter()))
+            if len(self.marks) == self.target + 1:
+                self.done.set()
+        self.clock.now += self.cost.time(prefill, decode, context)
+        await asyncio.sleep(0)
+        return worker_pb2.StepResponse(step_id=request.step_id, token_ids=[5] * len(request.seqs))
+
+
 class _NullStore:
     def update(self, request_id: str, fields, tokens=None) -> None:
         pass
@@ -196,8 +199,8 @@ async def _engine_run(policy_name: str, queued: int, iterations: int, seed: int)
     config = CoreConfig(num_gpu_blocks=blocks, limits=BatchLimits(16, 2048), overlap=True, eos_token_id=2)
     policy = make_policy(PolicyConfig(name=policy_name, base_quantum=cost.decode_time(1)), cost)
     clock = _Clock()
-    workers = _InstantWorkers(cost, clock, queued)
     kv = _InProcessKV(config)
+    workers = _InstantWorkers(cost, clock, queued, kv)
     engine = Engine(SchedulerCore(config, policy), workers, kv, _NullStore(), cost, 1, clock=clock)  # type: ignore[arg-type]
     sampling = common_pb2.ResolvedSampling(max_tokens=10**6, top_p=1.0, repetition_penalty=1.0)
     for i, (inp, _) in enumerate(lengths):
@@ -210,21 +213,30 @@ async def _engine_run(policy_name: str, queued: int, iterations: int, seed: int)
     await workers.warm.wait()
     engine.core.config = config
     holding = sum(seq.holds_kv for seq in engine.core.seqs.values())
-    workers.target = iterations
-    kv.seconds, kv.plans = 0.0, 0
-    cpu, wall = time.process_time(), time.perf_counter()
+    # the steps launched before the limits applied are still in flight: they complete untimed
+    skip = config.slots + 1
+    workers.target = skip + iterations
+    plans = kv.plans
     await workers.done.wait()
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    plans = kv.plans - plans
     loop.cancel()
     try:
         await loop
     except asyncio.CancelledError:
         pass
+    marks = workers.marks[skip:]
+    per_step = sorted(
+        (cpu1 - cpu0) - (kv1 - kv0) for (cpu0, kv0, _), (cpu1, kv1, _) in zip(marks, marks[1:], strict=False)
+    )
+    n = len(per_step)
     return {
-        "engine_us": (cpu - kv.seconds) / iterations * 1e6,
-        "kv_planning_us": kv.seconds / iterations * 1e6,
-        "wall_us": wall / iterations * 1e6,
-        "plans_per_iteration": kv.plans / iterations,
+        "engine_us": sum(per_step) / n * 1e6,
+        "p50_us": per_step[n // 2] * 1e6,
+        "p99_us": per_step[min(n - 1, int(n * 0.99))] * 1e6,
+        "max_us": per_step[-1] * 1e6,
+        "kv_planning_us": (marks[-1][1] - marks[0][1]) / n * 1e6,
+        "wall_us": (marks[-1][2] - marks[0][2]) / n * 1e6,
+        "plans_per_iteration": plans / (n + skip),
         "holding_kv": holding,
     }
 

@@ -69,12 +69,12 @@ def make_plan(
         plan.recompute.append(rid)
         return True
 
-    def make_room(need: int, later: list[str]) -> bool:
-        """Idle jobs go first; then the batch's own lower-priority jobs (`later`), which then wait."""
+    def make_room(need: int, index: int) -> bool:
+        """Idle jobs go first; then the batch's own jobs after `index` (lower priority), which then wait."""
         while blocks.num_free < need:
             if evict_one():
                 continue
-            holders = [rid for rid in later if rid in blocks.tables]
+            holders = [rid for rid in batch_ids[index + 1 :] if rid not in skip and rid in blocks.tables]
             if not holders:
                 return False
             victims.append(holders[-1])
@@ -87,16 +87,15 @@ def make_plan(
     for index, (rid, num_tokens) in enumerate(batch):
         if rid in skip:
             continue
-        later = [r for r in batch_ids[index + 1 :] if r not in skip]
         if blocks.on_host(rid):
-            if not make_room(len(blocks.host_tables[rid]), later):
+            if not make_room(len(blocks.host_tables[rid]), index):
                 plan.deferred.append(rid)
                 continue
             plan.swap_in.extend(blocks.swap_in(rid) or [])
             plan.swapped_in.append(rid)
         held = len(blocks.tables.get(rid, []))
         need = -(-num_tokens // blocks.block_size) - held
-        if need > 0 and not make_room(need, later):
+        if need > 0 and not make_room(need, index):
             plan.deferred.append(rid)
             continue
         plan.tables[rid] = blocks.allocate(rid, num_tokens)
