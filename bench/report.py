@@ -132,14 +132,15 @@ def sweep_throughput(results: list[dict], slo: float, key: str = "policy") -> di
     """Throughput at the SLO per `key` (e.g. policy) from per-(policy, rate) result objects.
 
     Each value: {"mean": rate | None, "p95": rate | None, "mean_status": .., "p95_status": ..,
-    "max_rate": highest rate tried}.
+    "min_rate" / "max_rate": lowest / highest rate tried}.
     """
     groups: dict[str, list[dict]] = {}
     for r in results:
         groups.setdefault(r[key], []).append(r)
     out = {}
     for name, points in groups.items():
-        entry: dict = {"max_rate": max(p["rate"] for p in points)}
+        rates = [p["rate"] for p in points]
+        entry: dict = {"min_rate": min(rates), "max_rate": max(rates)}
         for stat in ("mean", "p95"):
             rate, status = slo_crossing([(p["rate"], p["latency_per_token"][stat]) for p in points], slo)
             entry[stat], entry[f"{stat}_status"] = rate, status
@@ -148,7 +149,21 @@ def sweep_throughput(results: list[dict], slo: float, key: str = "policy") -> di
 
 
 def format_throughput(entry: dict, stat: str = "mean") -> str:
-    """'1.72', '>4' (never crossed up to the highest rate tried) or '<min' style text."""
+    """'1.72', '>4' (never crossed up to the highest rate tried) or '<1' (above the SLO already at
+    the lowest rate tried)."""
     if entry[stat] is not None:
         return f"{entry[stat]:.2f}"
-    return f">{entry['max_rate']:g}" if entry[f"{stat}_status"] == "never_crossed" else "below sweep"
+    if entry[f"{stat}_status"] == "never_crossed":
+        return f">{entry['max_rate']:g}"
+    return f"<{entry['min_rate']:g}"
+
+
+def throughput_table(tput: dict[str, dict]) -> list[str]:
+    """Throughput at the SLO per group, one line each: name, mean, P95 (columns always apart)."""
+    width = max([len("policy"), *map(len, tput)])
+    lines = [f"{'policy':<{width}} {'mean':>9} {'p95':>9}"]
+    for name, entry in tput.items():
+        lines.append(
+            f"{name:<{width}} {format_throughput(entry, 'mean'):>9} {format_throughput(entry, 'p95'):>9}"
+        )
+    return lines

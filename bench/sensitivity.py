@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         results.append(result)
         print(
-            f"{workload:<9}{knob:<22}{result['label']:>7}{format_throughput(tput, 'mean'):>11}"
-            f"{format_throughput(tput, 'p95'):>10}{result['latency_per_token_at_reference']:>14.4f}"
+            f"{workload:<9}{knob:<22}{result['label']:>7} {format_throughput(tput, 'mean'):>10}"
+            f" {format_throughput(tput, 'p95'):>9}{result['latency_per_token_at_reference']:>14.4f}"
             f"{result['demotions_at_reference']:>11}{result['promotions_at_reference']:>11}"
         )
     if args.json:

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
-from bench.report import format_throughput, summarize, sweep_throughput
+from bench.report import summarize, sweep_throughput, throughput_table
 from bench.workloads import Trace, load_trace
 from services.kvmanager.block_manager import BlockManager
 from services.kvmanager.planner import SWAP_POLICIES, make_plan
@@ -473,9 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             r["group"] = r["policy"] if len(args.swap_policy) == 1 else f"{r['policy']}/{r['swap_policy']}"
         tput = sweep_throughput(results, args.slo, key="group")
         print(f"\nthroughput at SLO {args.slo} s/token (req/s, interpolated over rates {args.sweep_rates}):")
-        print(f"{'policy':<28}{'mean':>10}{'p95':>10}")
-        for name, entry in tput.items():
-            print(f"{name:<28}{format_throughput(entry, 'mean'):>10}{format_throughput(entry, 'p95'):>10}")
+        print("\n".join(throughput_table(tput)))
         for r in results:
             r["throughput_at_slo"] = tput[r["group"]]
     if args.json:

@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from bench.report import slo_crossing, summarize, sweep_throughput, throughput_at_slo
+from bench.report import (
+    format_throughput,
+    slo_crossing,
+    summarize,
+    sweep_throughput,
+    throughput_at_slo,
+    throughput_table,
+)
 from bench.simulator import OPT_13B_A100_BLOCKS, SimConfig, main, requests_at, run_point, simulate
 from bench.workloads import load_trace
 from services.scheduler.policy import BatchLimits, CostModel, PolicyConfig
@@ -192,6 +199,38 @@ def test_cli_writes_a_json_list_and_a_plot(tmp_path, capsys):
         assert set(r["throughput_at_slo"]) >= {"mean", "p95"}
     assert plot.stat().st_size > 0
     assert "throughput at SLO" in capsys.readouterr().out
+
+
+def test_throughput_text_says_which_side_of_the_sweep():
+    tput = sweep_throughput(
+        [
+            {"policy": "p", "rate": r, "latency_per_token": {"mean": m, "p95": q}}
+            for r, m, q in ((2, 0.1, 0.4), (4, 0.5, 0.6))
+        ],
+        0.3,
+    )["p"]
+    assert format_throughput(tput, "mean") == "3.00"
+    assert format_throughput(tput, "p95") == "<2"  # above the SLO already at the lowest rate
+    assert format_throughput({"mean": None, "mean_status": "never_crossed", "max_rate": 4}) == ">4"
+
+
+def test_throughput_table_keeps_columns_apart():
+    """A crossing next to a sweep-edge value once printed as '0.20below sweep'."""
+    edge = {"mean": 0.2, "mean_status": "crossed", "p95": None, "p95_status": "always_above"}
+    lines = throughput_table({"a-policy-name-longer-than-the-column": {**edge, "min_rate": 0.25}})
+    assert lines[1].split() == ["a-policy-name-longer-than-the-column", "0.20", "<0.25"]
+
+
+def test_cli_throughput_table_has_three_fields_per_line(capsys):
+    """Every policy misses a tiny SLO at every rate: each line reads 'name <lowest <lowest'."""
+    argv = ["--policy", "fcfs,skip-join-mlfq", "--workload", "alpaca", "--num-requests", "20"]
+    assert main([*argv, "--sweep-rates", "2,4", "--slo", "1e-6"]) == 0
+    table = capsys.readouterr().out.split("throughput at SLO")[1].splitlines()[1:]
+    assert [line.split() for line in table] == [
+        ["policy", "mean", "p95"],
+        ["fcfs", "<2", "<2"],
+        ["skip-join-mlfq", "<2", "<2"],
+    ]
 
 
 def test_cli_refuses_unknown_policy():
