@@ -2,7 +2,11 @@
 
 Scheduler, KV manager and workers accept only callers that send the stack's shared secret
 (`--internal-token`, env FASTSERVE_INTERNAL_TOKEN; `fastserve up` generates one per stack) in
-the gRPC metadata key `x-fastserve-internal-token`. grpc.health.v1, reflection and the read-only Info/Stats calls stay open.
+the gRPC metadata key `x-fastserve-internal-token`. Only grpc.health.v1 stays open: orchestrators
+(compose healthchecks, `fastserve up`'s supervisor, Kubernetes probes) hold no secret. Everything
+else needs the token, read-only calls included: Info/Stats tell the model, its shapes, block counts
+and load, and reflection lists what could be called (grpcurl sends the token with
+`-H x-fastserve-internal-token:...`, reflection requests included).
 On every server, a message that does not parse is INVALID_ARGUMENT naming the method, never
 UNKNOWN with a traceback.
 """
@@ -20,9 +24,7 @@ import grpc
 log = logging.getLogger("fastserve.rpc")
 
 METADATA_KEY = "x-fastserve-internal-token"
-OPEN_METHODS = ("/grpc.health.v1.", "/grpc.reflection.")
-# read-only calls need no token; everything that changes state does
-READ_ONLY = ("/fastserve.v1.KVManager/Stats", "/fastserve.v1.Worker/Info", "/fastserve.v1.Scheduler/Info")
+OPEN_METHODS = ("/grpc.health.v1.",)  # health checks need no token; everything else does
 
 
 class _Malformed:
@@ -109,7 +111,7 @@ class ServerGuard(grpc.aio.ServerInterceptor):
         if handler is None or method.startswith(OPEN_METHODS):
             return handler
         denied = ""
-        if self.token and method not in READ_ONLY:
+        if self.token:
             sent = next((v for k, v in details.invocation_metadata or () if k == METADATA_KEY), None)
             if sent is None:
                 denied = f"{method} is internal: send the stack's token in metadata {METADATA_KEY!r}"
