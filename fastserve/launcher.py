@@ -69,7 +69,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(parser, "--redis-url", default="", help="Redis to use; empty = start an embedded redis-server")
     choices = service_choices()
     add_flag(
-        parser, "--policy", default="skip-join-mlfq", help="scheduling policy", choices=choices["policy"]
+        parser,
+        "--policy",
+        default="skip-join-mlfq",
+        help=f"scheduling policy: {choices['policy_help']}",
+        choices=choices["policy"],
+    )
+    add_flag(
+        parser,
+        "--async-scheduling",
+        default=True,
+        help="scheduler: send a job's next step before its last token is back (the workers keep it); "
+        "without pipeline parallelism",
     )
     add_flag(
         parser,
@@ -150,13 +161,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 @functools.cache
-def service_choices() -> dict[str, list[str]]:
-    """The policies the scheduler registers and the swap policies the KV manager plans, asked of
+def service_choices() -> dict:
+    """The policies the scheduler registers (and what each does) and the swap policies the KV manager plans, asked of
     the services' own (light, pure-Python) packages in a child process: fastserve imports no service."""
     code = (
-        "import json; from services.scheduler.policy import POLICIES; "
+        "import json; from services.scheduler.policy import POLICIES, policy_help; "
         "from services.kvmanager.planner import SWAP_POLICIES; "
-        "print(json.dumps({'policy': sorted(POLICIES), 'swap_policy': list(SWAP_POLICIES)}))"
+        "print(json.dumps({'policy': sorted(POLICIES), 'policy_help': policy_help(), "
+        "'swap_policy': list(SWAP_POLICIES)}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(out)
@@ -197,6 +209,30 @@ def knob_flags(args: argparse.Namespace, service: str) -> list[str]:
 def as_flags(**values: object) -> list[str]:
     """as_flags(max_batch_size=4) -> ["--max-batch-size", "4"]"""
     return [part for name, value in values.items() for part in (f"--{name.replace('_', '-')}", str(value))]
+
+
+def scheduler_flags(
+    args: argparse.Namespace,
+    port: int,
+    metrics_port: int,
+    model_name: str,
+    worker_addrs: list[str],
+    kv_addr: str,
+) -> list[str]:
+    """The scheduler's command line: its peers' addresses and what `up` passes through."""
+    return as_flags(
+        port=port,
+        metrics_port=metrics_port,
+        served_model_name=model_name,
+        worker_addresses=",".join(worker_addrs),
+        kvmanager_address=kv_addr,
+        policy=args.policy,
+        swap_policy=args.swap_policy,
+        max_batch_size=args.max_batch_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        async_scheduling=args.async_scheduling,
+    ) + knob_flags(args, "scheduler")
 
 
 @dataclass
@@ -361,21 +397,7 @@ class Stack:
         self.spawn(
             "scheduler",
             "services.scheduler",
-            lambda: (
-                as_flags(
-                    port=sched_port,
-                    metrics_port=sched_metrics,
-                    served_model_name=model_name,
-                    worker_addresses=",".join(worker_addrs),
-                    kvmanager_address=kv_addr,
-                    policy=args.policy,
-                    swap_policy=args.swap_policy,
-                    max_batch_size=args.max_batch_size,
-                    max_num_batched_tokens=args.max_num_batched_tokens,
-                    max_model_len=args.max_model_len,
-                )
-                + knob_flags(args, "scheduler")
-            ),
+            lambda: scheduler_flags(args, sched_port, sched_metrics, model_name, worker_addrs, kv_addr),
         )
         self.spawn(
             "gateway",

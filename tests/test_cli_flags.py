@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fastserve.launcher import parse_args
+from fastserve.launcher import parse_args, scheduler_flags
+from services.scheduler import server as scheduler
 from services.scheduler.policy import POLICIES
 
 
@@ -70,3 +71,23 @@ def test_ssl_files_go_together(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--ssl-certfile", "cert.pem"])
     assert "--ssl-certfile and --ssl-keyfile go together" in capsys.readouterr().err
+
+
+def test_policy_help_names_every_registered_policy_and_what_it_does(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, even inside a name
+    for name, cls in POLICIES.items():
+        assert cls.summary and "".join(f"{name}: {cls.summary}".split()) in text, name
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [([], True), (["--async-scheduling"], True), (["--async-scheduling", "false"], False)],
+)
+def test_async_scheduling_reaches_the_scheduler(flags, expected):
+    """`up`'s flag, parsed by the scheduler's own parser from the command line `up` gives it."""
+    argv = scheduler_flags(parse_args(flags), 1, 2, "m", ["127.0.0.1:3"], "127.0.0.1:4")
+    args = scheduler.parse_args(argv)
+    assert args.async_scheduling is expected
+    assert scheduler.parse_args([]).async_scheduling is parse_args([]).async_scheduling  # one default

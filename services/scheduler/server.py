@@ -24,7 +24,16 @@ from fastserve.v1.kvmanager_pb2_grpc import KVManagerStub
 from . import resume
 from .core import CoreConfig, EnstEstimator, SchedulerCore
 from .engine import Engine
-from .policy import MLFQ, POLICIES, BatchLimits, CostModel, PolicyConfig, make_policy, swap_policy_of
+from .policy import (
+    MLFQ,
+    POLICIES,
+    BatchLimits,
+    CostModel,
+    PolicyConfig,
+    make_policy,
+    policy_help,
+    swap_policy_of,
+)
 from .profiler import profile
 from .recovery import Recovery
 from .workers import WorkerGroup
@@ -139,7 +148,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(parser, "--kvmanager-address", default="127.0.0.1:50053", help="the KV manager")
     add_flag(parser, "--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for request metadata")
     add_flag(parser, "--request-ttl", default=86400, help="seconds a request's Redis record is kept")
-    add_flag(parser, "--policy", default="skip-join-mlfq", help="scheduling policy", choices=sorted(POLICIES))
+    add_flag(parser, "--policy", default="skip-join-mlfq", help=policy_help(), choices=sorted(POLICIES))
     add_flag(
         parser,
         "--base-quantum",

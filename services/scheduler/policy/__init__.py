@@ -21,6 +21,11 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
+def policy_help() -> str:
+    """The registered policies, one clause each, for the --policy flag of the scheduler and `up`."""
+    return "; ".join(f"{name}: {cls.summary}" for name, cls in POLICIES.items())
+
+
 def swap_policy_of(policy: str, requested: str) -> str:
     """The swap policy a run uses: the one a preset fixes (vllm: recompute), else `requested`."""
     return getattr(POLICIES.get(policy), "swap_policy", None) or requested
@@ -44,6 +49,7 @@ __all__ = [
     "Transition",
     "form_batch",
     "make_policy",
+    "policy_help",
     "POLICIES",
     "FCFS",
     "MLFQ",

@@ -60,6 +60,7 @@ class Policy(ABC):
     """Keeps the set of live jobs and orders them; knows nothing about how they run."""
 
     name: str = "base"
+    summary: str = ""  # one line for --help (every registered policy says what it does)
 
     def __init__(self, config: PolicyConfig | None = None, cost_model: object | None = None) -> None:
         # every policy takes (config, cost model), so make_policy builds them all alike

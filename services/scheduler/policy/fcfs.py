@@ -13,6 +13,7 @@ from .base import Job, Policy
 
 class FCFS(Policy):
     name = "fcfs"
+    summary = "first come, first served with continuous batching (the vLLM/Orca baseline)"
 
     def queue_lengths(self) -> dict[int, int]:
         return {0: len(self.jobs)} if self.jobs else {}  # one queue: levels stay 0

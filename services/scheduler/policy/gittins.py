@@ -95,6 +95,7 @@ class IndexTable:
 
 class Gittins(SortedPolicy):
     name = "gittins"
+    summary = "Gittins index over the output-length distribution learned from completed jobs"
     weighted = False
 
     def __init__(self, config=None, cost_model=None) -> None:
@@ -123,4 +124,5 @@ class GittinsSlowdown(Gittins):
     """Each job weighted by 1 / its output length: optimises latency per output token."""
 
     name = "gittins-slowdown"
+    summary = "Gittins index weighted by 1 / output length (optimises latency per token)"
     weighted = True

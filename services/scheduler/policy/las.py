@@ -15,6 +15,7 @@ from .sorted_policy import Key, SortedPolicy
 
 class LAS(SortedPolicy):
     name = "las"
+    summary = "least attained service first"
 
     def __init__(self, config=None, cost_model=None) -> None:
         super().__init__(config, cost_model)

@@ -27,6 +27,7 @@ from .cost_model import CostModel
 
 class MLFQ(Policy):
     name = "mlfq"
+    summary = "naive MLFQ: every job joins Q0"
 
     def __init__(self, config: PolicyConfig | None = None, cost_model: CostModel | None = None) -> None:
         config = config or PolicyConfig(name=self.name)
@@ -137,6 +138,7 @@ class SkipJoinMLFQ(MLFQ):
     """
 
     name = "skip-join-mlfq"
+    summary = "FastServe's MLFQ: a job joins the highest queue whose quantum covers its prefill"
 
     def join_level(self, job: Job) -> int:
         prefill = self.cost_model.prefill_time(job.prompt_len)

@@ -22,6 +22,7 @@ class SRPTOracle(SortedPolicy):
     """Keeps jobs sorted by (remaining tokens, arrival); only the jobs that ran move each iteration."""
 
     name = "srpt-oracle"
+    summary = "shortest remaining output first, told every output length (a lower bound)"
 
     def _key(self, job: Job) -> Key:
         return (remaining_tokens(job), job.arrival_time, job.request_id)

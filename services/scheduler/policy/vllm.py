@@ -21,4 +21,5 @@ from .fcfs import FCFS
 
 class VLLM(FCFS):
     name = "vllm"
+    summary = "vLLM v0's scheduler: FCFS, preemption by recompute"
     swap_policy = "recompute"
