@@ -247,3 +247,23 @@ def test_swapped_out_job_comes_back_through_a_plan(swap_policy):
     back = step(core, kv, 6.0)
     assert back.inputs[0].seq.request_id == "old" and not back.inputs[0].prefill
     assert kv.plans == plans + 1 and not core.seqs["old"].on_host
+
+
+def test_only_completed_jobs_teach_a_policy_their_length():
+    """Gittins learns output lengths: a cancelled or failed job's length is where it was cut off."""
+    core = make_core("gittins", batch=4)
+    kv = KV(core)
+    core.add("done", [5], max_tokens=2, now=0.0)
+    core.add("stopped", [5], max_tokens=9, now=0.0)
+    core.add("cancelled", [5], max_tokens=9, now=0.0)
+    core.add("failed", [5], max_tokens=9, now=0.0)
+    for i in range(2):
+        s = step(core, kv, float(i))
+        core.complete(
+            s, [EOS if x.seq.request_id == "stopped" and i else 7 for x in s.inputs], 0.01, float(i)
+        )
+    core.abort("cancelled")
+    core.abort("failed", "error")
+    finished = {e.seq.request_id: e.seq.finish_reason for e in core.take_events() if e.kind == "finished"}
+    assert finished == {"done": "length", "stopped": "stop", "cancelled": "cancelled", "failed": "error"}
+    assert core.policy.num_finished == 2 and list(core.policy.finished) == [2, 2]

@@ -64,6 +64,7 @@ def test_gittins_learns_the_distribution_from_finished_jobs():
         j = job(f"f{i}", arrival=float(i))
         policy.add(j, 0.0)
         j.num_generated = 5
+        policy.completed(j)
         policy.remove(j.request_id)
     assert policy.table is not prior and policy.table.values == [5]
     fresh, nearly = job("fresh", arrival=1.0), job("nearly", arrival=2.0, num_generated=4)

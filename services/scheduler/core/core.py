@@ -388,6 +388,8 @@ class SchedulerCore:
     def _finish(self, seq: Seq, reason: str, error: str = "") -> None:
         seq.finish_reason, seq.state, seq.error = reason, STATE_OF_REASON[reason], error
         rid = seq.request_id
+        if reason in (STOP, LENGTH):
+            self.policy.completed(seq.job)
         self.policy.remove(rid)
         del self.seqs[rid]
         self.running.discard(rid)

@@ -73,6 +73,11 @@ class Policy(ABC):
     def remove(self, request_id: str) -> Job | None:
         return self.jobs.pop(request_id, None)
 
+    def completed(self, job: Job) -> None:
+        """`job` generated its whole output (finish reason stop or length) and is about to be
+        removed; cancelled and failed jobs never come here. Policies that learn lengths listen."""
+        return None
+
     @abstractmethod
     def order(self, now: float) -> Iterable[Job]:
         """Every live job, highest priority first (lazily: callers usually stop after one batch).

@@ -1,4 +1,4 @@
-"""The Gittins index over the output-length distribution, learned online from finished jobs.
+"""The Gittins index over the output-length distribution, learned online from completed jobs.
 
 A job that has generated `a` tokens and is not done has X > a, X its (unknown) output
 length. Its Gittins index is the best rate, over how far ahead one looks, at which
@@ -18,9 +18,9 @@ first token), not seconds: output lengths are what is learned. The job's max_tok
 is not read: the benchmarks send max_tokens = the true length (ignore_eos), so reading
 it would make this an oracle.
 
-The distribution: until 64 jobs have finished, a prior (ShareGPT-like: lognormal,
+The distribution: until 64 jobs have completed, a prior (ShareGPT-like: lognormal,
 mean MEAN_OUTPUT_TOKENS = 338, sigma 1, at 256 quantiles); then the lengths of the last
-1024 jobs that finished, re-estimated after 64, 128, 256, 512 and 1024 finishes and every
+1024 jobs that completed (stop or length; cancelled jobs teach nothing), re-estimated after 64, 128, 256, 512 and 1024 finishes and every
 1024 after that. These are fixed, not knobs. A job past the longest length held gets the
 lowest index (it runs when nothing else waits, oldest first). Indices are computed
 lazily, once per (distribution, a), so an iteration usually costs a dictionary lookup per
@@ -108,16 +108,15 @@ class Gittins(SortedPolicy):
     def _key(self, job: Job) -> Key:
         return (-self.table.index(job.num_generated), job.arrival_time, job.request_id)
 
-    def remove(self, request_id: str) -> Job | None:
-        job = super().remove(request_id)
-        if job is not None and job.num_generated > 0:
-            self.finished.append(job.num_generated)
-            self.num_finished += 1
-            if self.num_finished >= self.next_refresh:
-                self.next_refresh += min(self.next_refresh, WINDOW)
-                self.table = IndexTable(list(self.finished), self.weighted)
-                self._rekey_all()
-        return job
+    def completed(self, job: Job) -> None:
+        """Only a completed job's length is a sample of the distribution: a cancelled one's is
+        where the client gave up, which would teach that jobs end early."""
+        self.finished.append(job.num_generated)
+        self.num_finished += 1
+        if self.num_finished >= self.next_refresh:
+            self.next_refresh += min(self.next_refresh, WINDOW)
+            self.table = IndexTable(list(self.finished), self.weighted)
+            self._rekey_all()
 
 
 class GittinsSlowdown(Gittins):
