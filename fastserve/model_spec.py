@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from fastserve.hub import hub_reachable
+
 OPT_VOCAB = 50272  # every released OPT model: 50265 BPE tokens padded to a multiple of 8
 
 
@@ -142,6 +144,7 @@ def resolve_model(name_or_path: str) -> ModelSpec:
         local = snapshot_download(
             name_or_path,
             allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"],
+            local_files_only=not hub_reachable(),
         )
     except Exception as exc:  # noqa: BLE001 - any failure means the model cannot be had here
         raise ValueError(

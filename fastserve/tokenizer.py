@@ -8,7 +8,10 @@ Hugging Face tokenizer.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Protocol
+
+from fastserve.hub import hub_reachable
 
 log = logging.getLogger("fastserve.tokenizer")
 
@@ -36,10 +39,10 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    def __init__(self, name_or_path: str) -> None:
+    def __init__(self, name_or_path: str, local_files_only: bool = False) -> None:
         from transformers import AutoTokenizer
 
-        self.inner = AutoTokenizer.from_pretrained(name_or_path)
+        self.inner = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
         if len(self.inner) <= 1:  # a checkpoint saved without tokenizer files loads as an empty one
             raise ValueError(f"{name_or_path}: the tokenizer has no vocabulary")
         self.eos_token_id = int(self.inner.eos_token_id)
@@ -52,11 +55,15 @@ class HFTokenizer:
 
 
 def load_tokenizer(name: str) -> Tokenizer:
-    """`byte`, or a Hugging Face tokenizer name / directory; falls back to bytes when that has none."""
+    """`byte`, or a Hugging Face tokenizer directory / hub id; falls back to bytes when that has none.
+
+    A directory is read without asking the hub; a hub id goes to the hub only when it answers
+    (else it comes from the local cache, if there): huggingface_hub retries an unreachable hub
+    with backoff, which held the gateway's start for ~50 s."""
     if name == "byte":
         return ByteTokenizer()
     try:
-        return HFTokenizer(name)
+        return HFTokenizer(name, local_files_only=Path(name).is_dir() or not hub_reachable())
     except Exception as exc:  # noqa: BLE001 - any failure to load means no tokenizer here
         log.warning(
             "no Hugging Face tokenizer at %r (%s); using the byte-level tokenizer for text", name, exc
