@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
 from fastserve.launcher import parse_args, scheduler_flags
@@ -41,6 +43,14 @@ def test_vllm_names_are_primary_and_old_names_still_work():
 def test_up_binds_loopback_by_default():
     args = parse_args([])
     assert args.host == "127.0.0.1" and args.http_port == 8000 and args.port == 50051
+
+
+@pytest.mark.parametrize("service", ["gateway", "scheduler", "kvmanager", "worker"])
+def test_every_service_alone_binds_loopback_by_default(service, monkeypatch):
+    monkeypatch.delenv(f"FASTSERVE_{service.upper()}_HOST", raising=False)
+    server = importlib.import_module(f"services.{service}.server")
+    assert server.parse_args([]).host == "127.0.0.1"
+    assert server.parse_args(["--host", "0.0.0.0"]).host == "0.0.0.0"
 
 
 def test_no_prefix_matching(capsys):

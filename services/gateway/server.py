@@ -121,7 +121,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="FastServe gateway: the public gRPC API and the OpenAI-compatible HTTP API",
         allow_abbrev=False,
     )
-    add_flag(parser, "--host", default="0.0.0.0", help="address to listen on", env="FASTSERVE_GATEWAY_HOST")
+    add_flag(
+        parser,
+        "--host",
+        default="127.0.0.1",
+        help="address of the public ports (gRPC, HTTP, metrics); loopback like every FastServe service and "
+        "`fastserve up` (vLLM binds every interface): 0.0.0.0 exposes them, give --api-key and TLS first",
+        env="FASTSERVE_GATEWAY_HOST",
+    )
     add_flag(parser, "--port", default=50051, help="gRPC port to listen on")
     add_flag(parser, "--http-port", default=8000, help="OpenAI-compatible HTTP port; 0 = off")
     add_flag(parser, "--served-model-name", default="", help="model name of the HTTP API; empty = the model")
