@@ -279,3 +279,24 @@ def test_a_new_job_that_does_not_fit_is_not_overtaken_by_smaller_new_jobs():
     first, second = job("first", prompt=64), job("second", prompt=64, needs_prefill=False)
     chosen = form_batch([first, second], BatchLimits(), free_blocks=4, block_size=16, admit_blocks=3)
     assert chosen == [second]
+
+
+def test_a_restored_job_goes_back_to_its_level_and_account():
+    policy = mlfq()
+    new, back = job("new", prompt=5), job("back", prompt=5)  # skip-join would put both in Q0
+    policy.add(new, 0.0)
+    policy.add_at(back, 0.0, level=2, account=0.07)
+    assert (back.level, back.quantum_used) == (2, pytest.approx(0.07))
+    assert [j.request_id for j in policy.order(0.0)] == ["new", "back"]
+    (t,) = policy.on_iteration_done([back], 0.011, 1.0)  # 0.081 >= q2 = 0.08: the account carried over
+    assert (t.kind, t.from_level, t.to_level) == ("demoted", 2, 3)
+    deep = job("deep")
+    policy.add_at(deep, 0.0, level=9, account=0.0)  # fewer queues after the restart: the last one
+    assert deep.level == 3
+
+
+def test_policies_without_queues_add_a_restored_job_as_new():
+    policy = make_policy(PolicyConfig(name="fcfs"))
+    a = job("a")
+    policy.add_at(a, 0.0, level=2, account=0.5)
+    assert [j.request_id for j in policy.order(0.0)] == ["a"] and a.level == 0

@@ -128,8 +128,14 @@ class Engine:
 
     # -- requests in and out -------------------------------------------------------------
 
-    def submit(self, request: scheduler_pb2.SubmitRequest, generated: list[int] | None = None) -> LiveJob:
-        """A new job, or (with `generated`) one taken on again with the tokens it had: it recomputes."""
+    def submit(
+        self,
+        request: scheduler_pb2.SubmitRequest,
+        generated: list[int] | None = None,
+        queue: tuple[int, float] | None = None,
+    ) -> LiveJob:
+        """A new job, or (with `generated`) one taken on again with the tokens it had: it recomputes;
+        `queue`: the (level, account) it had before a restart."""
         live = LiveJob(request)
         live.span = self.tracer.start_span(
             "fastserve.schedule",
@@ -151,6 +157,7 @@ class Engine:
             min_tokens=request.sampling.min_tokens,
             stop_token_ids=frozenset(request.sampling.stop_token_ids),
             generated=generated,
+            queue=queue,
         )
         self._dispatch()
         self.wakeup.set()

@@ -104,8 +104,10 @@ class SchedulerCore:
         output_len: int | None = None,
         arrival_time: float | None = None,
         generated: list[int] | None = None,
+        queue: tuple[int, float] | None = None,
     ) -> Seq:
-        """A new job; with `generated`, a job restored with the tokens it had (it recomputes its KV)."""
+        """A new job; with `generated`, a job restored with the tokens it had (it recomputes its KV),
+        and with `queue`, the (level, account) it had in the policy's queues."""
         job = Job(
             request_id=request_id,
             prompt_len=len(prompt),
@@ -116,7 +118,8 @@ class SchedulerCore:
         )
         seq = Seq(job, list(prompt), sampling, ignore_eos, min_tokens, stop_token_ids, list(generated or ()))
         self.seqs[request_id] = seq
-        self._transitions(self.policy.add(job, now))
+        placed = self.policy.add(job, now) if queue is None else self.policy.add_at(job, now, *queue)
+        self._transitions(placed)
         self._events.append(Event("queued", seq))
         return seq
 

@@ -73,6 +73,11 @@ class Policy(ABC):
     def remove(self, request_id: str) -> Job | None:
         return self.jobs.pop(request_id, None)
 
+    def add_at(self, job: Job, now: float, level: int, account: float) -> list[Transition]:
+        """Adds a job that was queued before (restored after a scheduler restart) where it was:
+        queue `level`, `account` seconds of that queue's quantum used. Without queues: `add`."""
+        return self.add(job, now)
+
     def completed(self, job: Job) -> None:
         """`job` generated its whole output (finish reason stop or length) and is about to be
         removed; cancelled and failed jobs never come here. Policies that learn lengths listen."""

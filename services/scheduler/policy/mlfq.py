@@ -58,11 +58,16 @@ class MLFQ(Policy):
         return 0
 
     def add(self, job: Job, now: float) -> list[Transition]:
+        return self.add_at(job, now, self.join_level(job), 0.0)
+
+    def add_at(self, job: Job, now: float, level: int, account: float) -> list[Transition]:
+        """At `level` (clamped to the queues there are: --num-queues may have changed) with
+        `account` seconds of its quantum used."""
         if job.request_id in self.jobs:
             self.remove(job.request_id)
         super().add(job, now)
-        job.level = self.join_level(job)
-        job.quantum_used = 0.0
+        job.level = min(max(level, 0), len(self.queues) - 1)
+        job.quantum_used = max(account, 0.0)
         self.queues[job.level][job.request_id] = job
         self.idle[job.request_id] = job
         return []
