@@ -38,11 +38,23 @@ def ended(request: pb.SubmitRequest, tokens: list[int], eos_token_id: int) -> in
 def take_on(
     engine: Engine, job_log: JobLog, request: pb.SubmitRequest, tokens: list[int], record: dict | None = None
 ) -> LiveJob:
-    """Queues the job (with the tokens it already has) and writes its durable record."""
-    live = engine.submit(request, list(tokens))
+    """Queues the job (with the tokens it already has) and writes its durable record. A job restored
+    from its `record` goes back to the queue level and account it had, with its counters."""
+    record = record or {}
+    queue = (
+        (int(record["queue_level"]), float(record.get("queue_account") or 0.0))
+        if "queue_level" in record
+        else None
+    )
+    live = engine.submit(request, list(tokens), queue)
+    job = live.seq.job
+    job.preemptions, job.demotions, job.promotions = (
+        int(record.get(name) or 0) for name in ("preemptions", "demotions", "promotions")
+    )
+    live.seq.swaps_out = int(record.get("swaps_out") or 0)
     if tokens:
-        live.first_token_time = float((record or {}).get("first_token_time") or 0.0)
-    live.seq.recomputes = int((record or {}).get("recomputes") or 0) + (1 if tokens else 0)
+        live.first_token_time = float(record.get("first_token_time") or 0.0)
+    live.seq.recomputes = int(record.get("recomputes") or 0) + (1 if tokens else 0)
     job_log.begin(
         request.request_id,
         request.SerializeToString(),

@@ -1,0 +1,53 @@
+"""A scheduler restart: jobs restored from a real Redis go back where they were queued."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+
+from fastserve.store import UNFINISHED, JobLog, RequestStore
+from services.scheduler import resume
+from tests.test_engine import FakeWorkers, make_engine, request
+
+
+def test_restored_jobs_keep_their_queue_level_account_and_counters(redis_url):
+    redis.Redis.from_url(redis_url).delete(UNFINISHED)
+
+    async def scenario() -> None:
+        store = RequestStore(redis_url, ttl_seconds=60)
+        before = JobLog(store)  # the scheduler that died: its last flush
+        before.start()
+        spec = request("restored-deep", prompt=3, max_tokens=8)  # skip-join would put it in Q0
+        before.begin(
+            "restored-deep",
+            spec.SerializeToString(),
+            {
+                "state": "preempted",
+                "queue_level": 2,
+                "queue_account": 0.031,
+                "preemptions": 4,
+                "demotions": 2,
+                "promotions": 1,
+                "swaps_out": 3,
+            },
+        )
+        before.update("restored-deep", {}, [100, 101])
+        assert await before.flushed(timeout=10)
+        await before.stop()
+
+        engine, _ = make_engine(FakeWorkers(), policy="skip-join-mlfq")
+        after = JobLog(store)
+        after.start()
+        assert await resume.restore(engine, after, store) == 1
+        job = engine.core.seqs["restored-deep"].job
+        assert (job.level, job.quantum_used) == (2, 0.031)
+        assert (job.preemptions, job.demotions, job.promotions) == (4, 2, 1)
+        assert await after.flushed(timeout=10)
+        record = await store.read("restored-deep")
+        assert (record["queue_level"], record["queue_account"], record["preemptions"]) == (2, 0.031, 4)
+        assert (record["swaps_out"], record["recomputes"]) == (3, 1)
+        await after.stop()
+        await store.close()
+
+    asyncio.run(scenario())
