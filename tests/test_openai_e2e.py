@@ -10,7 +10,8 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from fastserve.v1 import gateway_pb2, gateway_pb2_grpc, kvmanager_pb2, kvmanager_pb2_grpc
+from fastserve.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.internal_rpc import kv_stats
 from tests.reference import PROMPTS, collect, greedy
 
 MODEL = "tiny-opt"  # conftest's checkpoint_stack serves it under this --served-model-name
@@ -126,7 +127,6 @@ def test_raw_http_errors_health_and_metrics(checkpoint_stack):
 
 def test_client_disconnect_cancels_the_job(checkpoint_stack):
     base = checkpoint_stack.addresses["http"]
-    kv = kvmanager_pb2_grpc.KVManagerStub(grpc.insecure_channel(checkpoint_stack.addresses["kvmanager"]))
     body = {"prompt": [2, 90, 91], "max_tokens": 250, "stream": True, "ignore_eos": True, "temperature": 0}
     with httpx.stream(
         "POST", f"{base}/v1/completions", json=body, headers={"X-Request-Id": "http-drop"}, timeout=60
@@ -135,9 +135,9 @@ def test_client_disconnect_cancels_the_job(checkpoint_stack):
             if line.startswith("data: "):
                 break  # one event, then the client goes away
     deadline = time.monotonic() + 10
-    while kv.Stats(kvmanager_pb2.StatsRequest()).num_jobs and time.monotonic() < deadline:
+    while kv_stats(checkpoint_stack).num_jobs and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert kv.Stats(kvmanager_pb2.StatsRequest()).num_jobs == 0
+    assert kv_stats(checkpoint_stack).num_jobs == 0
     stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(checkpoint_stack.addresses["gateway"]))
     info = stub.GetRequest(gateway_pb2.GetRequestRequest(request_id="http-drop"))
     assert info.state == "cancelled" and info.generated_tokens < 250

@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import LogitsProcessor, MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
-from fastserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, kvmanager_pb2, kvmanager_pb2_grpc
+from fastserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from tests.internal_rpc import kv_stats
 from tests.reference import MAX_TOKENS, PROMPTS, check_logprobs, hf_generate, hf_greedy
 
 FR = common_pb2.FinishReason
@@ -164,8 +165,6 @@ def test_n_seeded_completions_are_distinct_reproducible_and_cancel_together(chec
         r.usage.completion_tokens == 8 for r in finals
     )
     assert completions()[0] == first
-
-    kv = kvmanager_pb2_grpc.KVManagerStub(grpc.insecure_channel(checkpoint_stack.addresses["kvmanager"]))
     sampling = common_pb2.SamplingParams(n=4, seed=1, temperature=1.0, max_tokens=250, ignore_eos=True)
     stream = stub.Generate(
         gateway_pb2.GenerateRequest(request_id="n-cancel", prompt_token_ids=[2, 70], sampling=sampling),
@@ -182,9 +181,9 @@ def test_n_seeded_completions_are_distinct_reproducible_and_cancel_together(chec
     next(dropped)
     dropped.cancel()  # the client goes away: all n jobs leave
     deadline = time.monotonic() + 10
-    while kv.Stats(kvmanager_pb2.StatsRequest()).num_jobs and time.monotonic() < deadline:
+    while kv_stats(checkpoint_stack).num_jobs and time.monotonic() < deadline:
         time.sleep(0.05)
-    stats = kv.Stats(kvmanager_pb2.StatsRequest())
+    stats = kv_stats(checkpoint_stack)
     assert stats.num_jobs == 0 and stats.free_gpu_blocks == stats.num_gpu_blocks
 
 

@@ -8,7 +8,8 @@ import grpc
 import pytest
 import redis
 
-from fastserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, kvmanager_pb2, kvmanager_pb2_grpc
+from fastserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from tests.internal_rpc import kv_stats
 from tests.reference import MAX_TOKENS, PROMPTS, collect, generate_concurrently, greedy, hf_greedy
 
 FR = common_pb2.FinishReason
@@ -119,7 +120,6 @@ def test_redis_holds_final_state_and_counts(checkpoint_stack, redis_url):
 
 def test_cancel_and_disconnect_free_kv(checkpoint_stack):
     stub = gateway(checkpoint_stack)
-    kv = kvmanager_pb2_grpc.KVManagerStub(grpc.insecure_channel(checkpoint_stack.addresses["kvmanager"]))
     stream = stub.Generate(greedy([2, 70, 71], 250, request_id="to-cancel"), timeout=120)
     next(stream)
     assert stub.Cancel(gateway_pb2.CancelRequest(request_id="to-cancel")).cancelled
@@ -130,9 +130,9 @@ def test_cancel_and_disconnect_free_kv(checkpoint_stack):
     next(dropped)
     dropped.cancel()  # the client goes away
     deadline = time.monotonic() + 10
-    while kv.Stats(kvmanager_pb2.StatsRequest()).num_jobs and time.monotonic() < deadline:
+    while kv_stats(checkpoint_stack).num_jobs and time.monotonic() < deadline:
         time.sleep(0.05)
-    stats = kv.Stats(kvmanager_pb2.StatsRequest())
+    stats = kv_stats(checkpoint_stack)
     assert stats.num_jobs == 0 and stats.free_gpu_blocks == stats.num_gpu_blocks
     assert stub.GetRequest(gateway_pb2.GetRequestRequest(request_id="to-drop")).state == "cancelled"
 

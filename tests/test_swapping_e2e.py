@@ -7,8 +7,9 @@ import threading
 import grpc
 import redis
 
-from fastserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, kvmanager_pb2, kvmanager_pb2_grpc
+from fastserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.conftest import start_stack
+from tests.internal_rpc import kv_stats
 
 REQUESTS = [([2, *range(20 + 7 * i, 20 + 7 * i + 10 + (i % 5) * 6)], 30 + (i % 4) * 10) for i in range(16)]
 
@@ -59,9 +60,7 @@ def test_swapped_and_recomputed_requests_match_unlimited_memory(redis_url, tiny_
     try:
         stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(stack.addresses["gateway"]))
         constrained = run_all(stub)
-        stats = kvmanager_pb2_grpc.KVManagerStub(grpc.insecure_channel(stack.addresses["kvmanager"])).Stats(
-            kvmanager_pb2.StatsRequest()
-        )
+        stats = kv_stats(stack)
         records = [
             redis.Redis.from_url(redis_url, decode_responses=True).hgetall(
                 f"fastserve:req:swap-{id(stub)}-{i}"
