@@ -24,16 +24,24 @@ def set_model_name(name: str) -> None:
 
 class ModelLabeled:
     """A metric whose first label is `model_name`: `.inc()`, `.set()`, `.observe()` and
-    `.labels(*others)` work as on a metric without it."""
+    `.labels(*others)` work as on a metric without it.
+
+    Children are cached per label values: prometheus_client's own `labels()` takes a lock
+    and validates its arguments, which the scheduler would otherwise pay on every iteration."""
 
     def __init__(self, metric: Any) -> None:
         self.metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
 
     def labels(self, *values: str) -> Any:
-        return self.metric.labels(_model_name[0], *values)
+        key = (_model_name[0], *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.metric.labels(*key)
+        return child
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.metric.labels(_model_name[0]), name)
+        return getattr(self.labels(), name)
 
 
 def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> ModelLabeled:

@@ -54,10 +54,13 @@ class FakeKV:
 
 
 class FakeWorkers:
-    """Token = 100 + sample index, or EOS where scripted; keeps each job's last token like a worker."""
+    """Token = 100 + sample index, or EOS where scripted; keeps each job's last token and its block
+    table (from the diffs it is sent) like a worker."""
 
     def __init__(self, eos_at: dict[str, int] | None = None) -> None:
         self.eos_at = eos_at or {}
+        self.tables: dict[str, list[int]] = {}
+        self.kv_tables: dict[str, list[int]] | None = None  # the KV manager's, to check ours against
         self.requests: list[worker_pb2.StepRequest] = []
         self.gate: asyncio.Event | None = None
         self.last: dict[str, int] = {}
@@ -72,6 +75,11 @@ class FakeWorkers:
             await asyncio.sleep(0)
             tokens = []
             for s in request.seqs:
+                table = self.tables[s.request_id] = self.tables.get(s.request_id, [])[
+                    : s.table_offset
+                ] + list(s.block_table)
+                if self.kv_tables is not None:
+                    assert table == self.kv_tables[s.request_id], s.request_id
                 fed = list(s.token_ids) or [self.last[s.request_id]]
                 assert fed, s.request_id
                 token = EOS if self.eos_at.get(s.request_id) == s.sample_index else 100 + s.sample_index
@@ -243,3 +251,30 @@ def test_a_worker_outage_holds_the_jobs_and_they_recompute_when_the_group_is_bac
     assert result == ([100, 101, 102, 103, 104, 105], FR.FINISH_REASON_LENGTH)
     redo = [s for r in workers.requests[4:] for s in r.seqs if len(s.token_ids) > 1]
     assert [list(s.token_ids) for s in redo] == [[1, 1, 1, 100, 101, 102]]  # prompt + the tokens it had
+
+
+def test_tables_travel_as_diffs_and_whole_again_after_a_swap():
+    workers = FakeWorkers()
+    # jobs take turns (a quantum per iteration) in a pool too small for all: they swap out and back in
+    engine, kv = make_engine(workers, policy="mlfq", batch=1, gpu=8, quantum=1e-9, num_host_blocks=32)
+    workers.kv_tables = kv.service.blocks.tables  # every step's table is the KV manager's own
+    answer, tables = kv.service._answer, []
+
+    def recording(request):
+        reply = answer(request)
+        tables.extend(reply.tables)
+        return reply
+
+    kv.service._answer = recording
+
+    async def body():
+        lives = [engine.submit(request(r, prompt=5, max_tokens=14)) for r in "abc"]
+        return [await drain(live) for live in lives]
+
+    results = run(with_engine(engine, body))
+    assert results == [([100 + i for i in range(14)], FR.FINISH_REASON_LENGTH)] * 3
+    assert kv.service.counters["out"] > 0 and kv.service.counters["in"] > 0, "the small pool forces swaps"
+    grown = [t for t in tables if t.offset]
+    assert grown and all(len(t.blocks) <= 1 for t in grown)  # only what it lacked: one new block or none
+    whole = [t for t in tables if not t.offset]
+    assert len(whole) > 3  # the first time, and again after each swap back in

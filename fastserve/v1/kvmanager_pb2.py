@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x61stserve/v1/kvmanager.proto\x12\x0c\x66\x61stserve.v1\"\x84\x01\n\x10\x43onfigureRequest\x12\x16\n\x0enum_gpu_blocks\x18\x01 \x01(\r\x12\x17\n\x0fnum_host_blocks\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x13\n\x0bswap_policy\x18\x04 \x01(\t\x12\x16\n\x0ereserve_blocks\x18\x05 \x01(\r\"\x13\n\x11\x43onfigureResponse\"3\n\tJobDemand\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\"+\n\x07JobHint\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x65nst\x18\x02 \x01(\x01\"~\n\x0bPlanRequest\x12\x11\n\titeration\x18\x01 \x01(\x04\x12&\n\x05\x62\x61tch\x18\x02 \x03(\x0b\x32\x17.fastserve.v1.JobDemand\x12&\n\x07waiting\x18\x03 \x03(\x0b\x32\x15.fastserve.v1.JobHint\x12\x0c\n\x04\x66ree\x18\x04 \x03(\t\"0\n\nBlockTable\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x03(\r\"%\n\tBlockCopy\x12\x0b\n\x03src\x18\x01 \x01(\r\x12\x0b\n\x03\x64st\x18\x02 \x01(\r\"\xb9\x02\n\x0cPlanResponse\x12(\n\x06tables\x18\x01 \x03(\x0b\x32\x18.fastserve.v1.BlockTable\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x02 \x03(\t\x12(\n\x07swap_in\x18\x03 \x03(\x0b\x32\x17.fastserve.v1.BlockCopy\x12)\n\x08swap_out\x18\x04 \x03(\x0b\x32\x17.fastserve.v1.BlockCopy\x12)\n\x08prefetch\x18\x05 \x03(\x0b\x32\x17.fastserve.v1.BlockCopy\x12\x12\n\nswapped_in\x18\x06 \x03(\t\x12\x13\n\x0bswapped_out\x18\x07 \x03(\t\x12\x11\n\trecompute\x18\x08 \x03(\t\x12\x17\n\x0f\x66ree_gpu_blocks\x18\t \x01(\r\x12\x18\n\x10\x66ree_host_blocks\x18\n \x01(\r\"\x0e\n\x0cStatsRequest\"\xca\x01\n\x07KVStats\x12\x16\n\x0enum_gpu_blocks\x18\x01 \x01(\r\x12\x17\n\x0fnum_host_blocks\x18\x02 \x01(\r\x12\x17\n\x0f\x66ree_gpu_blocks\x18\x03 \x01(\r\x12\x18\n\x10\x66ree_host_blocks\x18\x04 \x01(\r\x12\x10\n\x08num_jobs\x18\x05 \x01(\r\x12\x1a\n\x12\x62locks_swapped_out\x18\x06 \x01(\x04\x12\x19\n\x11\x62locks_swapped_in\x18\x07 \x01(\x04\x12\x12\n\nrecomputes\x18\x08 \x01(\x04\x32\xd8\x01\n\tKVManager\x12L\n\tConfigure\x12\x1e.fastserve.v1.ConfigureRequest\x1a\x1f.fastserve.v1.ConfigureResponse\x12\x41\n\x04Plan\x12\x19.fastserve.v1.PlanRequest\x1a\x1a.fastserve.v1.PlanResponse(\x01\x30\x01\x12:\n\x05Stats\x12\x1a.fastserve.v1.StatsRequest\x1a\x15.fastserve.v1.KVStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x61stserve/v1/kvmanager.proto\x12\x0c\x66\x61stserve.v1\"\x84\x01\n\x10\x43onfigureRequest\x12\x16\n\x0enum_gpu_blocks\x18\x01 \x01(\r\x12\x17\n\x0fnum_host_blocks\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x13\n\x0bswap_policy\x18\x04 \x01(\t\x12\x16\n\x0ereserve_blocks\x18\x05 \x01(\r\"\x13\n\x11\x43onfigureResponse\"H\n\tJobDemand\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x13\n\x0bheld_blocks\x18\x03 \x01(\r\"+\n\x07JobHint\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x65nst\x18\x02 \x01(\x01\"~\n\x0bPlanRequest\x12\x11\n\titeration\x18\x01 \x01(\x04\x12&\n\x05\x62\x61tch\x18\x02 \x03(\x0b\x32\x17.fastserve.v1.JobDemand\x12&\n\x07waiting\x18\x03 \x03(\x0b\x32\x15.fastserve.v1.JobHint\x12\x0c\n\x04\x66ree\x18\x04 \x03(\t\"@\n\nBlockTable\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x03(\r\x12\x0e\n\x06offset\x18\x03 \x01(\r\"%\n\tBlockCopy\x12\x0b\n\x03src\x18\x01 \x01(\r\x12\x0b\n\x03\x64st\x18\x02 \x01(\r\"\xb9\x02\n\x0cPlanResponse\x12(\n\x06tables\x18\x01 \x03(\x0b\x32\x18.fastserve.v1.BlockTable\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x02 \x03(\t\x12(\n\x07swap_in\x18\x03 \x03(\x0b\x32\x17.fastserve.v1.BlockCopy\x12)\n\x08swap_out\x18\x04 \x03(\x0b\x32\x17.fastserve.v1.BlockCopy\x12)\n\x08prefetch\x18\x05 \x03(\x0b\x32\x17.fastserve.v1.BlockCopy\x12\x12\n\nswapped_in\x18\x06 \x03(\t\x12\x13\n\x0bswapped_out\x18\x07 \x03(\t\x12\x11\n\trecompute\x18\x08 \x03(\t\x12\x17\n\x0f\x66ree_gpu_blocks\x18\t \x01(\r\x12\x18\n\x10\x66ree_host_blocks\x18\n \x01(\r\"\x0e\n\x0cStatsRequest\"\xca\x01\n\x07KVStats\x12\x16\n\x0enum_gpu_blocks\x18\x01 \x01(\r\x12\x17\n\x0fnum_host_blocks\x18\x02 \x01(\r\x12\x17\n\x0f\x66ree_gpu_blocks\x18\x03 \x01(\r\x12\x18\n\x10\x66ree_host_blocks\x18\x04 \x01(\r\x12\x10\n\x08num_jobs\x18\x05 \x01(\r\x12\x1a\n\x12\x62locks_swapped_out\x18\x06 \x01(\x04\x12\x19\n\x11\x62locks_swapped_in\x18\x07 \x01(\x04\x12\x12\n\nrecomputes\x18\x08 \x01(\x04\x32\xd8\x01\n\tKVManager\x12L\n\tConfigure\x12\x1e.fastserve.v1.ConfigureRequest\x1a\x1f.fastserve.v1.ConfigureResponse\x12\x41\n\x04Plan\x12\x19.fastserve.v1.PlanRequest\x1a\x1a.fastserve.v1.PlanResponse(\x01\x30\x01\x12:\n\x05Stats\x12\x1a.fastserve.v1.StatsRequest\x1a\x15.fastserve.v1.KVStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,21 +36,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONFIGURERESPONSE']._serialized_start=181
   _globals['_CONFIGURERESPONSE']._serialized_end=200
   _globals['_JOBDEMAND']._serialized_start=202
-  _globals['_JOBDEMAND']._serialized_end=253
-  _globals['_JOBHINT']._serialized_start=255
-  _globals['_JOBHINT']._serialized_end=298
-  _globals['_PLANREQUEST']._serialized_start=300
-  _globals['_PLANREQUEST']._serialized_end=426
-  _globals['_BLOCKTABLE']._serialized_start=428
-  _globals['_BLOCKTABLE']._serialized_end=476
-  _globals['_BLOCKCOPY']._serialized_start=478
-  _globals['_BLOCKCOPY']._serialized_end=515
-  _globals['_PLANRESPONSE']._serialized_start=518
-  _globals['_PLANRESPONSE']._serialized_end=831
-  _globals['_STATSREQUEST']._serialized_start=833
-  _globals['_STATSREQUEST']._serialized_end=847
-  _globals['_KVSTATS']._serialized_start=850
-  _globals['_KVSTATS']._serialized_end=1052
-  _globals['_KVMANAGER']._serialized_start=1055
-  _globals['_KVMANAGER']._serialized_end=1271
+  _globals['_JOBDEMAND']._serialized_end=274
+  _globals['_JOBHINT']._serialized_start=276
+  _globals['_JOBHINT']._serialized_end=319
+  _globals['_PLANREQUEST']._serialized_start=321
+  _globals['_PLANREQUEST']._serialized_end=447
+  _globals['_BLOCKTABLE']._serialized_start=449
+  _globals['_BLOCKTABLE']._serialized_end=513
+  _globals['_BLOCKCOPY']._serialized_start=515
+  _globals['_BLOCKCOPY']._serialized_end=552
+  _globals['_PLANRESPONSE']._serialized_start=555
+  _globals['_PLANRESPONSE']._serialized_end=868
+  _globals['_STATSREQUEST']._serialized_start=870
+  _globals['_STATSREQUEST']._serialized_end=884
+  _globals['_KVSTATS']._serialized_start=887
+  _globals['_KVSTATS']._serialized_end=1089
+  _globals['_KVMANAGER']._serialized_start=1092
+  _globals['_KVMANAGER']._serialized_end=1308
 # @@protoc_insertion_point(module_scope)

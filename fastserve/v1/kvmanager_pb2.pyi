@@ -25,12 +25,14 @@ class ConfigureResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class JobDemand(_message.Message):
-    __slots__ = ("request_id", "num_tokens")
+    __slots__ = ("request_id", "num_tokens", "held_blocks")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HELD_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     num_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    held_blocks: int
+    def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., held_blocks: _Optional[int] = ...) -> None: ...
 
 class JobHint(_message.Message):
     __slots__ = ("request_id", "enst")
@@ -53,12 +55,14 @@ class PlanRequest(_message.Message):
     def __init__(self, iteration: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[JobDemand, _Mapping]]] = ..., waiting: _Optional[_Iterable[_Union[JobHint, _Mapping]]] = ..., free: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BlockTable(_message.Message):
-    __slots__ = ("request_id", "blocks")
+    __slots__ = ("request_id", "blocks", "offset")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     blocks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., blocks: _Optional[_Iterable[int]] = ...) -> None: ...
+    offset: int
+    def __init__(self, request_id: _Optional[str] = ..., blocks: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class BlockCopy(_message.Message):
     __slots__ = ("src", "dst")

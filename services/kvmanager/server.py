@@ -74,6 +74,12 @@ class KVManagerService(pb_grpc.KVManagerServicer):
             blocks.free(request_id)
         if not request.batch:
             return pb.PlanResponse(free_gpu_blocks=blocks.num_free, free_host_blocks=blocks.num_host_free)
+        # a job's table the scheduler holds part of, unless it was replaced (swapped out and in)
+        held = {
+            d.request_id: (d.held_blocks, blocks.tables.get(d.request_id))
+            for d in request.batch
+            if d.held_blocks
+        }
         plan = make_plan(
             blocks,
             [(d.request_id, d.num_tokens) for d in request.batch],
@@ -85,8 +91,14 @@ class KVManagerService(pb_grpc.KVManagerServicer):
         self.counters["in"] += len(plan.swap_in) + len(plan.prefetch)
         self.counters["recompute"] += len(plan.recompute)
         copy = pb.BlockCopy
+        tables = []
+        for rid, table in plan.tables.items():
+            offset, before = held.get(rid, (0, None))
+            if before is None or offset > len(before):  # tables only grow while they stay on the GPU
+                offset = 0
+            tables.append(pb.BlockTable(request_id=rid, blocks=table[offset:], offset=offset))
         return pb.PlanResponse(
-            tables=[pb.BlockTable(request_id=rid, blocks=table) for rid, table in plan.tables.items()],
+            tables=tables,
             deferred=plan.deferred,
             swap_in=[copy(src=s, dst=d) for s, d in plan.swap_in],
             swap_out=[copy(src=s, dst=d) for s, d in plan.swap_out],

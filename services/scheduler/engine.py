@@ -236,7 +236,10 @@ class Engine:
             reply = await self.kv.plan(
                 kvmanager_pb2.PlanRequest(
                     iteration=core.steps,
-                    batch=[kvmanager_pb2.JobDemand(request_id=r, num_tokens=n) for r, n in proposal.demands],
+                    batch=[
+                        kvmanager_pb2.JobDemand(request_id=r, num_tokens=n, held_blocks=len(seq.table or ()))
+                        for (r, n), seq in zip(proposal.demands, proposal.batch, strict=True)
+                    ],
                     waiting=[kvmanager_pb2.JobHint(request_id=r, enst=e) for r, e in proposal.waiting],
                     free=core.take_frees(),
                 )
@@ -244,14 +247,17 @@ class Engine:
             metrics.PLAN_TIME.observe(time.perf_counter() - started)
             plan = KVPlan(
                 tables={t.request_id: list(t.blocks) for t in reply.tables},
+                offsets={t.request_id: t.offset for t in reply.tables if t.offset},
                 swapped_in=list(reply.swapped_in),
                 swapped_out=list(reply.swapped_out),
                 recompute=list(reply.recompute),
                 free_gpu_blocks=reply.free_gpu_blocks,
                 free_host_blocks=reply.free_host_blocks,
             )
-            metrics.SWAP_BYTES.labels("out").inc(len(reply.swap_out) * self.block_bytes)
-            metrics.SWAP_BYTES.labels("in").inc((len(reply.swap_in) + len(reply.prefetch)) * self.block_bytes)
+            if reply.swap_out:
+                metrics.SWAP_BYTES_OUT.inc(len(reply.swap_out) * self.block_bytes)
+            if reply.swap_in or reply.prefetch:
+                metrics.SWAP_BYTES_IN.inc((len(reply.swap_in) + len(reply.prefetch)) * self.block_bytes)
         step = core.launch(proposal, plan, now)
         if step is None:
             if reply.swap_in or reply.swap_out or reply.prefetch:  # the plan moved blocks: run its swaps
@@ -303,12 +309,14 @@ class Engine:
     async def _execute(
         self, step: Step, request: worker_pb2.StepRequest
     ) -> tuple[list[int] | None, list[object] | None, float, str]:
-        jobs = [self.jobs[s.request_id] for s in step.seqs if s.request_id in self.jobs]
-        # The iteration joins the trace of its first (highest-priority) job and links to every job it served.
+        jobs = [live for i in step.inputs if (live := self.jobs.get(i.seq.request_id)) is not None]
+        # The iteration joins the trace of its first (highest-priority) job and links to every job it
+        # served; when that job's span is not recorded (tracing off or sampled out) nothing is linked.
+        traced = bool(jobs) and jobs[0].span.is_recording()
         span = self.tracer.start_span(
             "fastserve.iteration",
             context=trace.set_span_in_context(jobs[0].span) if jobs else None,
-            links=[trace.Link(live.span.get_span_context()) for live in jobs],
+            links=[trace.Link(live.span.get_span_context()) for live in jobs] if traced else (),
             attributes={"fastserve.iteration": step.id, "fastserve.batch_size": len(step.inputs)},
         )
         request.step_id = next(self._step_ids)
@@ -434,7 +442,7 @@ class Engine:
         for level in waiting.keys() | self._levels_seen:
             metrics.WAITING.labels(str(level)).set(waiting.get(level, 0))
         self._levels_seen |= waiting.keys()
-        metrics.KV_BLOCKS_USED.labels("gpu").set(core.config.num_gpu_blocks - core.free_gpu)
+        metrics.GPU_BLOCKS_USED.set(core.config.num_gpu_blocks - core.free_gpu)
 
     def _write_store(self) -> None:
         """Hands what changed to the job log; its background task writes Redis (never blocking here)."""

@@ -24,7 +24,9 @@ ITERATION_TOKENS = histogram(
     (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
 )
 KV_BLOCKS_USED = Gauge(PREFIX + "kv_blocks_used", "KV blocks in use, by tier", ["tier"])
+GPU_BLOCKS_USED = KV_BLOCKS_USED.labels("gpu")
 SWAP_BYTES = Counter(PREFIX + "swap_bytes", "KV bytes moved between tiers, by direction", ["direction"])
+SWAP_BYTES_OUT, SWAP_BYTES_IN = SWAP_BYTES.labels("out"), SWAP_BYTES.labels("in")
 FINISHED = Counter(PREFIX + "request_finished", "Jobs that left the scheduler, by state", ["state"])
 SWAP_SECONDS = Counter(PREFIX + "swap_transfer_seconds", "Time workers spent moving KV blocks (driver rank)")
 SWAP_EXPOSED_SECONDS = Counter(

@@ -358,15 +358,19 @@ class SchedulerCore:
         for rid in plan.recompute:
             if (seq := seqs.get(rid)) is not None:
                 self._drop_kv(seq)
+        offsets = plan.offsets
         for rid, table in plan.tables.items():
             seq = seqs.get(rid)
             if seq is None or seq.finished:  # finished while the plan was made: its blocks go back
                 self._frees.append(rid)
-            else:
-                old = seq.table
-                if old is None or len(table) < len(old) or table[: len(old)] != old:
-                    seq.ranks_blocks = 0  # a new table (swapped back in): the ranks get all of it
-                seq.table = table
+                continue
+            old = seq.table
+            if offset := offsets.get(rid, 0):
+                seq.table = old[:offset] + table  # type: ignore[index]
+                continue
+            if old is None or len(table) < len(old) or table[: len(old)] != old:
+                seq.ranks_blocks = 0  # a new table (swapped back in): the ranks get all of it
+            seq.table = table
 
     def _drop_kv(self, seq: Seq) -> None:
         if seq.on_host:

@@ -57,7 +57,10 @@ class Seq:
 
 @dataclass
 class KVPlan:
-    """What the KV manager answered for one iteration (only the facts the core keeps)."""
+    """What the KV manager answered for one iteration (only the facts the core keeps).
+
+    `tables[job]` is the job's GPU table from block `offsets.get(job, 0)` on: the blocks before
+    are the ones the core already holds for it (the live KV manager sends only what is new)."""
 
     tables: dict[str, list[int]] = field(default_factory=dict)
     swapped_in: list[str] = field(default_factory=list)
@@ -65,6 +68,7 @@ class KVPlan:
     recompute: list[str] = field(default_factory=list)
     free_gpu_blocks: int = 0
     free_host_blocks: int = 0
+    offsets: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
