@@ -5,6 +5,10 @@ the gateway address it prints, replays the same trace (same workload, rate, seed
 through `fastserve bench` (bench.load.main), stops the stack with SIGTERM and checks that
 none of its children are left. Prints a table and writes one JSON with every result.
 
+Where the time went (`control_plane` in each result, a second table): the scheduler's
+iteration count, the worker's own compute, the KV plan round trips and each service's
+CPU seconds over the run (from the scheduler's /metrics and /proc).
+
 The stack runs with OMP_NUM_THREADS=1 by default (--threads): on a small shared machine a
 multi-threaded torch worker slows down several times when another process holds a core.
 """
@@ -24,6 +28,7 @@ import time
 from pathlib import Path
 
 from bench.load import main as bench_main
+from bench.overhead import scrape
 from fastserve.procs import free_port, stop_all
 
 UP_LINE = re.compile(r"gateway on (\S+) \(")
@@ -45,6 +50,52 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+SERVICES = ("gateway", "scheduler", "kvmanager", "worker")
+
+
+def services(pids: list[int]) -> dict[str, tuple[int, str]]:
+    """The stack's service processes: name -> (pid, scheduler metrics address or "")."""
+    found: dict[str, tuple[int, str]] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            module = argv[argv.index("-m") + 1] if "-m" in argv else ""
+            name = next((n for n in SERVICES if module.startswith(f"services.{n}")), "")
+            if name and name not in found:
+                port = argv[argv.index("--metrics-port") + 1] if "--metrics-port" in argv else ""
+                found[name] = (pid, f"127.0.0.1:{port}" if name == "scheduler" and port else "")
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def snapshot(procs: dict[str, tuple[int, str]]) -> dict[str, float]:
+    """The scheduler's metrics and every service's CPU seconds, now."""
+    out = {f"cpu:{name}": cpu_seconds(pid) for name, (pid, _) in procs.items()}
+    metrics = procs.get("scheduler", (0, ""))[1]
+    return out | (scrape(metrics) if metrics else {})
+
+
+def control_plane(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What the run cost, from two snapshots: iterations, compute, plan round trips, CPU per service."""
+
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    out = {
+        "iterations": delta("fastserve:iteration_time_seconds_count"),
+        "iteration_seconds": delta("fastserve:iteration_time_seconds_sum"),
+        "worker_compute_seconds": delta("fastserve:worker_compute_seconds_sum"),
+        "kv_plans": delta("fastserve:kv_plan_seconds_count"),
+        "kv_plan_seconds": delta("fastserve:kv_plan_seconds_sum"),
+        "policy_seconds": delta("fastserve:policy_decision_seconds_sum"),
+    }
+    return out | {key: delta(key) for key in after if key.startswith("cpu:")}
+
+
 def run_policy(policy: str, args: argparse.Namespace, bench_argv: list[str], log: Path) -> dict:
     """One policy: stack up, bench, stack down. Returns the bench result object."""
     env = dict(os.environ)
@@ -63,13 +114,17 @@ def run_policy(policy: str, args: argparse.Namespace, bench_argv: list[str], log
                 raise RuntimeError(f"`fastserve up --policy {policy}` did not come up; see {log}")
             time.sleep(0.5)
         children = descendants(up.pid)
+        procs = services(children)
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
             path = f"{tmp}/result.json"
+            before = snapshot(procs)
             started = time.monotonic()
             bench_main([*bench_argv, "--address", match.group(1), "--json", path])
             wall = time.monotonic() - started
+            after = snapshot(procs)
             result = json.loads(Path(path).read_text())[-1]
         result["wall_seconds"], result["loadavg_1m_after"] = wall, os.getloadavg()[0]  # co-tenant load
+        result["control_plane"] = control_plane(before, after)
         return result
     finally:
         stop_all([up], timeout=60)  # SIGTERM (what Ctrl-C does), SIGKILL after a minute
@@ -97,6 +152,26 @@ def table(results: list[dict]) -> str:
         lines.append(
             f"| {r['policy']} | {lat['mean'] * 1e3:.1f} | {lat['p50'] * 1e3:.1f} | {lat['p95'] * 1e3:.1f} | "
             f"{base / lat['mean']:.2f}x | {r['ttft']['mean']:.3f} | {r['jct']['mean']:.3f} | {r['preemptions']} |"
+        )
+    return "\n".join(lines)
+
+
+def cost_table(results: list[dict]) -> str:
+    """Per iteration: wall (scheduler's view), worker compute, plan round trips, CPU of each service."""
+    lines = [
+        "| policy | output tok/s | iterations | ms/iteration | compute ms/it | plans/it | plan ms/it | "
+        + " | ".join(f"{n} CPU ms/it" for n in SERVICES)
+        + " |",
+        "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(SERVICES),
+    ]
+    for r in results:
+        c = r["control_plane"]
+        n = c["iterations"] or float("nan")
+        cpu = " | ".join(f"{c.get(f'cpu:{name}', float('nan')) / n * 1e3:.2f}" for name in SERVICES)
+        lines.append(
+            f"| {r['policy']} | {r['output_throughput']:.1f} | {n:.0f} | {c['iteration_seconds'] / n * 1e3:.2f} | "
+            f"{c['worker_compute_seconds'] / n * 1e3:.2f} | {c['kv_plans'] / n:.2f} | "
+            f"{c['kv_plan_seconds'] / n * 1e3:.2f} | {cpu} |"
         )
     return "\n".join(lines)
 
@@ -137,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_policy(policy, args, bench_argv, log))
         print(f"{policy}: {results[-1]['wall_seconds']:.0f}s", file=sys.stderr, flush=True)
     print(table(results))
+    print(cost_table(results))
     if git_commit() != commit:
         print(f"warning: the checkout changed during the run (was {commit})", file=sys.stderr)
     if args.json:

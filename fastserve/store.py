@@ -9,7 +9,9 @@ Keys (all expire after --request-ttl):
 
 The scheduler hands its changes to a `JobLog` once per iteration; a background task writes them
 in one MULTI/EXEC pipeline, coalescing whatever piled up, retrying while Redis is away, and never
-blocking the iteration loop. Each flush also increments a counter of its own; when Redis answers
+blocking the iteration loop. A flush costs what changed, not what is tracked: only the jobs
+touched since the last flush, only the fields whose value changed, the tokens after the ones
+written, and a job's EXPIRE only when half its TTL has gone by (and when it ends). Each flush also increments a counter of its own; when Redis answers
 with a count the writer did not expect (Redis restarted and lost its last second of appends), or a
 flush failed half-way, the next flush rewrites every job it still tracks in full.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import logging
 import time
 import uuid
@@ -85,6 +88,8 @@ class _Tracked:
     spec: str = ""
     tokens: Sequence[int] = ()  # the job's own list, read at flush time
     written: int = 0  # tokens Redis is known to hold
+    sent: dict[str, str] = field(default_factory=dict)  # the fields as last written
+    expire_set_at: float = 0.0  # when its keys' TTL was last set (monotonic)
     dirty: bool = True
     final_at: float | None = None
 
@@ -160,6 +165,9 @@ class JobLog:
         self.redis = store.redis
         self.retry_seconds = retry_seconds
         self.tracked: dict[str, _Tracked] = {}
+        self._dirty: dict[str, _Tracked] = {}  # changed since the last flush
+        self._writing = False  # a flush is on its way to Redis
+        self._settled: collections.deque[tuple[float, str]] = collections.deque()  # (final_at, id), in order
         self._counter_key = f"fastserve:writer:{uuid.uuid4().hex}"
         self._flushes = 0
         self._resync = False
@@ -180,6 +188,7 @@ class JobLog:
         entry.spec = base64.b64encode(spec).decode()
         entry.fields.update(fields)
         entry.dirty = True
+        self._dirty[request_id] = entry
         self._wake.set()
 
     def update(
@@ -191,14 +200,16 @@ class JobLog:
         if tokens is not None:
             entry.tokens = tokens
         entry.dirty = True
+        self._dirty[request_id] = entry
         if entry.fields.get("state") in FINAL_STATES and entry.final_at is None:
             entry.final_at = time.monotonic()
+            self._settled.append((entry.final_at, request_id))
         self._wake.set()
 
     async def flushed(self, timeout: float) -> bool:
         """Waits (at most `timeout` s) until nothing is left to write."""
         deadline = time.monotonic() + timeout
-        while any(e.dirty for e in self.tracked.values()):
+        while self._dirty or self._writing or self._resync:
             if time.monotonic() > deadline:
                 return False
             await asyncio.sleep(0.01)
@@ -228,30 +239,38 @@ class JobLog:
             self._drop_settled()
 
     def _drop_settled(self) -> None:
+        """Forgets final jobs written more than KEEP_FINAL_SECONDS ago (oldest first, stops at the first younger one)."""
         now = time.monotonic()
-        for rid in [
-            rid
-            for rid, e in self.tracked.items()
-            if e.final_at is not None and not e.dirty and now - e.final_at > KEEP_FINAL_SECONDS
-        ]:
-            del self.tracked[rid]
+        while self._settled and now - self._settled[0][0] > KEEP_FINAL_SECONDS:
+            final_at, rid = self._settled[0]
+            entry = self.tracked.get(rid)
+            if entry is not None and entry.dirty:
+                break  # not written yet: kept until it is
+            self._settled.popleft()
+            if entry is not None and entry.final_at == final_at:
+                del self.tracked[rid]
 
     async def _flush(self) -> None:
         if self._resync:
-            for entry in self.tracked.values():
-                entry.dirty, entry.written = True, 0
-        batch = {rid: e for rid, e in self.tracked.items() if e.dirty}
+            for rid, entry in self.tracked.items():
+                entry.dirty, entry.written, entry.sent = True, 0, {}
+                self._dirty[rid] = entry
+        batch, self._dirty = self._dirty, {}
         if not batch:
             return
         lengths = {rid: len(e.tokens) for rid, e in batch.items()}
         for entry in batch.values():
             entry.dirty = False  # updates from here on make it dirty again
+        self._writing = True
         try:
             count = await self._write(batch, lengths, full=self._resync)
         except BaseException:
-            for entry in batch.values():
+            for rid, entry in batch.items():
                 entry.dirty = True
+                self._dirty.setdefault(rid, entry)
             raise
+        finally:
+            self._writing = False
         self._resync = False
         for rid, entry in batch.items():
             entry.written = lengths[rid]
@@ -264,25 +283,37 @@ class JobLog:
 
     async def _write(self, batch: dict[str, _Tracked], lengths: dict[str, int], full: bool) -> int:
         ttl = self.store.ttl
+        now = time.monotonic()
         pipe = self.redis.pipeline(transaction=True)
         pipe.incr(self._counter_key)
         pipe.expire(self._counter_key, ttl)
+        sent: list[tuple[_Tracked, dict[str, str], bool]] = []
         for rid, entry in batch.items():
             key, tkey = request_key(rid), tokens_key(rid)
-            mapping = {k: str(v) for k, v in entry.fields.items()}
-            if entry.spec:
+            first = full or not entry.sent
+            mapping = {k: text for k, v in entry.fields.items() if (text := str(v)) != entry.sent.get(k)}
+            if entry.spec and first:
                 mapping["spec"] = entry.spec
-            pipe.hset(key, mapping=mapping)
-            pipe.expire(key, ttl)
+            if mapping:
+                pipe.hset(key, mapping=mapping)
+            refresh = first or entry.final_at is not None or now - entry.expire_set_at > ttl / 2
+            if refresh:
+                pipe.expire(key, ttl)
             new = list(entry.tokens[entry.written : lengths[rid]])
             if full or entry.written == 0:
                 pipe.set(tkey, encode_tokens(entry.tokens[: lengths[rid]]), ex=ttl)
             elif new:
                 pipe.setrange(tkey, entry.written * TOKEN_WIDTH, encode_tokens(new))
-                pipe.expire(tkey, ttl)
+                if refresh:
+                    pipe.expire(tkey, ttl)
             if entry.final_at is not None:
                 pipe.srem(UNFINISHED, rid)
-            else:
+            elif first:
                 pipe.sadd(UNFINISHED, rid)
+            sent.append((entry, mapping, refresh))
         results = await pipe.execute()
+        for entry, mapping, refresh in sent:
+            entry.sent.update(mapping)
+            if refresh:
+                entry.expire_set_at = now
         return int(results[0])

@@ -58,6 +58,36 @@ def test_job_log_appends_tokens_finishes_and_rewrites_what_redis_lost(redis_url)
     assert client.ttl(request_key("a")) > 0 and client.ttl(tokens_key("a")) > 0
 
 
+def test_a_flush_writes_only_the_jobs_and_fields_that_changed(redis_url):
+    """1 000 tracked jobs, one token for one of them: the flush touches that job's changed field only."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    async def scenario() -> None:
+        store = RequestStore(redis_url, ttl_seconds=60)
+        log = JobLog(store)
+        log.start()
+        tokens = {f"j{i}": [] for i in range(1000)}
+        for rid in tokens:
+            log.begin(rid, b"spec", {"state": "running", "generated_tokens": 0, "queue_level": 1})
+        await settle(log)
+        client.hdel(request_key("j7"), "queue_level")  # untouched fields are not written again ...
+        client.delete(request_key("j8"))  # ... nor are untouched jobs
+        tokens["j7"].append(42)
+        log.update("j7", {"state": "running", "generated_tokens": 1, "queue_level": 1}, tokens["j7"])
+        await settle(log)
+        assert client.hgetall(request_key("j7")) == {
+            "state": "running",
+            "generated_tokens": "1",
+            "spec": "c3BlYw==",
+        }
+        assert not client.exists(request_key("j8"))
+        assert (await store.unfinished())[0].request_id in tokens
+        await log.stop()
+        await store.close()
+
+    asyncio.run(scenario())
+
+
 def test_job_log_keeps_serving_while_redis_is_away_and_read_says_unavailable():
     async def scenario() -> None:
         store = RequestStore(f"redis://127.0.0.1:{free_port()}/0", ttl_seconds=60)
