@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.swap_overlap", description=__doc__, allow_abbrev=False
     )
     parser.add_argument("--model", default="opt-tiny")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
     parser.add_argument("--num-gpu-blocks", type=int, default=48)
     parser.add_argument("--num-host-blocks", type=int, default=4096)
     parser.add_argument("--swap-policy", default="proactive")
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                 "0",
                 "--model",
                 args.model,
+                "--device",
+                args.device,
                 "--demo",
                 "false",
                 "--num-gpu-blocks",
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     exposed = metrics.get("fastserve:swap_exposed_seconds_total", 0.0)
     result = {
         "model": args.model,
+        "device": args.device,
         "swap_policy": args.swap_policy,
         "num_gpu_blocks": args.num_gpu_blocks,
         "requests": len(records),

@@ -207,3 +207,13 @@ def test_loader_reads_bin_and_sharded_checkpoints(fmt, tmp_path, pre_ln_checkpoi
     a, b = make_runner(pre_ln_checkpoint), make_runner(other)
     for (name, x), (_, y) in zip(a.model.named_parameters(), b.model.named_parameters(), strict=True):
         assert torch.equal(x, y), name
+
+
+def test_a_plain_cuda_device_gets_the_current_index(monkeypatch):
+    """torch.cuda.set_device refuses "cuda" without an index, which a single-GPU worker is given."""
+    from services.worker.runner import with_index
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert with_index(torch.device("cuda")) == torch.device("cuda", 3)
+    assert with_index(torch.device("cuda:1")) == torch.device("cuda", 1)
+    assert with_index(torch.device("cpu")) == torch.device("cpu")

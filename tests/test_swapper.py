@@ -1,11 +1,12 @@
-"""The worker's swapper on CPU: blocks survive a round trip through the host pool, in order."""
+"""The worker's swapper on CPU: blocks survive a round trip through the host pool, in order;
+and the bookkeeping of its CUDA timing events, on stand-in events."""
 
 from __future__ import annotations
 
 import torch
 
 from services.worker.kv_cache import KVCache
-from services.worker.swapper import Swapper
+from services.worker.swapper import Swapper, finished_seconds, finished_stall_seconds
 
 
 def filled_cache() -> KVCache:
@@ -44,3 +45,32 @@ def test_swap_out_and_reuse_of_host_block_in_one_submit_keep_order():
     swapper.drain()
     assert torch.equal(cache.k_cache[0][5], expected)
     assert swapper.stats.transfer_seconds > 0
+
+
+class FakeEvent:
+    """A CUDA event's query/elapsed_time: `at` ms on the GPU's clock, None while not yet passed."""
+
+    def __init__(self, at: float | None) -> None:
+        self.at = at
+
+    def query(self) -> bool:
+        return self.at is not None
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        return end.at - self.at
+
+
+def test_transfer_time_counts_once_the_gpu_has_passed_its_end():
+    done, ahead = FakeEvent(5.0), (FakeEvent(6.0), FakeEvent(None))
+    seconds, left = finished_seconds([(FakeEvent(2.0), done), ahead])
+    assert seconds == 0.003 and left == [ahead]
+
+
+def test_stall_is_the_wait_for_the_last_transfer_and_never_negative():
+    stalls = [
+        (FakeEvent(10.0), [FakeEvent(12.0), FakeEvent(14.0)]),  # compute ready at 10, last copy done at 14
+        (FakeEvent(20.0), [FakeEvent(15.0)]),  # the copy had finished before compute got there
+        (FakeEvent(None), [FakeEvent(30.0)]),  # compute has not reached the wait yet
+    ]
+    seconds, left = finished_stall_seconds(stalls)
+    assert seconds == 0.004 and left == stalls[2:]

@@ -28,6 +28,14 @@ log = logging.getLogger("fastserve.worker.runner")
 PROMPT_LOGPROBS_CHUNK = 256  # prompt positions scored at once (bounds the [chunk, vocab] logits)
 
 
+def with_index(device: torch.device) -> torch.device:
+    """Plain "cuda" as the current CUDA device with its index: torch.cuda.set_device refuses a
+    device without one (a single-GPU worker is given "cuda")."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 @dataclass
 class SeqWork:
     request_id: str
@@ -75,7 +83,7 @@ class ModelRunner:
     ) -> None:
         self.spec = spec
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.device = with_index(torch.device(device))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # NCCL binds its communicators to the current device
         self.parallel = parallel or ParallelContext()

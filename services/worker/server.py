@@ -258,8 +258,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             if s.traceparent
         ]
         started = time.perf_counter()
-        exposed = 0.0
-        swap_before = self.swapper.stats.transfer_seconds if self.swapper else 0.0
+        swap_before = self.swapper.totals() if self.swapper else (0.0, 0.0)
         with self.tracer.start_as_current_span(
             "fastserve.worker.step",
             context=tracing.extract(request.trace_context),
@@ -278,7 +277,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                         [(m.src, m.dst) for m in request.swap_in],
                         [(m.src, m.dst) for m in request.prefetch],
                     )
-                    exposed = self.swapper.wait_for({b for s in seqs for b in s.block_table})
+                    self.swapper.wait_for({b for s in seqs for b in s.block_table})
                 elif request.swap_out or request.swap_in or request.prefetch:
                     raise RuntimeError("swap orders for a worker without a host KV pool (--swap-space 0)")
                 out = self.runner.run(seqs) if seqs else None
@@ -287,13 +286,16 @@ class WorkerService(pb_grpc.WorkerServicer):
                 span.set_status(trace.StatusCode.ERROR, str(exc))
                 return pb.StepResponse(step_id=request.step_id, error=f"{type(exc).__name__}: {exc}")
         self.steps_done += 1
+        compute_seconds = time.perf_counter() - started
+        # on CUDA: the swap time the GPU has timed by now (this step's transfers, if not yet, count later)
+        transfer, exposed = self.swapper.totals() if self.swapper else (0.0, 0.0)
         return pb.StepResponse(
             step_id=request.step_id,
             token_ids=out.tokens if out else [],
             logprobs=seq_logprobs(out) if out else [],
-            compute_seconds=time.perf_counter() - started,
-            exposed_swap_seconds=exposed,
-            swap_seconds=(self.swapper.stats.transfer_seconds - swap_before) if self.swapper else 0.0,
+            compute_seconds=compute_seconds,
+            exposed_swap_seconds=exposed - swap_before[1],
+            swap_seconds=transfer - swap_before[0],
         )
 
     async def Step(

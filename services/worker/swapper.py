@@ -5,6 +5,12 @@ background thread (CPU). Every device block a pending transfer touches is
 remembered; before a step computes, it waits only for the transfers that touch
 the blocks its batch uses, so everything else (proactive swap-outs, prefetches)
 overlaps with compute. Time spent waiting is "exposed" swap time.
+
+On CPU both times are wall times of the swap thread and of the wait. On GPU neither is a
+CPU time (launching a copy or a stream wait returns at once): CUDA events time each transfer
+on the swap stream, and a stall of compute from the moment its stream reached the wait to
+the end of the last transfer it waits for. They are added to the stats once the GPU has
+passed them (``totals``).
 """
 
 from __future__ import annotations
@@ -43,6 +49,13 @@ class Swapper:
         self.pending: dict[int, torch.cuda.Event | Future] = {}
         self.stats = SwapStats()
         self._lock = threading.Lock()
+        # CUDA: timing events not yet passed by the GPU
+        self._transfers: list[
+            tuple[torch.cuda.Event, torch.cuda.Event]
+        ] = []  # (start, done) on the swap stream
+        self._stalls: list[
+            tuple[torch.cuda.Event, list[torch.cuda.Event]]
+        ] = []  # (compute ready, dones waited)
 
     def submit(
         self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]], prefetch: list[tuple[int, int]]
@@ -56,18 +69,31 @@ class Swapper:
             self._enqueue(lambda: self._copy_in(moves_in), [d for _, d in moves_in])
             self.stats.blocks_in += len(moves_in)
 
-    def wait_for(self, device_blocks: Iterable[int]) -> float:
-        """Blocks until the transfers touching `device_blocks` are done; returns the seconds waited."""
-        started = time.perf_counter()
+    def wait_for(self, device_blocks: Iterable[int]) -> None:
+        """Makes compute wait for the transfers touching `device_blocks` (on CPU: blocks until
+        they are done); the wait is exposed swap time."""
         waits = {id(h): h for b in device_blocks if (h := self.pending.get(b)) is not None}
+        if self.cuda:
+            dones = [h for h in waits.values() if not h.query()]  # finished ones cannot stall the GPU
+            if dones:
+                compute = torch.cuda.current_stream()
+                self._stalls.append((_timing_event(compute), dones))
+                for done in dones:
+                    compute.wait_event(done)
+            return
+        started = time.perf_counter()
         for handle in waits.values():
-            if self.cuda:
-                torch.cuda.current_stream().wait_event(handle)
-            else:
-                handle.result()
-        waited = time.perf_counter() - started
-        self.stats.exposed_seconds += waited
-        return waited
+            handle.result()
+        self.stats.exposed_seconds += time.perf_counter() - started
+
+    def totals(self) -> tuple[float, float]:
+        """(transfer, exposed) seconds so far; on CUDA, of what the GPU has already passed."""
+        if self.cuda:
+            seconds, self._transfers = finished_seconds(self._transfers)
+            self.stats.transfer_seconds += seconds
+            seconds, self._stalls = finished_stall_seconds(self._stalls)
+            self.stats.exposed_seconds += seconds
+        return self.stats.transfer_seconds, self.stats.exposed_seconds
 
     def drain(self) -> None:
         """Waits for every queued transfer (tests, shutdown)."""
@@ -79,11 +105,10 @@ class Swapper:
         if self.cuda:
             self.stream.wait_stream(torch.cuda.current_stream())  # earlier compute is done with these blocks
             with torch.cuda.stream(self.stream):
-                started = time.perf_counter()
+                start = _timing_event(self.stream)
                 copy()
-                handle = torch.cuda.Event()
-                handle.record(self.stream)
-                self.stats.transfer_seconds += time.perf_counter() - started  # launch time; see docs
+                handle = _timing_event(self.stream)
+            self._transfers.append((start, handle))
         else:
             handle = self.thread.submit(self._timed, copy)
         for block in device_blocks:
@@ -109,3 +134,32 @@ class Swapper:
             for host, dev in moves:
                 k[dev].copy_(self.host_k[layer][host], non_blocking=True)
                 v[dev].copy_(self.host_v[layer][host], non_blocking=True)
+
+
+def _timing_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(stream)
+    return event
+
+
+def finished_seconds(spans: list) -> tuple[float, list]:
+    """Seconds between the (start, end) event pairs the GPU has passed, and the pairs still ahead."""
+    seconds, ahead = 0.0, []
+    for start, end in spans:
+        if end.query():
+            seconds += start.elapsed_time(end) / 1e3
+        else:
+            ahead.append((start, end))
+    return seconds, ahead
+
+
+def finished_stall_seconds(stalls: list) -> tuple[float, list]:
+    """For each (ready, dones) the GPU has passed: how long compute, at `ready`, waited for the last
+    of `dones` (0 when they had finished by then); their sum, and the stalls still ahead."""
+    seconds, ahead = 0.0, []
+    for ready, dones in stalls:
+        if ready.query() and all(done.query() for done in dones):
+            seconds += max(0.0, *(ready.elapsed_time(done) for done in dones)) / 1e3
+        else:
+            ahead.append((ready, dones))
+    return seconds, ahead
