@@ -2,7 +2,9 @@
 
 Keys (all expire after --request-ttl):
 - `fastserve:req:{id}` hash: what a user sees through GetRequest (state, counts, times) plus
-  `spec`, the job as submitted (a serialized SubmitRequest: prompt ids, resolved sampling, seed);
+  `spec`, the job as submitted (a serialized SubmitRequest: prompt ids, resolved sampling, seed),
+  `owner` (digest of the API key that made it, when keys are on) and, for a completion of a
+  request with n > 1 (job id `{parent}-{index}`), `parent` and `n`;
 - `fastserve:req:{id}:tokens` string: the generated token ids, 8 hex digits each, written with
   SETRANGE at the token's offset (so a retried write never duplicates or shifts a token);
 - `fastserve:unfinished` set: ids of jobs not yet finished, what a restarting scheduler reads.
@@ -35,6 +37,7 @@ log = logging.getLogger("fastserve.store")
 STATES = ("queued", "running", "preempted", "swapped", "finished", "cancelled", "failed")
 FINAL_STATES = ("finished", "cancelled", "failed")
 INT_FIELDS = (
+    "n",
     "prompt_tokens",
     "generated_tokens",
     "max_tokens",
@@ -124,15 +127,21 @@ class RequestStore:
 
     async def read(self, request_id: str) -> dict[str, object] | None:
         """The request's record, or None; StoreUnavailable while Redis cannot be reached."""
+        (record,) = await self.read_many([request_id])
+        return record
+
+    async def read_many(self, request_ids: Sequence[str]) -> list[dict[str, object] | None]:
+        """The records of several requests in one round trip (None for each one Redis lacks)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for request_id in request_ids:
+            pipe.hgetall(request_key(request_id))
         try:
-            raw = await self.redis.hgetall(request_key(request_id))
+            raws = await pipe.execute()
         except UNAVAILABLE_ERRORS as exc:
             raise StoreUnavailable(
                 f"request metadata store (Redis at {self.address}) is unreachable: {exc}"
             ) from None
-        if not raw:
-            return None
-        return _parse(raw)
+        return [_parse(raw) if raw else None for raw in raws]
 
     async def unfinished(self) -> list[ResumableJob]:
         """Every job in the unfinished index that Redis can rebuild (prompt, sampling, tokens)."""

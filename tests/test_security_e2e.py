@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
+import time
 
 import grpc
 import httpx2 as httpx
@@ -12,7 +13,8 @@ import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fastserve.v1 import gateway_pb2, gateway_pb2_grpc
+from fastserve.rpc import check_serving_sync
+from fastserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.conftest import start_stack
 from tests.reference import greedy
 
@@ -129,3 +131,59 @@ def test_grpc_needs_a_key_over_tls_and_health_stays_open(secure_stack):
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     cancel = gateway_pb2.CancelRequest(request_id="owned-by-one")
     assert not stub.Cancel(cancel, metadata=other, timeout=10).cancelled
+
+
+def settled(stub, request_id: str, metadata) -> gateway_pb2.RequestInfo:
+    """GetRequest once the scheduler's last write (once per iteration) has reached Redis."""
+    deadline = time.monotonic() + 10
+    while True:
+        info = stub.GetRequest(
+            gateway_pb2.GetRequestRequest(request_id=request_id), metadata=metadata, timeout=10
+        )
+        if info.state == "finished" or time.monotonic() > deadline:
+            return info
+        time.sleep(0.05)
+
+
+def test_owners_and_n_requests_answer_from_redis_after_a_gateway_restart(secure_stack):
+    """The owner is in each request's Redis record, so a restarted gateway (which remembers
+    nothing) still answers the key that made a request, and only that key; a request with n > 1
+    answers under the id the client knows, as a whole."""
+    stack, _, pem = secure_stack
+    mine, other = (("authorization", f"Bearer {KEY}"),), (("authorization", "Bearer sk-test-two"),)
+    stub = gateway_pb2_grpc.GatewayStub(secure_channel(stack, pem))
+    list(stub.Generate(greedy([2, 5, 7], 3, request_id="owned-single"), metadata=mine, timeout=60))
+    sampling = common_pb2.SamplingParams(n=3, seed=4, temperature=1.0, max_tokens=4, ignore_eos=True)
+    several = gateway_pb2.GenerateRequest(
+        request_id="owned-n3", prompt_token_ids=[2, 8, 9], sampling=sampling
+    )
+    list(stub.Generate(several, metadata=mine, timeout=60))
+    assert settled(stub, "owned-n3", mine).state == "finished"
+
+    gateway = stack.child("gateway").proc
+    stack.supervise_in_background()  # restarts what dies, as `fastserve up` does
+    gateway.kill()
+    deadline = time.monotonic() + 120
+    while not check_serving_sync(stack.addresses["gateway"], root_cert=pem):
+        assert time.monotonic() < deadline, "the gateway did not come back"
+        time.sleep(0.2)
+    assert stack.child("gateway").proc.pid != gateway.pid
+    stub = gateway_pb2_grpc.GatewayStub(secure_channel(stack, pem))
+
+    single = settled(stub, "owned-single", mine)
+    assert (single.state, single.generated_tokens, single.n) == ("finished", 3, 0)
+    whole = settled(stub, "owned-n3", mine)
+    assert (whole.state, whole.n, whole.prompt_tokens, whole.generated_tokens) == ("finished", 3, 3, 12)
+    assert [c.request_id for c in whole.completions] == ["owned-n3-0", "owned-n3-1", "owned-n3-2"]
+    assert [c.generated_tokens for c in whole.completions] == [4, 4, 4]
+    assert whole.finish_reason == "length,length,length"
+    assert whole.finish_time >= max(c.finish_time for c in whole.completions) > 0
+    for request_id in ("owned-single", "owned-n3", "owned-n3-1"):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GetRequest(gateway_pb2.GetRequestRequest(request_id=request_id), metadata=other, timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND and request_id in info.value.details()
+        cancel = gateway_pb2.CancelRequest(request_id=request_id)
+        assert not stub.Cancel(cancel, metadata=other, timeout=10).cancelled
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetRequest(gateway_pb2.GetRequestRequest(request_id="owned-n3"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -64,7 +64,7 @@ class GetRequestRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class RequestInfo(_message.Message):
-    __slots__ = ("request_id", "state", "prompt_tokens", "generated_tokens", "queue_level", "arrival_time", "first_token_time", "finish_time", "preemptions", "demotions", "promotions", "finish_reason", "swaps_out", "recomputes")
+    __slots__ = ("request_id", "state", "prompt_tokens", "generated_tokens", "queue_level", "arrival_time", "first_token_time", "finish_time", "preemptions", "demotions", "promotions", "finish_reason", "swaps_out", "recomputes", "n", "completions")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,8 @@ class RequestInfo(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     SWAPS_OUT_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTES_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     state: str
     prompt_tokens: int
@@ -93,7 +95,9 @@ class RequestInfo(_message.Message):
     finish_reason: str
     swaps_out: int
     recomputes: int
-    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., queue_level: _Optional[int] = ..., arrival_time: _Optional[float] = ..., first_token_time: _Optional[float] = ..., finish_time: _Optional[float] = ..., preemptions: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ..., finish_reason: _Optional[str] = ..., swaps_out: _Optional[int] = ..., recomputes: _Optional[int] = ...) -> None: ...
+    n: int
+    completions: _containers.RepeatedCompositeFieldContainer[RequestInfo]
+    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., queue_level: _Optional[int] = ..., arrival_time: _Optional[float] = ..., first_token_time: _Optional[float] = ..., finish_time: _Optional[float] = ..., preemptions: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ..., finish_reason: _Optional[str] = ..., swaps_out: _Optional[int] = ..., recomputes: _Optional[int] = ..., n: _Optional[int] = ..., completions: _Optional[_Iterable[_Union[RequestInfo, _Mapping]]] = ...) -> None: ...
 
 class ServerInfoRequest(_message.Message):
     __slots__ = ()

@@ -77,7 +77,9 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetRequest(self, request, context):
-        """A request's metadata as kept in Redis (state, counts, queue level, times).
+        """A request's metadata as kept in Redis (state, counts, queue level, times); a request with
+        n > 1 answers as a whole, with each completion in `completions`. With API keys, only the key
+        that made the request sees it (NOT_FOUND for any other).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fastserve.v1 import common_pb2 as fastserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x61stserve/v1/scheduler.proto\x12\x0c\x66\x61stserve.v1\x1a\x19\x66\x61stserve/v1/common.proto\"\xb3\x02\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x14\n\x0c\x61rrival_time\x18\t \x01(\x01\x12\x44\n\rtrace_context\x18\n \x03(\x0b\x32-.fastserve.v1.SubmitRequest.TraceContextEntry\x12\x30\n\x08sampling\x18\x0b \x01(\x0b\x32\x1e.fastserve.v1.ResolvedSampling\x12\x1b\n\x13generated_token_ids\x18\x14 \x03(\r\x12\x0e\n\x06resume\x18\x15 \x01(\x08\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x03\x10\t\"\xc6\x02\n\x0eSubmitResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.fastserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x30\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1e.fastserve.v1.PositionLogprobs\x12\x37\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1e.fastserve.v1.PositionLogprobs\x12-\n\x0bstop_reason\x18\x08 \x01(\x0b\x32\x18.fastserve.v1.StopReason\x12\x13\n\x0b\x66irst_index\x18\x14 \x01(\r\"N\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06reason\x18\x02 \x01(\x0e\x32\x1a.fastserve.v1.FinishReason\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x16\n\x14SchedulerInfoRequest\"\xaf\x03\n\rSchedulerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x05 \x01(\r\x12\x1e\n\x16pipeline_parallel_size\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x08 \x01(\r\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x16\n\x0enum_gpu_blocks\x18\n \x01(\r\x12\x17\n\x0fnum_host_blocks\x18\x0b \x01(\r\x12\x13\n\x0bswap_policy\x18\x0c \x01(\t\x12\x13\n\x0bnum_running\x18\r \x01(\r\x12\x13\n\x0bnum_waiting\x18\x0e \x01(\r\x12\x12\n\niterations\x18\x0f \x01(\x04\x12\x12\n\nvocab_size\x18\x10 \x01(\r\x12\x15\n\rmax_model_len\x18\x11 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x12 \x01(\r\x12\x11\n\ttokenizer\x18\x13 \x01(\t2\xdd\x01\n\tScheduler\x12\x45\n\x06Submit\x12\x1b.fastserve.v1.SubmitRequest\x1a\x1c.fastserve.v1.SubmitResponse0\x01\x12@\n\x05\x41\x62ort\x12\x1a.fastserve.v1.AbortRequest\x1a\x1b.fastserve.v1.AbortResponse\x12G\n\x04Info\x12\".fastserve.v1.SchedulerInfoRequest\x1a\x1b.fastserve.v1.SchedulerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x61stserve/v1/scheduler.proto\x12\x0c\x66\x61stserve.v1\x1a\x19\x66\x61stserve/v1/common.proto\"\xe8\x02\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x14\n\x0c\x61rrival_time\x18\t \x01(\x01\x12\x44\n\rtrace_context\x18\n \x03(\x0b\x32-.fastserve.v1.SubmitRequest.TraceContextEntry\x12\x30\n\x08sampling\x18\x0b \x01(\x0b\x32\x1e.fastserve.v1.ResolvedSampling\x12\r\n\x05owner\x18\x0c \x01(\t\x12\x19\n\x11parent_request_id\x18\r \x01(\t\x12\t\n\x01n\x18\x0e \x01(\r\x12\x1b\n\x13generated_token_ids\x18\x14 \x03(\r\x12\x0e\n\x06resume\x18\x15 \x01(\x08\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x03\x10\t\"\xc6\x02\n\x0eSubmitResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.fastserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x30\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1e.fastserve.v1.PositionLogprobs\x12\x37\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1e.fastserve.v1.PositionLogprobs\x12-\n\x0bstop_reason\x18\x08 \x01(\x0b\x32\x18.fastserve.v1.StopReason\x12\x13\n\x0b\x66irst_index\x18\x14 \x01(\r\"N\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06reason\x18\x02 \x01(\x0e\x32\x1a.fastserve.v1.FinishReason\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x16\n\x14SchedulerInfoRequest\"\xaf\x03\n\rSchedulerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x05 \x01(\r\x12\x1e\n\x16pipeline_parallel_size\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x08 \x01(\r\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x16\n\x0enum_gpu_blocks\x18\n \x01(\r\x12\x17\n\x0fnum_host_blocks\x18\x0b \x01(\r\x12\x13\n\x0bswap_policy\x18\x0c \x01(\t\x12\x13\n\x0bnum_running\x18\r \x01(\r\x12\x13\n\x0bnum_waiting\x18\x0e \x01(\r\x12\x12\n\niterations\x18\x0f \x01(\x04\x12\x12\n\nvocab_size\x18\x10 \x01(\r\x12\x15\n\rmax_model_len\x18\x11 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x12 \x01(\r\x12\x11\n\ttokenizer\x18\x13 \x01(\t2\xdd\x01\n\tScheduler\x12\x45\n\x06Submit\x12\x1b.fastserve.v1.SubmitRequest\x1a\x1c.fastserve.v1.SubmitResponse0\x01\x12@\n\x05\x41\x62ort\x12\x1a.fastserve.v1.AbortRequest\x1a\x1b.fastserve.v1.AbortResponse\x12G\n\x04Info\x12\".fastserve.v1.SchedulerInfoRequest\x1a\x1b.fastserve.v1.SchedulerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITREQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_SUBMITREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_SUBMITREQUEST']._serialized_start=74
-  _globals['_SUBMITREQUEST']._serialized_end=381
-  _globals['_SUBMITREQUEST_TRACECONTEXTENTRY']._serialized_start=324
-  _globals['_SUBMITREQUEST_TRACECONTEXTENTRY']._serialized_end=375
-  _globals['_SUBMITRESPONSE']._serialized_start=384
-  _globals['_SUBMITRESPONSE']._serialized_end=710
-  _globals['_ABORTREQUEST']._serialized_start=712
-  _globals['_ABORTREQUEST']._serialized_end=790
-  _globals['_ABORTRESPONSE']._serialized_start=792
-  _globals['_ABORTRESPONSE']._serialized_end=822
-  _globals['_SCHEDULERINFOREQUEST']._serialized_start=824
-  _globals['_SCHEDULERINFOREQUEST']._serialized_end=846
-  _globals['_SCHEDULERINFO']._serialized_start=849
-  _globals['_SCHEDULERINFO']._serialized_end=1280
-  _globals['_SCHEDULER']._serialized_start=1283
-  _globals['_SCHEDULER']._serialized_end=1504
+  _globals['_SUBMITREQUEST']._serialized_end=434
+  _globals['_SUBMITREQUEST_TRACECONTEXTENTRY']._serialized_start=377
+  _globals['_SUBMITREQUEST_TRACECONTEXTENTRY']._serialized_end=428
+  _globals['_SUBMITRESPONSE']._serialized_start=437
+  _globals['_SUBMITRESPONSE']._serialized_end=763
+  _globals['_ABORTREQUEST']._serialized_start=765
+  _globals['_ABORTREQUEST']._serialized_end=843
+  _globals['_ABORTRESPONSE']._serialized_start=845
+  _globals['_ABORTRESPONSE']._serialized_end=875
+  _globals['_SCHEDULERINFOREQUEST']._serialized_start=877
+  _globals['_SCHEDULERINFOREQUEST']._serialized_end=899
+  _globals['_SCHEDULERINFO']._serialized_start=902
+  _globals['_SCHEDULERINFO']._serialized_end=1333
+  _globals['_SCHEDULER']._serialized_start=1336
+  _globals['_SCHEDULER']._serialized_end=1557
 # @@protoc_insertion_point(module_scope)

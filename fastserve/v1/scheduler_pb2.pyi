@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "arrival_time", "trace_context", "sampling", "generated_token_ids", "resume")
+    __slots__ = ("request_id", "prompt_token_ids", "arrival_time", "trace_context", "sampling", "owner", "parent_request_id", "n", "generated_token_ids", "resume")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,9 @@ class SubmitRequest(_message.Message):
     ARRIVAL_TIME_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    PARENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     request_id: str
@@ -28,9 +31,12 @@ class SubmitRequest(_message.Message):
     arrival_time: float
     trace_context: _containers.ScalarMap[str, str]
     sampling: _common_pb2.ResolvedSampling
+    owner: str
+    parent_request_id: str
+    n: int
     generated_token_ids: _containers.RepeatedScalarFieldContainer[int]
     resume: bool
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., arrival_time: _Optional[float] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., sampling: _Optional[_Union[_common_pb2.ResolvedSampling, _Mapping]] = ..., generated_token_ids: _Optional[_Iterable[int]] = ..., resume: _Optional[bool] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., arrival_time: _Optional[float] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., sampling: _Optional[_Union[_common_pb2.ResolvedSampling, _Mapping]] = ..., owner: _Optional[str] = ..., parent_request_id: _Optional[str] = ..., n: _Optional[int] = ..., generated_token_ids: _Optional[_Iterable[int]] = ..., resume: _Optional[bool] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
     __slots__ = ("token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "error", "logprobs", "prompt_logprobs", "stop_reason", "first_index")

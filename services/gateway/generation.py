@@ -9,7 +9,6 @@ metrics and the request's span). Closing the iterator early cancels the request'
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 import uuid
@@ -31,7 +30,6 @@ from .validation import InvalidRequest, Limits, Sampling, check_envelope, check_
 
 log = logging.getLogger("fastserve.gateway")
 FR = common_pb2.FinishReason
-MAX_OWNERS = 100_000  # request owners remembered for Cancel / GetRequest (the most recent ones)
 
 
 class SchedulerUnavailable(Exception):
@@ -47,6 +45,15 @@ class Prepared:
     sampling: Sampling
     arrival: float
     continuous_usage_stats: bool
+    owner: str  # digest of the API key that made it; '' on an open server
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A request this gateway is streaming: its completions' job ids, and who made it."""
+
+    job_ids: list[str]
+    owner: str
 
 
 class Generations:
@@ -64,8 +71,7 @@ class Generations:
         self.info = info
         self.limits = limits
         self.tracer = tracer
-        self.in_flight: dict[str, list[str]] = {}  # request id -> its completions' job ids
-        self.owners: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self.in_flight: dict[str, InFlight] = {}
 
     def prepare(self, request: pb.GenerateRequest, owner: str = "") -> Prepared:
         """Validates and tokenizes; InvalidRequest names the field and the limit."""
@@ -81,19 +87,10 @@ class Generations:
         except InvalidRequest:
             metrics.REJECTED.inc()
             raise
-        if owner:
-            self.owners[request_id] = owner
-            self.owners.move_to_end(request_id)
-            while len(self.owners) > MAX_OWNERS:
-                self.owners.popitem(last=False)
-        return Prepared(request_id, prompt_ids, sampling, arrival, request.continuous_usage_stats)
+        return Prepared(request_id, prompt_ids, sampling, arrival, request.continuous_usage_stats, owner)
 
-    def owner(self, request_id: str) -> str | None:
-        return self.owners.get(request_id)
-
-    async def cancel(self, request_id: str) -> bool:
-        """Cancels every completion of the request; False when none was in flight."""
-        job_ids = self.in_flight.get(request_id, [request_id])
+    async def cancel(self, job_ids: list[str]) -> bool:
+        """Cancels these jobs (a request's completions); False when none was in flight."""
         try:
             replies = await asyncio.gather(
                 *(self.scheduler.Abort(scheduler_pb2.AbortRequest(request_id=job_id)) for job_id in job_ids)
@@ -118,7 +115,7 @@ class Generations:
         metrics.REQUEST_MAX_TOKENS.observe(sampling.resolved.max_tokens)
         # Each completion is its own job to the scheduler: the request's id when n = 1, else id-i.
         job_ids = [request_id] if sampling.n == 1 else [f"{request_id}-{i}" for i in range(sampling.n)]
-        self.in_flight[request_id] = job_ids
+        self.in_flight[request_id] = InFlight(job_ids, job.owner)
         resolved = sampling.resolved
         streams: list = []
         replies = None
@@ -147,6 +144,9 @@ class Generations:
                         sampling=sampling.job_sampling(i),
                         arrival_time=job.arrival,
                         trace_context=trace_context,
+                        owner=job.owner,  # the scheduler records these with the job, for GetRequest / Cancel
+                        parent_request_id=request_id if sampling.n > 1 else "",
+                        n=sampling.n if sampling.n > 1 else 0,
                     )
                 )
                 for i, job_id in enumerate(job_ids)

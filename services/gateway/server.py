@@ -26,6 +26,7 @@ from fastserve.v1 import gateway_pb2_grpc as pb_grpc
 from .api_keys import ApiKeyInterceptor, ApiKeys, authorization, parse_keys
 from .generation import Generations, SchedulerUnavailable
 from .openai_api import create_app
+from .request_info import read_request
 from .scheduler_link import SchedulerLink
 from .validation import InvalidRequest, Limits
 
@@ -45,9 +46,9 @@ class GatewayService(pb_grpc.GatewayServicer):
     def _owner(self, context: grpc.aio.ServicerContext) -> str:
         return self.keys.owner(authorization(context.invocation_metadata()))
 
-    def _may_see(self, request_id: str, context: grpc.aio.ServicerContext) -> bool:
+    def _may_see(self, owner: str, context: grpc.aio.ServicerContext) -> bool:
         """With API keys, a request answers only to the key that made it."""
-        return not self.keys.required or self.generations.owner(request_id) == self._owner(context)
+        return not self.keys.required or owner == self._owner(context)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -62,13 +63,26 @@ class GatewayService(pb_grpc.GatewayServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
-        """Cancels every completion of the request."""
-        if not request.request_id:
+        """Cancels every completion of the request. One this gateway streams is known here; any
+        other (another gateway's, or one from before a restart) is looked up in Redis."""
+        request_id = request.request_id
+        if not request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
-        if not self._may_see(request.request_id, context):
+        live = self.generations.in_flight.get(request_id)
+        if live is not None:
+            job_ids, owner = live.job_ids, live.owner
+        else:
+            try:
+                stored = await read_request(self.store, request_id)
+            except StoreUnavailable as exc:
+                if self.keys.required:  # the owner cannot be checked
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; try again shortly")
+                stored = None
+            job_ids, owner = (stored.job_ids, stored.owner) if stored else ([request_id], "")
+        if not self._may_see(owner, context):
             return pb.CancelResponse(cancelled=False)
         try:
-            return pb.CancelResponse(cancelled=await self.generations.cancel(request.request_id))
+            return pb.CancelResponse(cancelled=await self.generations.cancel(job_ids))
         except SchedulerUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
@@ -77,19 +91,16 @@ class GatewayService(pb_grpc.GatewayServicer):
     ) -> pb.RequestInfo:
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
-        missing = f"request_id: no record of {request.request_id!r} (records expire after --request-ttl)"
-        if not self._may_see(request.request_id, context):
-            await context.abort(grpc.StatusCode.NOT_FOUND, missing)
         try:
-            record = await self.store.read(request.request_id)
+            stored = await read_request(self.store, request.request_id)
         except StoreUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; try again shortly")
-        if record is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, missing)
-        fields = {f.name for f in pb.RequestInfo.DESCRIPTOR.fields}
-        return pb.RequestInfo(
-            request_id=request.request_id, **{k: v for k, v in record.items() if k in fields}
-        )
+        if stored is None or not self._may_see(stored.owner, context):
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"request_id: no record of {request.request_id!r} (records expire after --request-ttl)",
+            )
+        return stored.info
 
     async def ServerInfo(
         self, request: pb.ServerInfoRequest, context: grpc.aio.ServicerContext

@@ -61,11 +61,21 @@ def take_on(
         {
             "arrival_time": request.arrival_time,
             "max_tokens": request.sampling.max_tokens,
+            **owner_fields(request),
             **live.record(),
         },
     )
     job_log.update(request.request_id, {}, live.seq.generated)
     return live
+
+
+def owner_fields(request: pb.SubmitRequest) -> dict[str, object]:
+    """Who made the job and, for a completion of a request with n > 1, which request: what the
+    gateway's GetRequest and Cancel read from the record (fastserve/store.py)."""
+    fields: dict[str, object] = {"owner": request.owner} if request.owner else {}
+    if request.parent_request_id:
+        fields.update(parent=request.parent_request_id, n=request.n)
+    return fields
 
 
 def attach(engine: Engine, live: LiveJob, tokens: list[int]) -> pb.SubmitResponse:
