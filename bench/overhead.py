@@ -23,6 +23,8 @@ import urllib.request
 from dataclasses import replace
 
 from bench.workloads import synthetic_lengths
+from fastserve.embedded_redis import start_redis
+from fastserve.store import JobLog, RequestStore
 from fastserve.v1 import common_pb2, scheduler_pb2, worker_pb2
 from services.kvmanager.block_manager import BlockManager
 from services.kvmanager.server import KVManagerService
@@ -159,6 +161,7 @@ class _InstantWorkers:
         self.done = asyncio.Event()
         self.broken = None  # never goes down
         self.marks: list[tuple[float, float, float]] = []  # (CPU, KV planning CPU, wall) at each step
+        self.store: JobLog | None = None  # with a real job log: each step waits until it has flushed
 
     async def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
         prefill = decode = context = 0
@@ -177,11 +180,13 @@ class _InstantWorkers:
                 if self.after == 2:
                     self.warm.set()
             self.seen.update(s.request_id for s in request.seqs)
-        elif not self.done.is_set():
+        elif self.target and not self.done.is_set():
             self.marks.append((time.process_time(), self.kv.seconds, time.perf_counter()))
             if len(self.marks) == self.target + 1:
                 self.done.set()
         self.clock.now += self.cost.time(prefill, decode, context)
+        if self.store is not None:  # one Redis flush per iteration, as on a GPU (never coalesced)
+            await self.store.flushed(timeout=60)
         await asyncio.sleep(0)
         return worker_pb2.StepResponse(step_id=request.step_id, token_ids=[5] * len(request.seqs))
 
@@ -191,7 +196,9 @@ class _NullStore:
         pass
 
 
-async def _engine_run(policy_name: str, queued: int, iterations: int, seed: int) -> dict[str, float]:
+async def _engine_run(
+    policy_name: str, queued: int, iterations: int, seed: int, redis_url: str
+) -> dict[str, float]:
     cost = CostModel.resolve("opt-13b-a100")
     lengths = synthetic_lengths("sharegpt", queued, seed)
     # room for every job's prompt and the tokens it generates while timed, plus the proactive reserve
@@ -201,7 +208,8 @@ async def _engine_run(policy_name: str, queued: int, iterations: int, seed: int)
     clock = _Clock()
     kv = _InProcessKV(config)
     workers = _InstantWorkers(cost, clock, queued, kv)
-    engine = Engine(SchedulerCore(config, policy), workers, kv, _NullStore(), cost, 1, clock=clock)  # type: ignore[arg-type]
+    store = JobLog(RequestStore(redis_url, ttl_seconds=600)) if redis_url else _NullStore()
+    engine = Engine(SchedulerCore(config, policy), workers, kv, store, cost, 1, clock=clock)  # type: ignore[arg-type]
     sampling = common_pb2.ResolvedSampling(max_tokens=10**6, top_p=1.0, repetition_penalty=1.0)
     for i, (inp, _) in enumerate(lengths):
         engine.submit(
@@ -213,6 +221,10 @@ async def _engine_run(policy_name: str, queued: int, iterations: int, seed: int)
     await workers.warm.wait()
     engine.core.config = config
     holding = sum(seq.holds_kv for seq in engine.core.seqs.values())
+    if isinstance(store, JobLog):  # the warm-up's records are written before the timed steps
+        workers.store = store
+        store.start()
+        await store.flushed(timeout=300)
     # the steps launched before the limits applied are still in flight: they complete untimed
     skip = config.slots + 1
     workers.target = skip + iterations
@@ -224,6 +236,9 @@ async def _engine_run(policy_name: str, queued: int, iterations: int, seed: int)
         await loop
     except asyncio.CancelledError:
         pass
+    if isinstance(store, JobLog):
+        await store.stop()
+        await store.store.close()
     marks = workers.marks[skip:]
     per_step = sorted(
         (cpu1 - cpu0) - (kv1 - kv0) for (cpu0, kv0, _), (cpu1, kv1, _) in zip(marks, marks[1:], strict=False)
@@ -241,9 +256,14 @@ async def _engine_run(policy_name: str, queued: int, iterations: int, seed: int)
     }
 
 
-def engine_time(policy_name: str, queued: int, iterations: int, seed: int = 0) -> dict[str, float]:
-    """Per-iteration CPU of the whole Engine loop with `queued` jobs, all holding KV (microseconds)."""
-    return asyncio.run(_engine_run(policy_name, queued, iterations, seed))
+def engine_time(
+    policy_name: str, queued: int, iterations: int, seed: int = 0, redis_url: str = ""
+) -> dict[str, float]:
+    """Per-iteration CPU of the whole Engine loop with `queued` jobs, all holding KV (microseconds).
+
+    With `redis_url`, the Engine's job log writes that Redis, one flush per iteration (its client's
+    CPU counts; the Redis server is another process); without, records go nowhere."""
+    return asyncio.run(_engine_run(policy_name, queued, iterations, seed, redis_url))
 
 
 def add_remove_time(policy_name: str, queued: int, seed: int = 0) -> float:
@@ -315,6 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst-tokens", type=int, default=64)
     parser.add_argument("--engine-iterations", type=int, default=2000, help="timed Engine iterations per run")
     parser.add_argument("--engine-only", action="store_true", help="skip the policy-only table")
+    parser.add_argument(
+        "--job-log",
+        choices=("redis", "none"),
+        default="redis",
+        help="where the Engine's job log writes: a Redis started for the run (one flush per iteration), or nowhere",
+    )
     parser.add_argument("--live-only", action="store_true", help="with --metrics: only the live part")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
@@ -330,21 +356,29 @@ def main(argv: list[str] | None = None) -> int:
         "add_remove_us": {},
         "engine_us": {},
     }
+    redis = start_redis() if args.job_log == "redis" and policies else None
     print(
         "whole Engine loop per iteration, every queued job holding KV (microseconds of CPU; the KV\n"
-        "manager's planning apart: another process in a deployment)"
+        "manager's planning apart: another process in a deployment; job log: " + args.job_log + ")"
     )
-    print(f"{'policy':<16}{'queued':>8}{'engine':>9}{'kv plan':>9}{'plans/it':>9}{'holding':>9}")
-    for name in policies:
-        result["engine_us"][name] = {}
-        for n in sizes:
-            e = engine_time(name, n, args.engine_iterations)
-            result["engine_us"][name][n] = e
-            print(
-                f"{name:<16}{n:>8}{e['engine_us']:>9.1f}{e['kv_planning_us']:>9.1f}"
-                f"{e['plans_per_iteration']:>9.2f}{e['holding_kv']:>9}",
-                flush=True,
-            )
+    print(
+        f"{'policy':<16}{'queued':>8}{'engine':>9}{'p50':>9}{'p99':>9}{'kv plan':>9}{'plans/it':>9}{'holding':>9}"
+    )
+    try:
+        for name in policies:
+            result["engine_us"][name] = {}
+            for n in sizes:
+                e = engine_time(name, n, args.engine_iterations, redis_url=redis[1] if redis else "")
+                result["engine_us"][name][n] = e
+                print(
+                    f"{name:<16}{n:>8}{e['engine_us']:>9.1f}{e['p50_us']:>9.1f}{e['p99_us']:>9.1f}"
+                    f"{e['kv_planning_us']:>9.1f}{e['plans_per_iteration']:>9.2f}{e['holding_kv']:>9}",
+                    flush=True,
+                )
+    finally:
+        if redis is not None:
+            redis[0].terminate()
+    result["job_log"] = args.job_log
     if args.engine_only:
         policies = []
     print(

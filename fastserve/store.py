@@ -10,7 +10,7 @@ Keys (all expire after --request-ttl):
 - `fastserve:unfinished` set: ids of jobs not yet finished, what a restarting scheduler reads.
 
 The scheduler hands its changes to a `JobLog` once per iteration; a background task writes them
-in one MULTI/EXEC pipeline, coalescing whatever piled up, retrying while Redis is away, and never
+in one atomic Lua call (FLUSH_SCRIPT), coalescing whatever piled up, retrying while Redis is away, and never
 blocking the iteration loop. A flush costs what changed, not what is tracked: only the jobs
 touched since the last flush, only the fields whose value changed, the tokens after the ones
 written, and a job's EXPIRE only when half its TTL has gone by (and when it ends). Each flush also increments a counter of its own; when Redis answers
@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import hashlib
+import json
 import logging
 import time
 import uuid
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.connection import Connection
 
 log = logging.getLogger("fastserve.store")
 
@@ -53,6 +56,36 @@ UNFINISHED = "fastserve:unfinished"
 TOKEN_WIDTH = 8  # hex digits per token id
 KEEP_FINAL_SECONDS = 5.0  # a final record stays tracked this long: longer than Redis' 1 s fsync window
 UNAVAILABLE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+# One JobLog flush: KEYS = (the writer's flush counter, the unfinished set); ARGV = (the jobs as
+# JSON, the TTL). Per job: `f` fields to HSET, `x` refresh the TTL, `s` the whole token string
+# (SET) or `a` new tokens at offset `o` (SETRANGE), `u` 1 / -1 add to / remove from the unfinished set.
+FLUSH_SCRIPT = """
+local ttl = tonumber(ARGV[2])
+local count = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ttl)
+for _, job in ipairs(cjson.decode(ARGV[1])) do
+  if job.f then
+    local args = {}
+    for name, value in pairs(job.f) do
+      args[#args + 1] = name
+      args[#args + 1] = value
+    end
+    redis.call('HSET', job.k, unpack(args))
+  end
+  if job.x then redis.call('EXPIRE', job.k, ttl) end
+  if job.s then
+    redis.call('SET', job.t, job.s, 'EX', ttl)
+  elseif job.a then
+    redis.call('SETRANGE', job.t, job.o, job.a)
+    if job.x then redis.call('EXPIRE', job.t, ttl) end
+  end
+  if job.u == 1 then redis.call('SADD', KEYS[2], job.id) elseif job.u == -1 then redis.call('SREM', KEYS[2], job.id) end
+end
+return count
+"""
+FLUSH_SCRIPT_SHA = hashlib.sha1(FLUSH_SCRIPT.encode()).hexdigest()
 
 
 class StoreUnavailable(RuntimeError):
@@ -169,14 +202,20 @@ class RequestStore:
 class JobLog:
     """The scheduler's writes: queued in memory, flushed by a background task (see module doc)."""
 
-    def __init__(self, store: RequestStore, retry_seconds: float = 0.5) -> None:
+    def __init__(self, store: RequestStore, retry_seconds: float = 0.5, min_interval: float = 0.0) -> None:
         self.store = store
+        self.min_interval = (
+            min_interval  # seconds between the starts of two flushes: fast iterations share one
+        )
         self.redis = store.redis
         self.retry_seconds = retry_seconds
         self.tracked: dict[str, _Tracked] = {}
         self._dirty: dict[str, _Tracked] = {}  # changed since the last flush
         self._writing = False  # a flush is on its way to Redis
         self._settled: collections.deque[tuple[float, str]] = collections.deque()  # (final_at, id), in order
+        # the writer's own connection, outside the client's pool: a flush is one EVALSHA sent and one
+        # integer read, without the pool and retry layers that cost more than the write itself
+        self._connection: Connection | None = None
         self._counter_key = f"fastserve:writer:{uuid.uuid4().hex}"
         self._flushes = 0
         self._resync = False
@@ -190,6 +229,24 @@ class JobLog:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self._connection is not None:
+            await self._connection.disconnect()
+
+    async def _call_flush_script(self, keys: list[str], args: list[object]) -> int:
+        """FLUSH_SCRIPT by its digest (loaded with EVAL when Redis does not know it yet, e.g. after a restart)."""
+        if self._connection is None:
+            self._connection = self.redis.connection_pool.make_connection()
+        connection = self._connection
+        try:
+            try:
+                await connection.send_command("EVALSHA", FLUSH_SCRIPT_SHA, len(keys), *keys, *args)
+                return int(await connection.read_response())
+            except redis.exceptions.NoScriptError:
+                await connection.send_command("EVAL", FLUSH_SCRIPT, len(keys), *keys, *args)
+                return int(await connection.read_response())
+        except BaseException:
+            await connection.disconnect()  # a half-read reply must not be taken for the next one
+            raise
 
     def begin(self, request_id: str, spec: bytes, fields: Mapping[str, object]) -> None:
         """A job the scheduler took on: its spec is written with its first flush."""
@@ -225,9 +282,13 @@ class JobLog:
         return True
 
     async def _run(self) -> None:
+        last = -self.min_interval
         while True:
             await self._wake.wait()
+            if (wait := last + self.min_interval - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
             self._wake.clear()
+            last = time.monotonic()
             try:
                 await self._flush()
                 if not self.healthy:
@@ -242,7 +303,7 @@ class JobLog:
                         self.retry_seconds,
                     )
                 self.healthy = False
-                self._resync = True  # a failed MULTI may or may not have been applied
+                self._resync = True  # a failed flush may or may not have been applied
                 await asyncio.sleep(self.retry_seconds)
                 self._wake.set()
             self._drop_settled()
@@ -291,38 +352,39 @@ class JobLog:
             self._wake.set()
 
     async def _write(self, batch: dict[str, _Tracked], lengths: dict[str, int], full: bool) -> int:
+        """One flush, as one call of FLUSH_SCRIPT (atomic, like MULTI/EXEC, but one command and one
+        reply to pack and parse instead of a handful per job). Returns the writer's flush count."""
         ttl = self.store.ttl
         now = time.monotonic()
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.incr(self._counter_key)
-        pipe.expire(self._counter_key, ttl)
+        jobs: list[dict[str, object]] = []
         sent: list[tuple[_Tracked, dict[str, str], bool]] = []
         for rid, entry in batch.items():
-            key, tkey = request_key(rid), tokens_key(rid)
+            job: dict[str, object] = {"id": rid, "k": request_key(rid), "t": tokens_key(rid)}
             first = full or not entry.sent
             mapping = {k: text for k, v in entry.fields.items() if (text := str(v)) != entry.sent.get(k)}
             if entry.spec and first:
                 mapping["spec"] = entry.spec
             if mapping:
-                pipe.hset(key, mapping=mapping)
+                job["f"] = mapping
             refresh = first or entry.final_at is not None or now - entry.expire_set_at > ttl / 2
             if refresh:
-                pipe.expire(key, ttl)
-            new = list(entry.tokens[entry.written : lengths[rid]])
+                job["x"] = 1
             if full or entry.written == 0:
-                pipe.set(tkey, encode_tokens(entry.tokens[: lengths[rid]]), ex=ttl)
-            elif new:
-                pipe.setrange(tkey, entry.written * TOKEN_WIDTH, encode_tokens(new))
-                if refresh:
-                    pipe.expire(tkey, ttl)
+                job["s"] = encode_tokens(entry.tokens[: lengths[rid]])
+            elif lengths[rid] > entry.written:
+                job["o"], job["a"] = (
+                    entry.written * TOKEN_WIDTH,
+                    encode_tokens(entry.tokens[entry.written : lengths[rid]]),
+                )
             if entry.final_at is not None:
-                pipe.srem(UNFINISHED, rid)
+                job["u"] = -1
             elif first:
-                pipe.sadd(UNFINISHED, rid)
+                job["u"] = 1
+            jobs.append(job)
             sent.append((entry, mapping, refresh))
-        results = await pipe.execute()
+        count = await self._call_flush_script([self._counter_key, UNFINISHED], [json.dumps(jobs), ttl])
         for entry, mapping, refresh in sent:
             entry.sent.update(mapping)
             if refresh:
                 entry.expire_set_at = now
-        return int(results[0])
+        return count

@@ -320,7 +320,8 @@ class Engine:
             attributes={"fastserve.iteration": step.id, "fastserve.batch_size": len(step.inputs)},
         )
         request.step_id = next(self._step_ids)
-        request.trace_context.update(tracing.inject(trace.set_span_in_context(span)))
+        if span.is_recording():
+            request.trace_context.update(tracing.inject(trace.set_span_in_context(span)))
         sent = self.clock()
         try:
             reply = await self.workers.step(request)

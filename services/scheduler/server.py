@@ -148,6 +148,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(parser, "--kvmanager-address", default="127.0.0.1:50053", help="the KV manager")
     add_flag(parser, "--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for request metadata")
     add_flag(parser, "--request-ttl", default=86400, help="seconds a request's Redis record is kept")
+    add_flag(
+        parser,
+        "--job-log-interval",
+        default=0.02,
+        help="seconds between two writes of the job log to Redis (iterations faster than this share a write; "
+        "a client's tokens are never lost by it: the gateway re-attaches with the ones it forwarded)",
+    )
     add_flag(parser, "--policy", default="skip-join-mlfq", help=policy_help(), choices=sorted(POLICIES))
     add_flag(
         parser,
@@ -299,7 +306,7 @@ async def serve(args: argparse.Namespace) -> None:
         by=args.swap_order,
     )
     core = SchedulerCore(core_config, policy, enst)
-    job_log = JobLog(store)
+    job_log = JobLog(store, min_interval=args.job_log_interval)
     job_log.start()
     engine = Engine(core, workers, kv, job_log, cost_model, first.kv_block_bytes, tracer)
     recovery = Recovery(engine, workers, kv_channel, args.kvmanager_address, configure, state)

@@ -81,7 +81,7 @@ class Proposal:
     waiting: list[tuple[str, float]]  # (idle KV holder, ENST seconds); empty when no swap can happen
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SeqInput:
     """One job's part of a launched step. `token_ids` empty: feed the token the worker kept."""
 
@@ -112,7 +112,7 @@ class Step:
         return self.prefill_tokens + self.decode_seqs
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     """Something that happened to a job, for streams, spans, metrics and records.
 
