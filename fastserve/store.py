@@ -24,6 +24,7 @@ import asyncio
 import base64
 import collections
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -54,6 +55,7 @@ INT_FIELDS = (
 FLOAT_FIELDS = ("arrival_time", "first_token_time", "finish_time", "queue_account")
 UNFINISHED = "fastserve:unfinished"
 TOKEN_WIDTH = 8  # hex digits per token id
+FLUSH_CHUNK = 256  # jobs per flush call at most
 KEEP_FINAL_SECONDS = 5.0  # a final record stays tracked this long: longer than Redis' 1 s fsync window
 UNAVAILABLE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
@@ -321,19 +323,29 @@ class JobLog:
                 del self.tracked[rid]
 
     async def _flush(self) -> None:
-        if self._resync:
+        if (
+            self._resync
+        ):  # rewrite every tracked job whole (first writes: no field, token or TTL taken as known)
             for rid, entry in self.tracked.items():
                 entry.dirty, entry.written, entry.sent = True, 0, {}
                 self._dirty[rid] = entry
-        batch, self._dirty = self._dirty, {}
-        if not batch:
+            self._resync = False
+        if not self._dirty:
             return
+        # at most FLUSH_CHUNK jobs per call, so no single write holds Redis long; the rest go next
+        if len(self._dirty) <= FLUSH_CHUNK:
+            batch, self._dirty = self._dirty, {}
+        else:
+            batch = dict(itertools.islice(self._dirty.items(), FLUSH_CHUNK))
+            for rid in batch:
+                del self._dirty[rid]
+            self._wake.set()
         lengths = {rid: len(e.tokens) for rid, e in batch.items()}
         for entry in batch.values():
             entry.dirty = False  # updates from here on make it dirty again
         self._writing = True
         try:
-            count = await self._write(batch, lengths, full=self._resync)
+            count = await self._write(batch, lengths)
         except BaseException:
             for rid, entry in batch.items():
                 entry.dirty = True
@@ -341,7 +353,6 @@ class JobLog:
             raise
         finally:
             self._writing = False
-        self._resync = False
         for rid, entry in batch.items():
             entry.written = lengths[rid]
         self._flushes += 1
@@ -351,7 +362,7 @@ class JobLog:
             self._resync = True
             self._wake.set()
 
-    async def _write(self, batch: dict[str, _Tracked], lengths: dict[str, int], full: bool) -> int:
+    async def _write(self, batch: dict[str, _Tracked], lengths: dict[str, int]) -> int:
         """One flush, as one call of FLUSH_SCRIPT (atomic, like MULTI/EXEC, but one command and one
         reply to pack and parse instead of a handful per job). Returns the writer's flush count."""
         ttl = self.store.ttl
@@ -360,7 +371,7 @@ class JobLog:
         sent: list[tuple[_Tracked, dict[str, str], bool]] = []
         for rid, entry in batch.items():
             job: dict[str, object] = {"id": rid, "k": request_key(rid), "t": tokens_key(rid)}
-            first = full or not entry.sent
+            first = not entry.sent
             mapping = {k: text for k, v in entry.fields.items() if (text := str(v)) != entry.sent.get(k)}
             if entry.spec and first:
                 mapping["spec"] = entry.spec
@@ -369,7 +380,7 @@ class JobLog:
             refresh = first or entry.final_at is not None or now - entry.expire_set_at > ttl / 2
             if refresh:
                 job["x"] = 1
-            if full or entry.written == 0:
+            if entry.written == 0:
                 job["s"] = encode_tokens(entry.tokens[: lengths[rid]])
             elif lengths[rid] > entry.written:
                 job["o"], job["a"] = (
