@@ -160,10 +160,13 @@ class _InstantWorkers:
         self.target = 0
         self.done = asyncio.Event()
         self.broken = None  # never goes down
-        self.marks: list[tuple[float, float, float]] = []  # (CPU, KV planning CPU, wall) at each step
+        self.seconds = 0.0  # CPU of this stand-in (a worker is another process): not the Engine's
+        # at each step: (CPU, CPU of the stand-ins for other processes, wall, KV planning CPU)
+        self.marks: list[tuple[float, float, float, float]] = []
         self.store: JobLog | None = None  # with a real job log: each step waits until it has flushed
 
     async def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+        started = time.process_time()  # this stand-in's own CPU is the worker's, not the Engine's
         prefill = decode = context = 0
         for s in request.seqs:
             fed = len(s.token_ids)
@@ -181,14 +184,17 @@ class _InstantWorkers:
                     self.warm.set()
             self.seen.update(s.request_id for s in request.seqs)
         elif self.target and not self.done.is_set():
-            self.marks.append((time.process_time(), self.kv.seconds, time.perf_counter()))
+            kv = self.kv.seconds
+            self.marks.append((time.process_time(), kv + self.seconds, time.perf_counter(), kv))
             if len(self.marks) == self.target + 1:
                 self.done.set()
         self.clock.now += self.cost.time(prefill, decode, context)
+        reply = worker_pb2.StepResponse(step_id=request.step_id, token_ids=[5] * len(request.seqs))
+        self.seconds += time.process_time() - started
         if self.store is not None:  # one Redis flush per iteration, as on a GPU (never coalesced)
             await self.store.flushed(timeout=60)
         await asyncio.sleep(0)
-        return worker_pb2.StepResponse(step_id=request.step_id, token_ids=[5] * len(request.seqs))
+        return reply
 
 
 class _NullStore:
@@ -241,7 +247,8 @@ async def _engine_run(
         await store.store.close()
     marks = workers.marks[skip:]
     per_step = sorted(
-        (cpu1 - cpu0) - (kv1 - kv0) for (cpu0, kv0, _), (cpu1, kv1, _) in zip(marks, marks[1:], strict=False)
+        (cpu1 - cpu0) - (other1 - other0)
+        for (cpu0, other0, *_), (cpu1, other1, *_) in zip(marks, marks[1:], strict=False)
     )
     n = len(per_step)
     return {
@@ -249,7 +256,7 @@ async def _engine_run(
         "p50_us": per_step[n // 2] * 1e6,
         "p99_us": per_step[min(n - 1, int(n * 0.99))] * 1e6,
         "max_us": per_step[-1] * 1e6,
-        "kv_planning_us": (marks[-1][1] - marks[0][1]) / n * 1e6,
+        "kv_planning_us": (marks[-1][3] - marks[0][3]) / n * 1e6,
         "wall_us": (marks[-1][2] - marks[0][2]) / n * 1e6,
         "plans_per_iteration": plans / (n + skip),
         "holding_kv": holding,

@@ -214,6 +214,7 @@ class JobLog:
         self.tracked: dict[str, _Tracked] = {}
         self._dirty: dict[str, _Tracked] = {}  # changed since the last flush
         self._writing = False  # a flush is on its way to Redis
+        self._urgent = False  # a job ended since the last flush
         self._settled: collections.deque[tuple[float, str]] = collections.deque()  # (final_at, id), in order
         # the writer's own connection, outside the client's pool: a flush is one EVALSHA sent and one
         # integer read, without the pool and retry layers that cost more than the write itself
@@ -272,6 +273,7 @@ class JobLog:
         if entry.fields.get("state") in FINAL_STATES and entry.final_at is None:
             entry.final_at = time.monotonic()
             self._settled.append((entry.final_at, request_id))
+            self._urgent = True  # its client may ask GetRequest at once: no waiting out min_interval
         self._wake.set()
 
     async def flushed(self, timeout: float) -> bool:
@@ -287,8 +289,9 @@ class JobLog:
         last = -self.min_interval
         while True:
             await self._wake.wait()
-            if (wait := last + self.min_interval - time.monotonic()) > 0:
+            if not self._urgent and (wait := last + self.min_interval - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
+            self._urgent = False
             self._wake.clear()
             last = time.monotonic()
             try:

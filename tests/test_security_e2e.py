@@ -125,7 +125,7 @@ def test_grpc_needs_a_key_over_tls_and_health_stays_open(secure_stack):
     mine = (("authorization", f"Bearer {KEY}"),)
     other = (("authorization", "Bearer sk-test-two"),)
     ask = gateway_pb2.GetRequestRequest(request_id="owned-by-one")
-    assert stub.GetRequest(ask, metadata=mine, timeout=10).generated_tokens == 4
+    assert settled(stub, "owned-by-one", mine).generated_tokens == 4
     with pytest.raises(grpc.RpcError) as info:
         stub.GetRequest(ask, metadata=other, timeout=10)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
