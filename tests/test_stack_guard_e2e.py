@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -99,8 +100,10 @@ def test_malformed_protobuf_is_invalid_argument_everywhere(checkpoint_stack):
     assert len(tokens) == 3
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
+def run(*args: str, token: str) -> subprocess.CompletedProcess:
+    """A service of the stack (it holds the stack's token, as `fastserve up` gives it)."""
+    env = {**os.environ, "FASTSERVE_INTERNAL_TOKEN": token}
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120, env=env)
 
 
 def test_every_service_and_up_refuse_a_busy_port(checkpoint_stack):
@@ -113,6 +116,6 @@ def test_every_service_and_up_refuse_a_busy_port(checkpoint_stack):
         ("services.gateway", "--port", busy, "--scheduler-address", sched, "--metrics-port", "0"),
         ("fastserve.cli", "up", "--host", "127.0.0.1", "--port", busy, "--demo", "false"),
     ]:
-        done = run(*command)
+        done = run(*command, token=checkpoint_stack.token)  # the gateway asks the scheduler first
         assert done.returncode != 0, (command, done.stdout, done.stderr)
         assert busy in done.stderr, (command, done.stderr[-2000:])
