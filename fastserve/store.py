@@ -215,6 +215,7 @@ class JobLog:
         self._dirty: dict[str, _Tracked] = {}  # changed since the last flush
         self._writing = False  # a flush is on its way to Redis
         self._urgent = False  # a job ended since the last flush
+        self._attempted = asyncio.Event()  # set after every flush attempt, for `flushed`
         self._settled: collections.deque[tuple[float, str]] = collections.deque()  # (final_at, id), in order
         # the writer's own connection, outside the client's pool: a flush is one EVALSHA sent and one
         # integer read, without the pool and retry layers that cost more than the write itself
@@ -280,9 +281,14 @@ class JobLog:
         """Waits (at most `timeout` s) until nothing is left to write."""
         deadline = time.monotonic() + timeout
         while self._dirty or self._writing or self._resync:
-            if time.monotonic() > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return False
-            await asyncio.sleep(0.01)
+            self._attempted.clear()
+            try:
+                await asyncio.wait_for(self._attempted.wait(), remaining)
+            except TimeoutError:
+                return False
         return True
 
     async def _run(self) -> None:
@@ -312,6 +318,7 @@ class JobLog:
                 await asyncio.sleep(self.retry_seconds)
                 self._wake.set()
             self._drop_settled()
+            self._attempted.set()
 
     def _drop_settled(self) -> None:
         """Forgets final jobs written more than KEEP_FINAL_SECONDS ago (oldest first, stops at the first younger one)."""
