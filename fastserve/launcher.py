@@ -84,6 +84,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_flag(
         parser,
+        "--job-log-interval",
+        default=0.02,
+        help="scheduler: seconds between two writes of the job records to Redis (a job's final state at once)",
+    )
+    add_flag(
+        parser,
         "--tensor-parallel-size",
         default=1,
         help="tensor-parallel size",
@@ -232,6 +238,7 @@ def scheduler_flags(
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         async_scheduling=args.async_scheduling,
+        job_log_interval=args.job_log_interval,
     ) + knob_flags(args, "scheduler")
 
 

@@ -119,3 +119,14 @@ def test_every_service_and_up_refuse_a_busy_port(checkpoint_stack):
         done = run(*command, token=checkpoint_stack.token)  # the gateway asks the scheduler first
         assert done.returncode != 0, (command, done.stdout, done.stderr)
         assert busy in done.stderr, (command, done.stderr[-2000:])
+
+
+def test_a_gateway_without_the_stack_token_exits_saying_why(checkpoint_stack):
+    sched = checkpoint_stack.addresses["scheduler"]
+    done = run(
+        "services.gateway", "--port", "0", "--scheduler-address", sched, "--metrics-port", "0", token="wrong"
+    )
+    assert done.returncode != 0
+    assert "refused Info: UNAUTHENTICATED" in done.stderr and "Traceback" not in done.stderr, done.stderr[
+        -2000:
+    ]

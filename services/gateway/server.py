@@ -218,7 +218,12 @@ async def serve(args: argparse.Namespace) -> None:
     sched_channel = channel(args.scheduler_address)
     await wait_serving(sched_channel, args.scheduler_address, args.connect_timeout)
     link = SchedulerLink(sched_channel, args.scheduler_retry_timeout)
-    info = await link.stub.Info(scheduler_pb2.SchedulerInfoRequest())
+    try:
+        info = await link.stub.Info(scheduler_pb2.SchedulerInfoRequest())
+    except grpc.aio.AioRpcError as exc:  # e.g. UNAUTHENTICATED: this gateway lacks the stack's token
+        raise SystemExit(
+            f"gateway: the scheduler at {args.scheduler_address} refused Info: {exc.code().name}: {exc.details()}"
+        ) from None
     log.info(
         "connected to scheduler at %s (model %s, policy %s)", args.scheduler_address, info.model, info.policy
     )
