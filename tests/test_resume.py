@@ -51,3 +51,31 @@ def test_restored_jobs_keep_their_queue_level_account_and_counters(redis_url):
         await store.close()
 
     asyncio.run(scenario())
+    redis.Redis.from_url(redis_url).delete(UNFINISHED)  # the session's Redis also serves whole stacks
+
+
+def test_a_saved_job_that_does_not_parse_is_marked_failed_and_the_rest_are_restored(redis_url):
+    redis.Redis.from_url(redis_url).delete(UNFINISHED)
+
+    async def scenario() -> None:
+        store = RequestStore(redis_url, ttl_seconds=60)
+        before = JobLog(store)
+        before.start()
+        before.begin("garbled", b"\xff\xff not a SubmitRequest", {"state": "running"})
+        before.begin("fine", request("fine", prompt=3, max_tokens=4).SerializeToString(), {"state": "queued"})
+        assert await before.flushed(timeout=10)
+        await before.stop()
+
+        engine, _ = make_engine(FakeWorkers())
+        after = JobLog(store)
+        after.start()
+        assert await resume.restore(engine, after, store) == 1
+        assert list(engine.core.seqs) == ["fine"]
+        assert await after.flushed(timeout=10)
+        assert (await store.read("garbled"))["state"] == "failed"
+        assert [job.request_id for job in await store.unfinished()] == ["fine"]
+        await after.stop()
+        await store.close()
+
+    asyncio.run(scenario())
+    redis.Redis.from_url(redis_url).delete(UNFINISHED)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 
+from google.protobuf.message import DecodeError
+
 from fastserve.store import JobLog, RequestStore
 from fastserve.v1 import common_pb2
 from fastserve.v1 import scheduler_pb2 as pb
@@ -108,7 +110,14 @@ async def restore(engine: Engine, job_log: JobLog, store: RequestStore) -> int:
     """Re-queues every unfinished job Redis holds; returns how many."""
     count = 0
     for saved in await store.unfinished():
-        request = pb.SubmitRequest.FromString(saved.spec)
+        try:
+            request = pb.SubmitRequest.FromString(saved.spec)
+        except DecodeError:  # not a job this scheduler can rebuild: say so and serve the rest
+            log.error(
+                "%s: its saved spec in Redis does not parse; left out (marked failed)", saved.request_id
+            )
+            job_log.update(saved.request_id, {"state": "failed", "finish_reason": "error"})
+            continue
         reason = ended(request, saved.tokens, engine.core.config.eos_token_id)
         if reason:  # finished, but the final state did not reach Redis before the restart
             job_log.update(
