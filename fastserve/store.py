@@ -10,12 +10,13 @@ Keys (all expire after --request-ttl):
 - `fastserve:unfinished` set: ids of jobs not yet finished, what a restarting scheduler reads.
 
 The scheduler hands its changes to a `JobLog` once per iteration; a background task writes them
-in one atomic Lua call (FLUSH_SCRIPT), coalescing whatever piled up, retrying while Redis is away, and never
-blocking the iteration loop. A flush costs what changed, not what is tracked: only the jobs
-touched since the last flush, only the fields whose value changed, the tokens after the ones
-written, and a job's EXPIRE only when half its TTL has gone by (and when it ends). Each flush also increments a counter of its own; when Redis answers
-with a count the writer did not expect (Redis restarted and lost its last second of appends), or a
-flush failed half-way, the next flush rewrites every job it still tracks in full.
+in one atomic Lua call (FLUSH_SCRIPT) at most every `min_interval` (a job's final state at once),
+coalescing whatever piled up, retrying while Redis is away, and never blocking the iteration loop.
+A flush costs what changed, not what is tracked: only the jobs touched since the last flush, only
+the fields whose value changed, the tokens after the ones written, and a job's EXPIRE only when
+half its TTL has gone by (and when it ends). Each flush also increments a counter of its own;
+when Redis answers with a count the writer did not expect (Redis restarted and lost its last
+second of appends), or a flush failed half-way, the next flush rewrites every job it tracks in full.
 """
 
 from __future__ import annotations
@@ -206,9 +207,8 @@ class JobLog:
 
     def __init__(self, store: RequestStore, retry_seconds: float = 0.5, min_interval: float = 0.0) -> None:
         self.store = store
-        self.min_interval = (
-            min_interval  # seconds between the starts of two flushes: fast iterations share one
-        )
+        # seconds between the starts of two flushes: iterations faster than this share one
+        self.min_interval = min_interval
         self.redis = store.redis
         self.retry_seconds = retry_seconds
         self.tracked: dict[str, _Tracked] = {}
@@ -333,9 +333,7 @@ class JobLog:
                 del self.tracked[rid]
 
     async def _flush(self) -> None:
-        if (
-            self._resync
-        ):  # rewrite every tracked job whole (first writes: no field, token or TTL taken as known)
+        if self._resync:  # rewrite every tracked job whole: no field, token or TTL is taken as known
             for rid, entry in self.tracked.items():
                 entry.dirty, entry.written, entry.sent = True, 0, {}
                 self._dirty[rid] = entry

@@ -74,11 +74,12 @@ class KVManagerService(pb_grpc.KVManagerServicer):
             blocks.free(request_id)
         if not request.batch:
             return pb.PlanResponse(free_gpu_blocks=blocks.num_free, free_host_blocks=blocks.num_host_free)
-        # a job's table the scheduler holds part of, unless it was replaced (swapped out and in)
+        # blocks of a job's GPU table the scheduler already has: tables only grow while they stay
+        # on the GPU, so these are still its first blocks (a job on the host gets its table whole)
         held = {
-            d.request_id: (d.held_blocks, blocks.tables.get(d.request_id))
+            d.request_id: d.held_blocks
             for d in request.batch
-            if d.held_blocks
+            if 0 < d.held_blocks <= len(blocks.tables.get(d.request_id, ()))
         }
         plan = make_plan(
             blocks,
@@ -91,12 +92,10 @@ class KVManagerService(pb_grpc.KVManagerServicer):
         self.counters["in"] += len(plan.swap_in) + len(plan.prefetch)
         self.counters["recompute"] += len(plan.recompute)
         copy = pb.BlockCopy
-        tables = []
-        for rid, table in plan.tables.items():
-            offset, before = held.get(rid, (0, None))
-            if before is None or offset > len(before):  # tables only grow while they stay on the GPU
-                offset = 0
-            tables.append(pb.BlockTable(request_id=rid, blocks=table[offset:], offset=offset))
+        tables = [
+            pb.BlockTable(request_id=rid, blocks=table[held.get(rid, 0) :], offset=held.get(rid, 0))
+            for rid, table in plan.tables.items()
+        ]
         return pb.PlanResponse(
             tables=tables,
             deferred=plan.deferred,

@@ -366,10 +366,7 @@ class SchedulerCore:
                 continue
             old = seq.table
             if offset := offsets.get(rid, 0):  # the blocks after the `offset` the core holds
-                if len(old) == offset:  # type: ignore[arg-type]
-                    old.extend(table)  # type: ignore[union-attr]  (a list of the core's own: the KV manager answers by copy)
-                else:
-                    seq.table = old[:offset] + table  # type: ignore[index]
+                seq.table = old[:offset] + table  # type: ignore[index]
                 continue
             if old is None or len(table) < len(old) or table[: len(old)] != old:
                 seq.ranks_blocks = 0  # a new table (swapped back in): the ranks get all of it
