@@ -254,7 +254,9 @@ async def sse(stream: AsyncIterator[pb.GenerateResponse], shape, include_usage: 
                 )
                 break
             reason = FINISH.get(reply.finish_reason)
-            if reply.text or reply.logprobs or reason or (first and shape.role_first):
+            # vLLM's rule: every step that produced tokens is a chunk, even when its text is
+            # held back (an incomplete UTF-8 byte, a possible stop-string prefix)
+            if reply.text or reply.token_ids or reply.logprobs or reason or (first and shape.role_first):
                 yield event(shape.chunk(reply, reason, first))
                 started.add(reply.index)
             if reason:
