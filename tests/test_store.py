@@ -4,12 +4,12 @@ and the supervisor's restart budget on real processes."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
 import redis
 
-from fastserve.procs import free_port
 from fastserve.store import UNFINISHED, JobLog, RequestStore, StoreUnavailable, request_key, tokens_key
 
 
@@ -90,8 +90,12 @@ def test_a_flush_writes_only_the_jobs_and_fields_that_changed(redis_url):
 
 
 def test_job_log_keeps_serving_while_redis_is_away_and_read_says_unavailable():
+    # a port bound but not listening refuses connections, and no other process can take it meanwhile
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+
     async def scenario() -> None:
-        store = RequestStore(f"redis://127.0.0.1:{free_port()}/0", ttl_seconds=60)
+        store = RequestStore(f"redis://127.0.0.1:{closed.getsockname()[1]}/0", ttl_seconds=60)
         log = JobLog(store, retry_seconds=0.05)
         log.start()
         log.begin("b", b"spec", {"state": "queued"})  # returns at once: nothing waits for Redis
@@ -101,7 +105,10 @@ def test_job_log_keeps_serving_while_redis_is_away_and_read_says_unavailable():
             await store.read("b")
         await log.stop()
 
-    asyncio.run(scenario())
+    try:
+        asyncio.run(scenario())
+    finally:
+        closed.close()
 
 
 def test_supervisor_restarts_with_backoff_and_gives_up_naming_the_exit_status():
