@@ -171,6 +171,15 @@ def test_n_seeded_completions_are_distinct_reproducible_and_cancel_together(chec
         timeout=120,
     )
     next(stream)
+    # a request whose id is one of the completions' job ids is refused, naming the request that has it
+    with pytest.raises(grpc.RpcError) as refused:
+        list(
+            stub.Generate(
+                gateway_pb2.GenerateRequest(request_id="n-cancel-1", prompt_token_ids=[2, 5]), timeout=30
+            )
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'n-cancel-1', which request 'n-cancel' in flight is using" in refused.value.details()
     assert stub.Cancel(gateway_pb2.CancelRequest(request_id="n-cancel")).cancelled
     finals = [r for r in stream if r.finish_reason]
     assert sorted(r.index for r in finals) == [0, 1, 2, 3]

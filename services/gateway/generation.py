@@ -72,6 +72,18 @@ class Generations:
         self.limits = limits
         self.tracer = tracer
         self.in_flight: dict[str, InFlight] = {}
+        self.job_owners: dict[str, str] = {}  # job id -> the in-flight request it belongs to
+
+    def _check_free(self, request_id: str, n: int) -> None:
+        """InvalidRequest when the request's id, or a job id it needs, is in flight already."""
+        if request_id in self.in_flight:
+            raise InvalidRequest(f"request_id: {request_id!r} is already in flight")
+        for job_id in job_ids_of(request_id, n):
+            if (other := self.job_owners.get(job_id)) is not None:
+                raise InvalidRequest(
+                    f"request_id: {request_id!r} (n={n}) needs job id {job_id!r}, which request {other!r} "
+                    "in flight is using (a request with n > 1 runs its completions as '{id}-{index}')"
+                )
 
     def prepare(self, request: pb.GenerateRequest, owner: str = "") -> Prepared:
         """Validates and tokenizes; InvalidRequest names the field and the limit."""
@@ -82,8 +94,7 @@ class Generations:
             prompt_ids = list(request.prompt_token_ids) or self.tokenizer.encode(request.prompt)
             check_length(len(prompt_ids), sampling.resolved.max_tokens, self.limits)
             request_id = request.request_id or uuid.uuid4().hex
-            if request_id in self.in_flight:
-                raise InvalidRequest(f"request_id: {request_id!r} is already in flight")
+            self._check_free(request_id, sampling.n)
         except InvalidRequest:
             metrics.REJECTED.inc()
             raise
@@ -109,13 +120,12 @@ class Generations:
         it cannot be reached.
         """
         request_id, sampling = job.request_id, job.sampling
-        if request_id in self.in_flight:  # checked again: no await since prepare() for gRPC, maybe for HTTP
-            raise InvalidRequest(f"request_id: {request_id!r} is already in flight")
+        self._check_free(request_id, sampling.n)  # again: no await since prepare() for gRPC, maybe for HTTP
         metrics.PROMPT_TOKENS.inc(len(job.prompt_ids))
         metrics.REQUEST_MAX_TOKENS.observe(sampling.resolved.max_tokens)
-        # Each completion is its own job to the scheduler: the request's id when n = 1, else id-i.
-        job_ids = [request_id] if sampling.n == 1 else [f"{request_id}-{i}" for i in range(sampling.n)]
+        job_ids = job_ids_of(request_id, sampling.n)
         self.in_flight[request_id] = InFlight(job_ids, job.owner)
+        self.job_owners.update(dict.fromkeys(job_ids, request_id))
         resolved = sampling.resolved
         streams: list = []
         replies = None
@@ -205,6 +215,8 @@ class Generations:
         finally:
             span.end()
             self.in_flight.pop(request_id, None)
+            for job_id in job_ids:
+                self.job_owners.pop(job_id, None)
             if replies is not None:
                 await replies.aclose()  # stops the completions' relays first
             for stream in streams:
@@ -278,6 +290,11 @@ class Generations:
             finish_reason=FR.FINISH_REASON_ERROR,
             error="the scheduler closed the stream before the request finished",
         )
+
+
+def job_ids_of(request_id: str, n: int) -> list[str]:
+    """Each completion is its own job to the scheduler: the request's id when n = 1, else id-index."""
+    return [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
 
 
 def finish_reason_name(reason: int) -> str:
