@@ -209,6 +209,24 @@ def test_kv_bytes_per_block_and_pool_shape():
     assert runner.kv.nbytes == 5 * ModelRunner.kv_bytes_per_block(tiny, torch.float32, 8)
 
 
+def test_a_pool_sized_by_a_function_is_sized_after_the_weights_load(monkeypatch):
+    """On a GPU the function reads free memory: the weights must already be there (else a 6.7B model
+    at --gpu-memory-utilization 0.9 would be given a pool the weights then do not fit beside)."""
+    from services.worker import runner as runner_module
+
+    events: list[str] = []
+    real_init = runner_module.init_dummy
+    monkeypatch.setattr(runner_module, "init_dummy", lambda *a: (events.append("weights"), real_init(*a)))
+
+    def size() -> int:
+        events.append("sized")
+        return 6
+
+    runner = ModelRunner(resolve_model("opt-tiny"), dtype=torch.float32, device="cpu", num_gpu_blocks=size)
+    assert events == ["weights", "sized"]
+    assert runner.num_blocks == 6 and runner.kv.k_cache[0].shape[0] == 6
+
+
 @pytest.mark.parametrize(
     ("work", "message"),
     [

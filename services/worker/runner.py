@@ -10,6 +10,7 @@ the vocab-sharded logits of each job's last token on TP rank 0, which samples.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -76,7 +77,7 @@ class ModelRunner:
         *,
         dtype: torch.dtype,
         device: str,
-        num_gpu_blocks: int,
+        num_gpu_blocks: int | Callable[[], int],
         block_size: int = 16,
         parallel: ParallelContext | None = None,
         seed: int = 0,
@@ -88,15 +89,16 @@ class ModelRunner:
             torch.cuda.set_device(self.device)  # NCCL binds its communicators to the current device
         self.parallel = parallel or ParallelContext()
         self.block_size = block_size
-        self.num_blocks = num_gpu_blocks
         self.model = OPTShard(spec, self.parallel, dtype=dtype, device=self.device)
         if spec.checkpoint:
             load_checkpoint(self.model, spec.checkpoint)
         else:
             init_dummy(self.model, seed)
+        # a function sizes the pool from the memory the weights left free
+        self.num_blocks = num_gpu_blocks() if callable(num_gpu_blocks) else num_gpu_blocks
         self.kv = KVCache(
             self.model.num_local_layers,
-            num_gpu_blocks,
+            self.num_blocks,
             block_size,
             spec.num_heads // self.parallel.tp_size,
             spec.head_dim,

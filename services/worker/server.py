@@ -58,13 +58,10 @@ def resolve_dtype(name: str, device: str):
 
 
 def kv_block_budget(args: argparse.Namespace, spec: ModelSpec, dtype, device: str, parallel) -> int:
-    """KV blocks this rank can hold: --num-gpu-blocks, else a share of free device memory."""
+    """KV blocks this rank can hold: --num-gpu-blocks, else a share of free device memory
+    (called once the weights are loaded, so on a GPU what they take is no longer free)."""
     from .runner import ModelRunner
 
-    if args.num_gpu_blocks < 0:
-        raise SystemExit(
-            f"--num-gpu-blocks must be >= 0 (0 sizes the pool from memory), got {args.num_gpu_blocks}"
-        )
     if args.num_gpu_blocks > 0:
         return args.num_gpu_blocks
     per_block = ModelRunner.kv_bytes_per_block(
@@ -141,6 +138,10 @@ class WorkerService(pb_grpc.WorkerServicer):
         from .tp import init_distributed
 
         args = self.args
+        if args.num_gpu_blocks < 0:  # refused before minutes of loading weights
+            raise SystemExit(
+                f"--num-gpu-blocks must be >= 0 (0 sizes the pool from memory), got {args.num_gpu_blocks}"
+            )
         device = args.device if args.device != "auto" else default_device()
         dtype = resolve_dtype(args.dtype, device)
         spec = resolve_model(args.model)
@@ -162,13 +163,12 @@ class WorkerService(pb_grpc.WorkerServicer):
             device = (
                 f"cuda:{args.local_rank if args.local_rank >= 0 else args.rank % torch.cuda.device_count()}"
             )
-        num_blocks = kv_block_budget(args, spec, dtype, device, parallel)
         started = time.perf_counter()
         self.runner = ModelRunner(
             spec,
             dtype=dtype,
             device=device,
-            num_gpu_blocks=num_blocks,
+            num_gpu_blocks=lambda: kv_block_budget(args, spec, dtype, device, parallel),
             block_size=args.block_size,
             parallel=parallel,
             seed=args.seed,
@@ -179,7 +179,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             dtype,
             device,
             time.perf_counter() - started,
-            num_blocks,
+            self.runner.num_blocks,
             args.block_size,
         )
         per_block = ModelRunner.kv_bytes_per_block(spec, dtype, args.block_size, args.tp, args.pp)
@@ -201,7 +201,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             tp_size=args.tp,
             pp_size=args.pp,
             is_driver=self.runner.is_driver,
-            num_gpu_blocks=num_blocks,
+            num_gpu_blocks=self.runner.num_blocks,
             num_host_blocks=num_host_blocks,
             kv_block_bytes=per_block,
             block_size=args.block_size,
