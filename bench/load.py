@@ -173,10 +173,10 @@ async def replay_openai(
         url = f"{base_url}/v1/completions"
 
         def send(request_id: str, prompt: list[int], max_tokens: int, start: float):
+            body: list[int] | str = prompt
             if text_prompts:  # the first token stands for the tokenizer's BOS
-                text = "".join(TEXT_ALPHABET[t % len(TEXT_ALPHABET)] for t in prompt[1:]) or "a"
-                return send_openai(client, url, model, request_id, text, max_tokens, start, ignore_eos)
-            return send_openai(client, url, model, request_id, prompt, max_tokens, start, ignore_eos)
+                body = "".join(TEXT_ALPHABET[t % len(TEXT_ALPHABET)] for t in prompt[1:]) or "a"
+            return send_openai(client, url, model, request_id, body, max_tokens, start, ignore_eos)
 
         records = await schedule(trace, seed, run_id, vocab_size, max_model_len, 1 << 30, send)
     if fastserve_address:

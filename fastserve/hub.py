@@ -3,13 +3,16 @@ hub with backoff (~50 s per file), so callers go to the local cache instead when
 
 from __future__ import annotations
 
+import functools
 import logging
 
 log = logging.getLogger("fastserve.hub")
 
 
+@functools.cache
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub (HF_ENDPOINT) answers at all, asked once; False when HF_HUB_OFFLINE."""
+    """Whether the Hugging Face hub (HF_ENDPOINT) answers at all, asked once per process (the model
+    and the tokenizer both ask, and an unanswered HEAD costs `timeout`); False when HF_HUB_OFFLINE."""
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 

@@ -49,13 +49,10 @@ class Swapper:
         self.pending: dict[int, torch.cuda.Event | Future] = {}
         self.stats = SwapStats()
         self._lock = threading.Lock()
-        # CUDA: timing events not yet passed by the GPU
-        self._transfers: list[
-            tuple[torch.cuda.Event, torch.cuda.Event]
-        ] = []  # (start, done) on the swap stream
-        self._stalls: list[
-            tuple[torch.cuda.Event, list[torch.cuda.Event]]
-        ] = []  # (compute ready, dones waited)
+        # CUDA: timing events not yet passed by the GPU; (start, done) on the swap stream, and
+        # (compute ready, the dones it waited for)
+        self._transfers: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._stalls: list[tuple[torch.cuda.Event, list[torch.cuda.Event]]] = []
 
     def submit(
         self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]], prefetch: list[tuple[int, int]]

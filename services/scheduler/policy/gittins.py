@@ -20,8 +20,8 @@ it would make this an oracle.
 
 The distribution: until 64 jobs have completed, a prior (ShareGPT-like: lognormal,
 mean MEAN_OUTPUT_TOKENS = 338, sigma 1, at 256 quantiles); then the lengths of the last
-1024 jobs that completed (stop or length; cancelled jobs teach nothing), re-estimated after 64, 128, 256, 512 and 1024 finishes and every
-1024 after that. These are fixed, not knobs. A job past the longest length held gets the
+1024 jobs that completed (stop or length; cancelled jobs teach nothing), re-estimated after
+64, 128, 256, 512 and 1024 completions and every 1024 after that. These are fixed, not knobs. A job past the longest length held gets the
 lowest index (it runs when nothing else waits, oldest first). Indices are computed
 lazily, once per (distribution, a), so an iteration usually costs a dictionary lookup per
 job that ran plus the re-sort.
