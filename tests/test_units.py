@@ -212,3 +212,16 @@ def test_up_passes_mlfq_knobs_to_the_scheduler_and_threads_to_workers_only_when_
     parsed = scheduler_args(["--worker-addresses", "127.0.0.1:1", *to_scheduler])
     assert parsed.starvation_threshold == 5.0 and parsed.quantum_ratio == 3.0
     assert worker_args(to_worker).num_threads == 1
+
+
+def test_free_ports_come_from_outside_the_ephemeral_range_and_never_repeat():
+    """An outgoing connection takes its port from the ephemeral range: a port handed out for a
+    service that binds it seconds later must not come from there (a CI run lost a gateway to that)."""
+    from pathlib import Path
+
+    from fastserve.procs import free_port, free_ports
+
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = free_ports(50) + [free_port() for _ in range(50)]
+    assert len(set(ports)) == 100
+    assert all(1024 <= p < low for p in ports), (low, high, sorted(ports)[-3:])
