@@ -45,7 +45,7 @@ def make_jobs(queued: int, seed: int = 0) -> list[Job]:
     """`queued` ShareGPT-like jobs that outlive the measurement (so the count stays put)."""
     lengths = synthetic_lengths("sharegpt", queued, seed)
     return [
-        Job(str(i), inp, 10**6, arrival_time=i * 1e-3, output_len=10**6 - (out % 997))
+        Job(str(i), inp, 10**6, arrival_time=i * 1e-3, output_len=10**6 - (out % 997), predicted_len=out)
         for i, (inp, out) in enumerate(lengths)
     ]
 

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from bench.report import summarize, sweep_throughput, throughput_table
-from bench.workloads import Trace, load_trace
+from bench.workloads import Trace, load_trace, noisy_predictions
 from services.kvmanager.block_manager import BlockManager
 from services.kvmanager.planner import SWAP_POLICIES, make_plan
 from services.scheduler.core import CoreConfig, KVPlan, Proposal, SchedulerCore, Step
@@ -51,8 +51,10 @@ from services.scheduler.policy import (
     CostModel,
     PolicyConfig,
     make_policy,
+    needs_prediction,
     swap_policy_of,
 )
+from services.scheduler.policy.predicted import DEFAULT_SIGMA
 
 OPT_13B_KV_BYTES_PER_TOKEN = 2 * 40 * 5120 * 2  # K and V, 40 layers, hidden 5120, fp16
 GIB = 2**30
@@ -87,7 +89,7 @@ def simulate(
     progress: bool = False,
     stats: dict | None = None,
 ) -> list[dict]:
-    """Runs the trace of (arrival, input_len, output_len); one record per finished request.
+    """Runs the trace of (arrival, input_len, output_len[, predicted_len]); one record per finished request.
 
     Records carry `arrival`, `first_token`, `finish` (seconds), `output_tokens`,
     `preemptions`, `demotions`, `promotions` (bench.report.summarize reads them). When
@@ -135,9 +137,16 @@ def simulate(
     def admit() -> None:
         nonlocal next_arrival
         while next_arrival < len(pending) and pending[next_arrival][0] <= now:
-            arrival, input_len, output_len = pending[next_arrival]
+            arrival, input_len, output_len, *predicted = pending[next_arrival]
             rid = str(next_arrival)
-            core.add(rid, [0] * input_len, output_len, arrival, output_len=output_len)
+            core.add(
+                rid,
+                [0] * input_len,
+                output_len,
+                arrival,
+                output_len=output_len,
+                predicted_len=predicted[0] if predicted else None,
+            )
             records[rid] = {
                 "arrival": arrival,
                 "first_token": None,
@@ -263,12 +272,19 @@ def run_point(
 
 
 def _run_task(task: tuple) -> dict:
-    workload, num_requests, rate, cv, seed, config, cost_model, slo, progress, *data = (
-        task  # data: tokenizer, dataset
+    workload, num_requests, rate, cv, seed, config, cost_model, slo, progress, tokenizer, dataset, noise = (
+        task
     )
-    trace = load_trace(workload, num_requests, rate, cv, seed, *data)
+    trace = load_trace(workload, num_requests, rate, cv, seed, tokenizer, dataset)
+    if noise >= 0:
+        trace = noisy_predictions(trace, noise, seed)
+    elif needs_prediction(config.policy) and any(len(row) < 4 for row in trace):
+        raise SystemExit(
+            f"--policy {config.policy} needs predicted lengths: --workload {workload} has none "
+            "(use a trace with predicted_len, e.g. sharegpt-real-test, or --prediction-noise)"
+        )
     point = run_point(trace, config, cost_model, slo, progress)
-    return {"workload": workload, "rate": rate, "cv": cv, "seed": seed, **point}
+    return {"workload": workload, "rate": rate, "cv": cv, "seed": seed, "prediction_noise": noise, **point}
 
 
 def run_points(tasks: list[tuple], jobs: int, desc: str = "simulate") -> list[dict]:
@@ -290,12 +306,12 @@ def run_points(tasks: list[tuple], jobs: int, desc: str = "simulate") -> list[di
     return results
 
 
-def split_names(values: list[str] | None, known, flag: str, default: list[str]) -> list[str]:
-    """Repeatable, comma-separated names; 'all' expands to every known name."""
+def split_names(values: list[str] | None, known, flag: str, default: list[str], everything=None) -> list[str]:
+    """Repeatable, comma-separated names; 'all' expands to `everything` (default: every known name)."""
     names: list[str] = []
     for value in values or default:
         for name in filter(None, (v.strip() for v in value.split(","))):
-            expanded = list(known) if name == "all" else [name]
+            expanded = list(known if everything is None else everything) if name == "all" else [name]
             for n in expanded:
                 if n not in known:
                     raise SystemExit(f"{flag} {n!r} is unknown; choose from {', '.join(known)} or all")
@@ -314,7 +330,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--policy",
         action="append",
-        help=f"repeatable or comma list of {', '.join(POLICIES)}, or all (default)",
+        help=f"repeatable or comma list of {', '.join(POLICIES)}, or all (default: every policy "
+        "that needs no predicted lengths)",
     )
     parser.add_argument(
         "--workload", default="sharegpt", help="sharegpt | alpaca | sharegpt-real | FILE.jsonl"
@@ -372,13 +389,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--starvation-period", type=int, default=1000, help="iterations between checks")
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages (batches in flight)")
+    parser.add_argument(
+        "--prediction-noise",
+        type=float,
+        default=-1.0,
+        help="predicted-* policies: predictions = true length x exp(N(0, this)) (a noisy oracle; "
+        "replaces the trace's own); < 0: the trace's predicted_len",
+    )
+    parser.add_argument(
+        "--prediction-sigma",
+        type=float,
+        default=-1.0,
+        help="the log-error spread predicted-gittins assumes; < 0: --prediction-noise when given, "
+        f"else {DEFAULT_SIGMA}",
+    )
     parser.add_argument("--slo", type=float, default=0.3, help="seconds per output token")
     parser.add_argument("--json", default="", help="write the results here (a list of objects)")
     parser.add_argument("--plot", default="", help="write a latency-vs-rate plot (PNG) here")
     parser.add_argument("--progress", action="store_true", help="a per-request progress bar per run")
     parser.add_argument("--jobs", type=int, default=1, help="simulate this many runs in parallel processes")
     args = parser.parse_args(argv)
-    args.policy = split_names(args.policy, POLICIES, "--policy", ["all"])
+    # `all`: the policies that need no prediction; predicted-* are named (they need predictions)
+    blind = [p for p in POLICIES if not needs_prediction(p)]
+    args.policy = split_names(args.policy, POLICIES, "--policy", ["all"], blind)
     args.swap_policy = split_names(args.swap_policy, SIM_SWAP_POLICIES, "--swap-policy", ["proactive"])
     return args
 
@@ -400,8 +433,15 @@ def config_from(args: argparse.Namespace, policy: str, swap_policy: str) -> SimC
             num_queues=args.num_queues,
             starvation_threshold=args.starvation_threshold,
             starvation_period=args.starvation_period,
+            extra={"prediction_sigma": prediction_sigma(args)},
         ),
     )
+
+
+def prediction_sigma(args: argparse.Namespace) -> float:
+    if args.prediction_sigma >= 0:
+        return args.prediction_sigma
+    return args.prediction_noise if args.prediction_noise >= 0 else DEFAULT_SIGMA
 
 
 HEADER = (
@@ -454,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             progress,
             args.tokenizer,
             args.dataset,
+            args.prediction_noise,
         )
         for policy, swap in groups
         for rate in rates

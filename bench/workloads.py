@@ -40,6 +40,7 @@ import math
 import random
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 MAX_INPUT = 1024
 MAX_TOTAL = 2048
@@ -50,9 +51,16 @@ SHAPES = {
     "summarize": ((780, 0.4), (60, 0.5)),
 }
 REAL = "sharegpt-real"
-WORKLOADS = (*SHAPES, REAL)
+# the held-out half of real ShareGPT with the length predictor's predictions (bench/length_predictor.py
+# --trace): the artifact's pairs, and human-turn prompts only
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+PREDICTED = {
+    "sharegpt-real-test": RESULTS / "sharegpt_real_test_predicted.jsonl",
+    "sharegpt-real-human-test": RESULTS / "sharegpt_real_human_test_predicted.jsonl",
+}
+WORKLOADS = (*SHAPES, REAL, *PREDICTED)
 
-Trace = list[tuple[float, int, int]]
+Trace = list[tuple]  # (arrival_time, input_len, output_len) or (.., predicted_len)
 
 
 def _clipped_mean(mu: float, sigma: float, cap: float) -> float:
@@ -104,18 +112,28 @@ def arrivals(n: int, rate: float, cv: float, seed: int) -> list[float]:
     return times
 
 
-def load_jsonl(path: str) -> list[tuple[float | None, int, int]]:
-    """One request a line: {"arrival_time": optional, "input_len": .., "output_len": ..}."""
+def load_jsonl(path: str) -> list[tuple]:
+    """One request a line: {"arrival_time": optional, "input_len": .., "output_len": ..,
+    "predicted_len": optional}; rows are (arrival or None, input, output[, predicted])."""
     rows = []
     with open(path) as f:
         for number, line in enumerate(f, 1):
             if line.strip():
                 row = json.loads(line)
                 try:
-                    rows.append((row.get("arrival_time"), int(row["input_len"]), int(row["output_len"])))
+                    item = (row.get("arrival_time"), int(row["input_len"]), int(row["output_len"]))
                 except KeyError as exc:
                     raise ValueError(f"{path}:{number}: missing {exc.args[0]}") from None
+                if row.get("predicted_len") is not None:
+                    item = (*item, int(row["predicted_len"]))
+                rows.append(item)
     return rows
+
+
+def noisy_predictions(trace: Trace, sigma: float, seed: int) -> Trace:
+    """A noisy oracle: each request's prediction is its true output length x exp(N(0, sigma))."""
+    rng = random.Random(seed + 7)
+    return [(t, i, o, max(1, round(o * math.exp(rng.gauss(0.0, sigma))))) for t, i, o, *_ in trace]
 
 
 def load_dataset(path: str, tokenize: Callable[[str], list[int]]) -> list[tuple[int, int]]:
@@ -163,15 +181,19 @@ def load_trace(
         lengths = sample_pairs(real_lengths(tokenizer or DEFAULT_TOKENIZER, dataset), num_requests, seed)
         times = arrivals(num_requests, rate, cv, seed)
         return [(t, i, o) for t, (i, o) in zip(times, lengths, strict=True)]
+    if workload in PREDICTED:  # sampled like sharegpt-real; predictions ride along
+        rows = sample_pairs([r[1:] for r in load_jsonl(str(PREDICTED[workload]))], num_requests, seed)
+        times = arrivals(num_requests, rate, cv, seed)
+        return [(t, *r) for t, r in zip(times, rows, strict=True)]
     if workload.endswith(".jsonl"):
         rows = load_jsonl(workload)[:num_requests]
         times = arrivals(len(rows), rate, cv, seed)
-        return sorted((a if a is not None else t, i, o) for (a, i, o), t in zip(rows, times, strict=True))
+        return sorted((a if a is not None else t, *r) for (a, *r), t in zip(rows, times, strict=True))
     lengths = synthetic_lengths(workload, num_requests, seed)
     return [(t, i, o) for t, (i, o) in zip(arrivals(num_requests, rate, cv, seed), lengths, strict=True)]
 
 
-def sample_pairs(pairs: list[tuple[int, int]], n: int, seed: int = 0) -> list[tuple[int, int]]:
+def sample_pairs(pairs: list[tuple], n: int, seed: int = 0) -> list[tuple]:
     """`n` pairs drawn without replacement (with replacement when the file has fewer)."""
     rng = random.Random(seed)
     return rng.sample(pairs, n) if n <= len(pairs) else [rng.choice(pairs) for _ in range(n)]

@@ -186,6 +186,7 @@ SERVICE_KNOBS = {  # flag of `up` -> (the service it goes to when given, type, w
     "--num-queues": ("scheduler", int, "MLFQ queue count"),
     "--starvation-threshold": ("scheduler", float, "α, seconds without running before promotion to Q0"),
     "--starvation-period": ("scheduler", int, "iterations between starvation checks"),
+    "--length-predictor": ("scheduler", str, "output-length model (.npz) the predicted-* policies read"),
     "--num-threads": ("worker", int, "torch CPU threads per rank"),
 }
 

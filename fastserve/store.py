@@ -43,6 +43,7 @@ STATES = ("queued", "running", "preempted", "swapped", "finished", "cancelled", 
 FINAL_STATES = ("finished", "cancelled", "failed")
 INT_FIELDS = (
     "n",
+    "predicted_len",
     "prompt_tokens",
     "generated_tokens",
     "max_tokens",

@@ -79,3 +79,36 @@ def test_a_saved_job_that_does_not_parse_is_marked_failed_and_the_rest_are_resto
 
     asyncio.run(scenario())
     redis.Redis.from_url(redis_url).delete(UNFINISHED)
+
+
+def test_a_restored_job_keeps_the_length_predicted_when_it_was_first_taken_on(redis_url):
+    redis.Redis.from_url(redis_url).delete(UNFINISHED)
+
+    async def scenario() -> None:
+        store = RequestStore(redis_url, ttl_seconds=60)
+        first, _ = make_engine(FakeWorkers(), policy="predicted-srpt")
+        first.predictor = lambda ids: 777
+        before = JobLog(store)
+        before.start()
+        resume.take_on(first, before, request("predicted", prompt=3, max_tokens=8), [])
+        assert first.core.seqs["predicted"].job.predicted_len == 777
+        assert await before.flushed(timeout=10)
+        await before.stop()
+        assert (await store.read("predicted"))["predicted_len"] == 777
+
+        engine, _ = make_engine(FakeWorkers(), policy="predicted-srpt")
+        engine.predictor = lambda ids: 5  # a new model after the restart does not re-predict old jobs
+        after = JobLog(store)
+        after.start()
+        assert await resume.restore(engine, after, store) == 1
+        assert engine.core.seqs["predicted"].job.predicted_len == 777
+        resume.take_on(engine, after, request("new", prompt=3, max_tokens=8), [])
+        assert engine.core.seqs["new"].job.predicted_len == 5
+        engine.abort("new")
+        engine.abort("predicted")
+        assert await after.flushed(timeout=10)
+        await after.stop()
+        await store.close()
+
+    asyncio.run(scenario())
+    redis.Redis.from_url(redis_url).delete(UNFINISHED)

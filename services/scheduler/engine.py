@@ -83,6 +83,7 @@ class LiveJob:
             "recomputes": seq.recomputes,
             "queue_account": job.quantum_used,
             "finish_reason": seq.finish_reason,
+            **({"predicted_len": job.predicted_len} if job.predicted_len is not None else {}),
         }
 
 
@@ -116,6 +117,8 @@ class Engine:
         self._last_reply = 0.0  # when the last step's answer came back
         self.finished_since_step: list[str] = []  # told to the workers with the next step
         self._step_ids = itertools.count(1)  # worker step ids (swap-only steps have one too)
+        # prompt token ids -> predicted output tokens (--length-predictor), for the predicted-* policies
+        self.predictor: Callable[[list[int]], int] | None = None
         self.clock = clock  # scheduling time (bench.overhead runs the Engine on a simulated one)
 
     def _freed(self, free_gpu_blocks: int, free_host_blocks: int) -> None:
@@ -133,9 +136,11 @@ class Engine:
         request: scheduler_pb2.SubmitRequest,
         generated: list[int] | None = None,
         queue: tuple[int, float] | None = None,
+        predicted_len: int | None = None,
     ) -> LiveJob:
         """A new job, or (with `generated`) one taken on again with the tokens it had: it recomputes;
-        `queue`: the (level, account) it had before a restart."""
+        `queue`: the (level, account) it had before a restart; `predicted_len`: the output length
+        predicted when it was first taken on (else the predictor, if any, predicts it now)."""
         live = LiveJob(request)
         live.span = self.tracer.start_span(
             "fastserve.schedule",
@@ -147,6 +152,8 @@ class Engine:
             },
         )
         self.jobs[request.request_id] = live
+        if predicted_len is None and self.predictor is not None:
+            predicted_len = self.predictor(list(request.prompt_token_ids))
         live.seq = self.core.add(
             request.request_id,
             list(request.prompt_token_ids),
@@ -158,6 +165,7 @@ class Engine:
             stop_token_ids=frozenset(request.sampling.stop_token_ids),
             generated=generated,
             queue=queue,
+            predicted_len=predicted_len,
         )
         self._dispatch()
         self.wakeup.set()

@@ -48,7 +48,8 @@ def take_on(
         if "queue_level" in record
         else None
     )
-    live = engine.submit(request, list(tokens), queue)
+    predicted = record.get("predicted_len")  # as first predicted: a restart does not re-predict
+    live = engine.submit(request, list(tokens), queue, int(predicted) if predicted else None)
     job = live.seq.job
     job.preemptions, job.demotions, job.promotions = (
         int(record.get(name) or 0) for name in ("preemptions", "demotions", "promotions")

@@ -24,6 +24,7 @@ from fastserve.v1.kvmanager_pb2_grpc import KVManagerStub
 from . import resume
 from .core import CoreConfig, EnstEstimator, SchedulerCore
 from .engine import Engine
+from .length_predictor import LengthPredictor
 from .policy import (
     MLFQ,
     POLICIES,
@@ -31,6 +32,7 @@ from .policy import (
     CostModel,
     PolicyConfig,
     make_policy,
+    needs_prediction,
     policy_help,
     swap_policy_of,
 )
@@ -171,6 +173,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="α: seconds without running before promotion to Q0 (default SLO 0.3 s/token x 338 tokens)",
     )
     add_flag(parser, "--starvation-period", default=1000, help="iterations between starvation checks")
+    add_flag(
+        parser,
+        "--length-predictor",
+        default="",
+        help="output-length model (.npz, bench/length_predictor.py) read from each prompt's token ids; "
+        "the predicted-* policies need one",
+    )
     add_flag(parser, "--max-batch-size", default=16, help="most jobs in one iteration")
     add_flag(parser, "--max-num-batched-tokens", default=2048, help="most tokens fed in one iteration")
     add_flag(
@@ -223,6 +232,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
     if args.max_num_batched_tokens < 1:
         parser.error(f"--max-num-batched-tokens must be >= 1, got {args.max_num_batched_tokens}")
+    if needs_prediction(args.policy) and not args.length_predictor:
+        parser.error(
+            f"--policy {args.policy} needs --length-predictor (a model from bench/length_predictor.py)"
+        )
     args.swap_policy = swap_policy_of(args.policy, args.swap_policy)  # a preset (vllm) fixes its own
     return args
 
@@ -277,6 +290,14 @@ async def serve(args: argparse.Namespace) -> None:
         max_batched_tokens=args.max_num_batched_tokens,
     )
     cost_model = CostModel().fit(samples)
+    predictor = LengthPredictor.load(args.length_predictor) if args.length_predictor else None
+    if predictor is not None:
+        log.info(
+            "length predictor %s: %s ids, sigma %.2f",
+            args.length_predictor,
+            predictor.tokenizer,
+            predictor.sigma,
+        )
     policy = make_policy(
         PolicyConfig(
             name=args.policy,
@@ -285,6 +306,7 @@ async def serve(args: argparse.Namespace) -> None:
             num_queues=args.num_queues,
             starvation_threshold=args.starvation_threshold,
             starvation_period=args.starvation_period,
+            extra={"prediction_sigma": predictor.sigma} if predictor else {},
         ),
         cost_model,
     )
@@ -309,6 +331,7 @@ async def serve(args: argparse.Namespace) -> None:
     job_log = JobLog(store, min_interval=args.job_log_interval)
     job_log.start()
     engine = Engine(core, workers, kv, job_log, cost_model, first.kv_block_bytes, tracer)
+    engine.predictor = predictor.predict if predictor else None
     recovery = Recovery(engine, workers, kv_channel, args.kvmanager_address, configure, state)
     info = pb.SchedulerInfo(
         model=first.model,

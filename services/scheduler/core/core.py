@@ -102,6 +102,7 @@ class SchedulerCore:
         min_tokens: int = 0,
         stop_token_ids: frozenset[int] = frozenset(),
         output_len: int | None = None,
+        predicted_len: int | None = None,
         arrival_time: float | None = None,
         generated: list[int] | None = None,
         queue: tuple[int, float] | None = None,
@@ -114,6 +115,7 @@ class SchedulerCore:
             max_tokens=max_tokens,
             arrival_time=now if arrival_time is None else arrival_time,
             output_len=output_len,
+            predicted_len=predicted_len,
             num_generated=len(generated or ()),
         )
         seq = Seq(job, list(prompt), sampling, ignore_eos, min_tokens, stop_token_ids, list(generated or ()))

@@ -6,6 +6,7 @@ from .fcfs import FCFS
 from .gittins import Gittins, GittinsSlowdown
 from .las import LAS
 from .mlfq import MLFQ, SkipJoinMLFQ
+from .predicted import PredictedGittins, PredictedOrderMLFQ, PredictedSkipJoinMLFQ, PredictedSRPT
 from .srpt import SRPTOracle
 from .vllm import VLLM
 
@@ -18,12 +19,21 @@ POLICIES: dict[str, type[Policy]] = {
     "gittins": Gittins,
     "gittins-slowdown": GittinsSlowdown,
     "vllm": VLLM,
+    "predicted-srpt": PredictedSRPT,
+    "predicted-gittins": PredictedGittins,
+    "predicted-skip-join-mlfq": PredictedSkipJoinMLFQ,
+    "predicted-order-mlfq": PredictedOrderMLFQ,
 }
 
 
 def policy_help() -> str:
     """The registered policies, one clause each, for the --policy flag of the scheduler and `up`."""
     return "; ".join(f"{name}: {cls.summary}" for name, cls in POLICIES.items())
+
+
+def needs_prediction(policy: str) -> bool:
+    """Whether the policy reads Job.predicted_len (and refuses jobs without one)."""
+    return policy.startswith("predicted-")
 
 
 def swap_policy_of(policy: str, requested: str) -> str:
@@ -59,5 +69,10 @@ __all__ = [
     "Gittins",
     "GittinsSlowdown",
     "VLLM",
+    "PredictedSRPT",
+    "PredictedGittins",
+    "PredictedSkipJoinMLFQ",
+    "PredictedOrderMLFQ",
     "swap_policy_of",
+    "needs_prediction",
 ]

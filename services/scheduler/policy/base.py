@@ -21,6 +21,7 @@ class Job:
     max_tokens: int
     arrival_time: float
     output_len: int | None = None  # true output length; only srpt-oracle may read it
+    predicted_len: int | None = None  # predicted output length (the predicted-* policies read it)
     num_generated: int = 0
     needs_prefill: bool = True  # first iteration, or its KV was dropped for recompute
     level: int = 0
