@@ -17,7 +17,7 @@ def env_name(flag: str) -> str:
     return "FASTSERVE_" + flag.lstrip("-").upper().replace("-", "_")
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off", ""):
@@ -42,7 +42,7 @@ def add_flag(
     names = (flag, *aliases)
     named = {"dest": dest} if dest else {}
     if type is None:
-        type = _parse_bool if isinstance(default, bool) else (builtin_type(default) or str)
+        type = parse_bool if isinstance(default, bool) else (builtin_type(default) or str)
     value = default
     if env in os.environ:
         try:
@@ -54,7 +54,7 @@ def add_flag(
             *names,
             **named,
             default=value,
-            type=_parse_bool,
+            type=parse_bool,
             nargs="?",
             const=True,
             metavar="BOOL",

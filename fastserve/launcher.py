@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastserve.child_output import Relay
-from fastserve.flags import add_common_flags, add_flag, setup_logging
+from fastserve.flags import add_common_flags, add_flag, parse_bool, setup_logging
 from fastserve.procs import free_port, free_ports, popen_child, stop_all
 from fastserve.rpc import check_serving_sync
 
@@ -188,6 +188,11 @@ SERVICE_KNOBS = {  # flag of `up` -> (the service it goes to when given, type, w
     "--starvation-period": ("scheduler", int, "iterations between starvation checks"),
     "--length-predictor": ("scheduler", str, "output-length model (.npz) the predicted-* policies read"),
     "--num-threads": ("worker", int, "torch CPU threads per rank"),
+    "--enforce-eager": (
+        "worker",
+        parse_bool,
+        "true = the reference model path (no prepacked weights, no graphs)",
+    ),
 }
 
 

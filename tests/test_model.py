@@ -43,9 +43,13 @@ def hf_model(checkpoint):
     return OPTForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
 
-def make_runner(checkpoint, num_blocks: int = 96) -> ModelRunner:
+def make_runner(checkpoint, num_blocks: int = 96, enforce_eager: bool = False) -> ModelRunner:
     return ModelRunner(
-        resolve_model(str(checkpoint)), dtype=torch.float32, device="cpu", num_gpu_blocks=num_blocks
+        resolve_model(str(checkpoint)),
+        dtype=torch.float32,
+        device="cpu",
+        num_gpu_blocks=num_blocks,
+        enforce_eager=enforce_eager,
     )
 
 
@@ -120,9 +124,13 @@ def test_decode_through_scattered_block_tables_equals_transformers(pre_ln_checkp
             torch.testing.assert_close(got[0], hf_logits(hf, c)[-1], atol=ATOL, rtol=1e-5)
 
 
-def test_mixed_batch_of_decodes_prefills_and_a_chunked_prefill(pre_ln_checkpoint):
-    """One step holding decodes, fresh prefills and a prefill continuing at start_pos > 0."""
-    runner, hf = make_runner(pre_ln_checkpoint), hf_model(pre_ln_checkpoint)
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["fast", "eager"])
+def test_mixed_batch_of_decodes_prefills_and_a_chunked_prefill(pre_ln_checkpoint, enforce_eager):
+    """One step holding decodes, fresh prefills and a prefill continuing at start_pos > 0, on the
+    fast path (oneDNN-packed linears on CPU) and on the reference path (plain F.linear)."""
+    runner, hf = make_runner(pre_ln_checkpoint, enforce_eager=enforce_eager), hf_model(pre_ln_checkpoint)
+    packed = [m.packed is not None for m in runner.model.modules() if hasattr(m, "packed")]
+    assert packed and all(p != enforce_eager for p in packed)
     blocks = Blocks(runner.num_blocks, seed=2)
     a, b, c, d = prompt(20, 10), prompt(33, 11), prompt(7, 12), prompt(45, 13)
     tables = {k: blocks.table(80) for k in "abcd"}

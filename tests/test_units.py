@@ -204,14 +204,26 @@ def test_up_passes_mlfq_knobs_to_the_scheduler_and_threads_to_workers_only_when_
     from services.worker.server import parse_args as worker_args
 
     monkeypatch.delenv("FASTSERVE_STARVATION_THRESHOLD", raising=False)
+    monkeypatch.delenv("FASTSERVE_ENFORCE_EAGER", raising=False)
     assert knob_flags(parse_args([]), "scheduler") == [] == knob_flags(parse_args([]), "worker")
-    args = parse_args(["--starvation-threshold", "5", "--quantum-ratio", "3", "--num-threads", "1"])
+    argv = [
+        "--starvation-threshold",
+        "5",
+        "--quantum-ratio",
+        "3",
+        "--num-threads",
+        "1",
+        "--enforce-eager",
+        "true",
+    ]
+    args = parse_args(argv)
     to_scheduler, to_worker = knob_flags(args, "scheduler"), knob_flags(args, "worker")
     assert to_scheduler == ["--quantum-ratio", "3", "--starvation-threshold", "5"]
-    assert to_worker == ["--num-threads", "1"]
+    assert to_worker == ["--num-threads", "1", "--enforce-eager", "true"]
     parsed = scheduler_args(["--worker-addresses", "127.0.0.1:1", *to_scheduler])
     assert parsed.starvation_threshold == 5.0 and parsed.quantum_ratio == 3.0
-    assert worker_args(to_worker).num_threads == 1
+    assert worker_args(to_worker).num_threads == 1 and worker_args(to_worker).enforce_eager
+    assert not worker_args([]).enforce_eager
 
 
 def test_free_ports_come_from_outside_the_ephemeral_range_and_never_repeat():
@@ -225,3 +237,17 @@ def test_free_ports_come_from_outside_the_ephemeral_range_and_never_repeat():
     ports = free_ports(50) + [free_port() for _ in range(50)]
     assert len(set(ports)) == 100
     assert all(1024 <= p < low for p in ports), (low, high, sorted(ports)[-3:])
+
+
+def test_onednn_linear_matches_f_linear_and_refuses_what_it_cannot_serve():
+    import torch
+
+    from services.worker import cpu_linear
+
+    w, b, x = torch.randn(48, 32), torch.randn(48), torch.randn(5, 32)
+    packed = cpu_linear.pack(w)
+    assert packed is not None  # the CPU wheel these tests run on has oneDNN
+    torch.testing.assert_close(cpu_linear.linear(x, packed, b), torch.nn.functional.linear(x, w, b))
+    relu = cpu_linear.linear(x, packed, b, "relu")
+    torch.testing.assert_close(relu, torch.nn.functional.linear(x, w, b).relu())
+    assert cpu_linear.pack(w.half()) is None  # fp16 on CPU: F.linear serves it

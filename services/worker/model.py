@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from fastserve.model_spec import ModelSpec
 
+from . import cpu_linear
 from .attention import AttentionMetadata, paged_attention
 from .kv_cache import KVCache
 from .tp import ParallelContext, split_range
@@ -49,9 +50,20 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = _param(out_features, in_features, dtype=dtype, device=device)
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
+        self.packed: Tensor | None = None  # the oneDNN copy of weight (see cpu_linear), once prepacked
+
+    def prepack(self) -> bool:
+        """Packs the (loaded) weight for oneDNN where it can serve it; True if it did."""
+        self.packed = cpu_linear.pack(self.weight)
+        return self.packed is not None
+
+    def matmul(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        if self.packed is not None:
+            return cpu_linear.linear(x, self.packed, bias)
+        return F.linear(x, self.weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class RowParallelLinear(Linear):
@@ -63,8 +75,8 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.parallel.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        return self.parallel.all_reduce(F.linear(x, self.weight)).add_(self.bias)
+            return self.matmul(x, self.bias)
+        return self.parallel.all_reduce(self.matmul(x, None)).add_(self.bias)
 
 
 class LayerNorm(nn.Module):
@@ -86,6 +98,11 @@ class VocabParallelEmbedding(nn.Module):
         self.rows = -(-vocab_size // parallel.tp_size)  # padded so every rank holds the same count
         self.vocab_start = parallel.tp_rank * self.rows
         self.weight = _param(self.rows, dim, dtype=dtype, device=device)
+        self.packed: Tensor | None = None  # the weight packed for oneDNN, as the LM head
+
+    def prepack(self) -> bool:
+        self.packed = cpu_linear.pack(self.weight)
+        return self.packed is not None
 
     def forward(self, ids: Tensor) -> Tensor:
         if self.parallel.tp_size == 1:
@@ -98,6 +115,8 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """This rank's ``[B, rows]`` slice of the logits (the runner gathers them)."""
+        if self.packed is not None:
+            return cpu_linear.linear(x, self.packed, None)
         return F.linear(x, self.weight)
 
 
@@ -186,6 +205,14 @@ class OPTShard(nn.Module):
                 self.lm_head = self.embed_tokens  # tied: one tensor
             else:
                 self.lm_head = VocabParallelEmbedding(spec.vocab_size, proj, parallel, **kw)
+
+    def prepack(self) -> int:
+        """Packs every linear (and the LM head) for oneDNN once the weights are loaded; how many were.
+        Weights changed after this are not seen by the packed copies: call it again."""
+        heads = [self.lm_head] if self.parallel.is_last_stage else []
+        return sum(m.prepack() for m in self.modules() if isinstance(m, Linear)) + sum(
+            h.prepack() for h in heads
+        )
 
     @property
     def num_local_layers(self) -> int:

@@ -10,6 +10,7 @@ the vocab-sharded logits of each job's last token on TP rank 0, which samples.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -81,6 +82,7 @@ class ModelRunner:
         block_size: int = 16,
         parallel: ParallelContext | None = None,
         seed: int = 0,
+        enforce_eager: bool = False,
     ) -> None:
         self.spec = spec
         self.dtype = dtype
@@ -94,6 +96,12 @@ class ModelRunner:
             load_checkpoint(self.model, spec.checkpoint)
         else:
             init_dummy(self.model, seed)
+        # enforce_eager: the reference path (plain F.linear, no compiled parts, no CUDA graphs)
+        self.enforce_eager = enforce_eager
+        if not enforce_eager and self.device.type == "cpu":
+            started = time.perf_counter()
+            packed = self.model.prepack()
+            log.info("packed %d linears for oneDNN in %.2fs", packed, time.perf_counter() - started)
         # a function sizes the pool from the memory the weights left free
         self.num_blocks = num_gpu_blocks() if callable(num_gpu_blocks) else num_gpu_blocks
         self.kv = KVCache(

@@ -172,6 +172,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             block_size=args.block_size,
             parallel=parallel,
             seed=args.seed,
+            enforce_eager=args.enforce_eager,
         )
         log.info(
             "loaded %s (%s, %s) in %.1fs; KV pool %d blocks of %d tokens",
@@ -372,6 +373,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="torch CPU threads of this rank; 0 = torch's default (one per core). Set 1 when ranks "
         "or other processes share a few cores: oversubscribed threads slow a step several times",
+    )
+    add_flag(
+        parser,
+        "--enforce-eager",
+        default=False,
+        help="run the reference path: plain F.linear (no oneDNN-prepacked weights on CPU), no compiled "
+        "parts, no CUDA graphs. Slower; for checking the fast path against",
     )
     add_flag(
         parser,
