@@ -152,6 +152,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=5,
         help="restarts of one service (or worker group) per minute before `up` gives up",
     )
+    add_flag(
+        parser,
+        "--keep-work-on-stop",
+        default=False,
+        help="on SIGTERM/Ctrl-C leave unfinished jobs in Redis for the next `up` (each cancelled unless a "
+        "gateway re-attaches within --orphan-timeout) instead of cancelling them",
+    )
     add_flag(parser, "--demo", default=True, help="stream a few generations once the stack is up")
     add_flag(parser, "--exit-after-demo", default=False, help="stop the stack after the demo (for scripts)")
     add_flag(parser, "--start-timeout", default=600.0, help="seconds to wait for every service to be SERVING")
@@ -187,6 +194,11 @@ SERVICE_KNOBS = {  # flag of `up` -> (the service it goes to when given, type, w
     "--starvation-threshold": ("scheduler", float, "α, seconds without running before promotion to Q0"),
     "--starvation-period": ("scheduler", int, "iterations between starvation checks"),
     "--length-predictor": ("scheduler", str, "output-length model (.npz) the predicted-* policies read"),
+    "--orphan-timeout": (
+        "scheduler",
+        float,
+        "seconds a job restored after a scheduler restart waits for its gateway before it is cancelled",
+    ),
     "--num-threads": ("worker", int, "torch CPU threads per rank"),
     "--enforce-eager": (
         "worker",
@@ -245,6 +257,7 @@ def scheduler_flags(
         max_model_len=args.max_model_len,
         async_scheduling=args.async_scheduling,
         job_log_interval=args.job_log_interval,
+        keep_work_on_stop=args.keep_work_on_stop,
     ) + knob_flags(args, "scheduler")
 
 
@@ -285,6 +298,20 @@ def check_port_free(host: str, port: int) -> None:
             sock.bind((host, port))
         except OSError as exc:
             raise RuntimeError(f"port {port} on {host} is busy (--port {port}): {exc.strerror}") from None
+
+
+def check_writable(data_dir: Path) -> None:
+    """Fails with one line naming the directory and the flag when Redis could not keep its files there."""
+    probe = data_dir / ".fastserve-write-probe"
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise RuntimeError(
+            f"--data-dir: cannot create or write {exc.filename or data_dir} ({exc.strerror}); "
+            "pass a writable --data-dir, or --redis-url to use a Redis of your own"
+        ) from None
 
 
 class Stack:
@@ -445,6 +472,7 @@ class Stack:
 
         port, password = free_port(), secrets.token_urlsafe(24)
         data_dir = Path(self.args.data_dir).expanduser() / f"redis-{self.args.port}"
+        check_writable(data_dir)
         url = ""
 
         def start() -> subprocess.Popen:
@@ -457,10 +485,15 @@ class Stack:
         return url
 
     def stop(self) -> None:
+        """The scheduler first (it cancels, or leaves, its jobs and writes its job log while Redis and
+        the gateway still run: the clients hear `cancelled`), then everything else."""
         self._stop.set()
         if self._supervisor is not None and self._supervisor is not threading.current_thread():
             self._supervisor.join()
-        stop_all([proc for _, proc in reversed(self.procs)])
+        procs = [proc for _, proc in reversed(self.procs)]
+        scheduler = [proc for name, proc in self.procs if name == "scheduler"]
+        stop_all(scheduler, timeout=15.0)
+        stop_all([proc for proc in procs if proc not in scheduler])
 
     # -- supervision ----------------------------------------------------------------------
 

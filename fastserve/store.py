@@ -56,6 +56,8 @@ INT_FIELDS = (
 )
 FLOAT_FIELDS = ("arrival_time", "first_token_time", "finish_time", "queue_account")
 UNFINISHED = "fastserve:unfinished"
+PROBE_KEY = "fastserve:write-probe"  # what a reader writes to learn whether Redis takes writes
+DEGRADED_LOG_PERIOD = 60.0  # seconds between two log lines about the same failing writes
 TOKEN_WIDTH = 8  # hex digits per token id
 FLUSH_CHUNK = 256  # jobs per flush call at most
 KEEP_FINAL_SECONDS = 5.0  # a final record stays tracked this long: longer than Redis' 1 s fsync window
@@ -168,16 +170,28 @@ class RequestStore:
         return record
 
     async def read_many(self, request_ids: Sequence[str]) -> list[dict[str, object] | None]:
-        """The records of several requests in one round trip (None for each one Redis lacks)."""
+        """The records of several requests in one round trip (None for each one Redis lacks).
+
+        The same round trip writes a probe key: a Redis that refuses writes (MISCONF: its disk is full;
+        OOM; a read-only replica) holds records the scheduler could not update, so they may be stale
+        and StoreUnavailable says why instead of answering a wrong state."""
         pipe = self.redis.pipeline(transaction=False)
+        pipe.set(PROBE_KEY, "1", ex=60)
         for request_id in request_ids:
             pipe.hgetall(request_key(request_id))
         try:
-            raws = await pipe.execute()
+            probe, *raws = await pipe.execute(raise_on_error=False)
         except UNAVAILABLE_ERRORS as exc:
             raise StoreUnavailable(
                 f"request metadata store (Redis at {self.address}) is unreachable: {exc}"
             ) from None
+        if isinstance(probe, Exception):
+            raise StoreUnavailable(
+                f"request metadata store (Redis at {self.address}) refuses writes, so its records may be "
+                f"stale: {probe}"
+            )
+        if problem := next((raw for raw in raws if isinstance(raw, Exception)), None):
+            raise StoreUnavailable(f"request metadata store (Redis at {self.address}): {problem}")
         return [_parse(raw) if raw else None for raw in raws]
 
     async def unfinished(self) -> list[ResumableJob]:
@@ -190,7 +204,10 @@ class RequestStore:
             pipe.get(tokens_key(request_id))
             raw, tokens = await pipe.execute()
             if not raw or "spec" not in raw or raw.get("state") in FINAL_STATES:
-                await self.redis.srem(UNFINISHED, request_id)
+                try:
+                    await self.redis.srem(UNFINISHED, request_id)
+                except redis.exceptions.ResponseError:  # refusing writes: the next start tidies it
+                    pass
                 continue
             jobs.append(
                 ResumableJob(
@@ -227,6 +244,8 @@ class JobLog:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.healthy = True
+        self.problem = ""  # why the last flush failed ('' while writes go through): health's degraded detail
+        self._logged_at = -DEGRADED_LOG_PERIOD
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="job-log")
@@ -304,14 +323,19 @@ class JobLog:
             try:
                 await self._flush()
                 if not self.healthy:
-                    log.info("Redis at %s is back; request records written again", self.store.address)
-                self.healthy = True
-            except UNAVAILABLE_ERRORS + (redis.exceptions.RedisError,) as exc:
-                if self.healthy:
                     log.warning(
-                        "cannot write request records to Redis at %s (%s); retrying every %.1fs, serving goes on",
-                        self.store.address,
-                        exc,
+                        "Redis at %s takes writes again; request records catch up", self.store.address
+                    )
+                self.healthy, self.problem = True, ""
+            except UNAVAILABLE_ERRORS + (redis.exceptions.RedisError,) as exc:
+                # away (connection) or refusing writes (MISCONF disk full, OOM, READONLY): the same to us
+                self.problem = f"Redis at {self.store.address} takes no writes: {exc}"
+                if self.healthy or time.monotonic() - self._logged_at >= DEGRADED_LOG_PERIOD:
+                    self._logged_at = time.monotonic()
+                    log.warning(
+                        "degraded: %s; %d jobs' records wait, retried every %.1fs; serving goes on",
+                        self.problem,
+                        len(self.tracked),
                         self.retry_seconds,
                     )
                 self.healthy = False

@@ -6,7 +6,7 @@ import grpc
 
 from fastserve.internal_auth import METADATA_KEY
 from fastserve.launcher import Stack
-from fastserve.v1 import kvmanager_pb2, kvmanager_pb2_grpc
+from fastserve.v1 import kvmanager_pb2, kvmanager_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 
 def kv_stats(stack: Stack) -> kvmanager_pb2.KVStats:
@@ -14,3 +14,12 @@ def kv_stats(stack: Stack) -> kvmanager_pb2.KVStats:
     with grpc.insecure_channel(stack.addresses["kvmanager"]) as chan:
         stub = kvmanager_pb2_grpc.KVManagerStub(chan)
         return stub.Stats(kvmanager_pb2.StatsRequest(), metadata=((METADATA_KEY, stack.token),), timeout=10)
+
+
+def scheduler_info(stack: Stack) -> scheduler_pb2.SchedulerInfo:
+    """The scheduler's Info: its jobs running and waiting (restored ones parked included)."""
+    with grpc.insecure_channel(stack.addresses["scheduler"]) as chan:
+        stub = scheduler_pb2_grpc.SchedulerStub(chan)
+        return stub.Info(
+            scheduler_pb2.SchedulerInfoRequest(), metadata=((METADATA_KEY, stack.token),), timeout=10
+        )

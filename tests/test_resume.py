@@ -1,4 +1,5 @@
-"""A scheduler restart: jobs restored from a real Redis go back where they were queued."""
+"""A scheduler restart: jobs restored from a real Redis wait for their gateway (a lease), then go back
+where they were queued; a job nobody comes back for is cancelled, its record says so."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import redis
 
 from fastserve.store import UNFINISHED, JobLog, RequestStore
 from services.scheduler import resume
+from services.scheduler.lease import Leases
 from tests.test_engine import FakeWorkers, make_engine, request
 
 
@@ -39,7 +41,15 @@ def test_restored_jobs_keep_their_queue_level_account_and_counters(redis_url):
         engine, _ = make_engine(FakeWorkers(), policy="skip-join-mlfq")
         after = JobLog(store)
         after.start()
-        assert await resume.restore(engine, after, store) == 1
+        leases = Leases(after, orphan_timeout=60)
+        assert await resume.restore(engine, after, store, leases) == 1
+        assert engine.core.seqs == {}  # parked: nothing runs until its gateway re-attaches
+        resumed = request("restored-deep", prompt=3, max_tokens=8)
+        resumed.resume = True
+        resumed.generated_token_ids.append(100)  # the client had one token; Redis holds two
+        live, opening = resume.claim(engine, after, leases.claim("restored-deep"), resumed, [100])
+        assert (opening.first_index, list(opening.token_ids)) == (1, [101])
+        assert live.seq.generated == [100, 101]
         job = engine.core.seqs["restored-deep"].job
         assert (job.level, job.quantum_used) == (2, 0.031)
         assert (job.preemptions, job.demotions, job.promotions) == (4, 2, 1)
@@ -69,8 +79,9 @@ def test_a_saved_job_that_does_not_parse_is_marked_failed_and_the_rest_are_resto
         engine, _ = make_engine(FakeWorkers())
         after = JobLog(store)
         after.start()
-        assert await resume.restore(engine, after, store) == 1
-        assert list(engine.core.seqs) == ["fine"]
+        leases = Leases(after, orphan_timeout=60)
+        assert await resume.restore(engine, after, store, leases) == 1
+        assert list(leases.parked) == ["fine"]
         assert await after.flushed(timeout=10)
         assert (await store.read("garbled"))["state"] == "failed"
         assert [job.request_id for job in await store.unfinished()] == ["fine"]
@@ -100,13 +111,57 @@ def test_a_restored_job_keeps_the_length_predicted_when_it_was_first_taken_on(re
         engine.predictor = lambda ids: 5  # a new model after the restart does not re-predict old jobs
         after = JobLog(store)
         after.start()
-        assert await resume.restore(engine, after, store) == 1
+        leases = Leases(after, orphan_timeout=60)
+        assert await resume.restore(engine, after, store, leases) == 1
+        resumed = request("predicted", prompt=3, max_tokens=8)
+        resumed.resume = True
+        resume.claim(engine, after, leases.claim("predicted"), resumed, [])
         assert engine.core.seqs["predicted"].job.predicted_len == 777
         resume.take_on(engine, after, request("new", prompt=3, max_tokens=8), [])
         assert engine.core.seqs["new"].job.predicted_len == 5
         engine.abort("new")
         engine.abort("predicted")
         assert await after.flushed(timeout=10)
+        await after.stop()
+        await store.close()
+
+    asyncio.run(scenario())
+    redis.Redis.from_url(redis_url).delete(UNFINISHED)
+
+
+def test_a_restored_job_nobody_reattaches_to_is_cancelled_when_its_lease_runs_out(redis_url):
+    redis.Redis.from_url(redis_url).delete(UNFINISHED)
+
+    async def scenario() -> None:
+        store = RequestStore(redis_url, ttl_seconds=60)
+        before = JobLog(store)
+        before.start()
+        before.begin(
+            "orphan", request("orphan", prompt=3, max_tokens=8).SerializeToString(), {"state": "running"}
+        )
+        before.update("orphan", {"generated_tokens": 2}, [7, 8])
+        assert await before.flushed(timeout=10)
+        await before.stop()
+
+        engine, _ = make_engine(FakeWorkers())
+        after = JobLog(store)
+        after.start()
+        leases = Leases(after, orphan_timeout=30)
+        assert await resume.restore(engine, after, store, leases) == 1
+        parked_at = leases.parked["orphan"].since
+        assert (
+            leases.expire(now=parked_at + 29.9) == 0
+        )  # a fresh lease: the old scheduler's time does not count
+        assert leases.expire(now=parked_at + 30) == 1
+        assert leases.parked == {} and engine.core.seqs == {}
+        assert await after.flushed(timeout=10)
+        record = await store.read("orphan")
+        assert (record["state"], record["finish_reason"], record["generated_tokens"]) == (
+            "cancelled",
+            "cancelled",
+            2,
+        )
+        assert await store.unfinished() == []
         await after.stop()
         await store.close()
 

@@ -79,7 +79,7 @@ class SchedulerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SchedulerInfo(_message.Message):
-    __slots__ = ("model", "dtype", "device", "policy", "tensor_parallel_size", "pipeline_parallel_size", "max_batch_size", "max_num_batched_tokens", "block_size", "num_gpu_blocks", "num_host_blocks", "swap_policy", "num_running", "num_waiting", "iterations", "vocab_size", "max_model_len", "eos_token_id", "tokenizer")
+    __slots__ = ("model", "dtype", "device", "policy", "tensor_parallel_size", "pipeline_parallel_size", "max_batch_size", "max_num_batched_tokens", "block_size", "num_gpu_blocks", "num_host_blocks", "swap_policy", "num_running", "num_waiting", "iterations", "vocab_size", "max_model_len", "eos_token_id", "tokenizer", "degraded", "step_timeout_seconds")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,8 @@ class SchedulerInfo(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     dtype: str
     device: str
@@ -118,4 +120,6 @@ class SchedulerInfo(_message.Message):
     max_model_len: int
     eos_token_id: int
     tokenizer: str
-    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., policy: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., num_gpu_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., swap_policy: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., iterations: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., tokenizer: _Optional[str] = ...) -> None: ...
+    degraded: str
+    step_timeout_seconds: float
+    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., policy: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., num_gpu_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., swap_policy: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., iterations: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., tokenizer: _Optional[str] = ..., degraded: _Optional[str] = ..., step_timeout_seconds: _Optional[float] = ...) -> None: ...

@@ -197,12 +197,12 @@ class Engine:
                 self.kv_lost = f"kvmanager: {exc}"
             self._dispatch()
             if self._outage() and not in_flight and self.recover is not None:
-                self._write_store()
+                self.write_store()
                 await self.recover()
                 continue
             if not in_flight:
                 self._observe_queues(0)  # idle: the gauges say so instead of keeping the last iteration's
-                self._write_store()
+                self.write_store()
                 await self.wakeup.wait()
                 self.wakeup.clear()
                 continue
@@ -210,7 +210,7 @@ class Engine:
             for task in sorted(done, key=lambda t: in_flight[t].id):
                 self._complete(in_flight.pop(task), *task.result())
             self._dispatch()
-            self._write_store()
+            self.write_store()
 
     def _outage(self) -> str:
         if self.workers.broken is not None:
@@ -453,7 +453,7 @@ class Engine:
         self._levels_seen |= waiting.keys()
         metrics.GPU_BLOCKS_USED.set(core.config.num_gpu_blocks - core.free_gpu)
 
-    def _write_store(self) -> None:
+    def write_store(self) -> None:
         """Hands what changed to the job log; its background task writes Redis (never blocking here)."""
         for rid, live in self.dirty.items():
             self.store.update(rid, live.record(), live.seq.generated)

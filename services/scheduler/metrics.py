@@ -46,3 +46,6 @@ PLAN_TIME = Histogram(
 COMPUTE_TIME = Histogram(
     PREFIX + "worker_compute_seconds", "The driver rank's own step time", buckets=TOKEN_BUCKETS
 )
+JOB_LOG_DEGRADED = Gauge(
+    PREFIX + "job_log_degraded", "1 while Redis takes no writes of the job log (records catch up later)"
+)

@@ -1,9 +1,10 @@
-"""Jobs that outlive a scheduler: taken on with their durable record, re-queued after a restart,
+"""Jobs that outlive a scheduler: taken on with their durable record, parked after a restart,
 and re-attached to a gateway that comes back for them.
 
 A job's spec (the SubmitRequest) goes to Redis when the scheduler takes it on; its tokens follow
-once per iteration (fastserve.store.JobLog). A starting scheduler re-queues every unfinished job
-with the tokens Redis holds; its KV is gone, so its first iteration recomputes prompt + tokens.
+once per iteration (fastserve.store.JobLog). A starting scheduler parks every unfinished job with
+the tokens Redis holds (lease.py: it runs only once a gateway claims it, and is cancelled when none
+does within --orphan-timeout); its KV is gone, so its first iteration recomputes prompt + tokens.
 A gateway re-attaches with `resume` and the tokens its client already has; the stream then opens
 with a message whose `first_index` says where its tokens start.
 """
@@ -19,6 +20,7 @@ from fastserve.v1 import common_pb2
 from fastserve.v1 import scheduler_pb2 as pb
 
 from .engine import Engine, LiveJob
+from .lease import Leases, Parked
 
 log = logging.getLogger("fastserve.scheduler.resume")
 FR = common_pb2.FinishReason
@@ -107,8 +109,31 @@ def final_message(request: pb.SubmitRequest, tokens: list[int], reason: int) -> 
     )
 
 
-async def restore(engine: Engine, job_log: JobLog, store: RequestStore) -> int:
-    """Re-queues every unfinished job Redis holds; returns how many."""
+def record_ended(job_log: JobLog, request_id: str, tokens: list[int], reason: int) -> None:
+    """The record of a job that had all its tokens when its final state was lost."""
+    job_log.update(
+        request_id,
+        {
+            "state": "finished",
+            "finish_reason": FR.Name(reason).removeprefix("FINISH_REASON_").lower(),
+            "generated_tokens": len(tokens),
+        },
+    )
+
+
+def claim(
+    engine: Engine, job_log: JobLog, parked: Parked, request: pb.SubmitRequest, tokens: list[int]
+) -> tuple[LiveJob, pb.SubmitResponse]:
+    """Takes on a parked job a gateway re-attached to, with whichever of its tokens and the client's
+    are further along (both are prefixes of the same output); the opening message replays what the
+    client lacks."""
+    have = parked.tokens if len(parked.tokens) > len(tokens) else tokens
+    live = take_on(engine, job_log, request, have, parked.record)
+    return live, pb.SubmitResponse(token_ids=have[len(tokens) :], first_index=len(tokens))
+
+
+async def restore(engine: Engine, job_log: JobLog, store: RequestStore, leases: Leases) -> int:
+    """Parks every unfinished job Redis holds, each with a fresh lease; returns how many."""
     count = 0
     for saved in await store.unfinished():
         try:
@@ -121,15 +146,8 @@ async def restore(engine: Engine, job_log: JobLog, store: RequestStore) -> int:
             continue
         reason = ended(request, saved.tokens, engine.core.config.eos_token_id)
         if reason:  # finished, but the final state did not reach Redis before the restart
-            job_log.update(
-                saved.request_id,
-                {
-                    "state": "finished",
-                    "finish_reason": FR.Name(reason).removeprefix("FINISH_REASON_").lower(),
-                    "generated_tokens": len(saved.tokens),
-                },
-            )
+            record_ended(job_log, saved.request_id, saved.tokens, reason)
             continue
-        take_on(engine, job_log, request, saved.tokens, saved.fields)
+        leases.park(request, saved.tokens, saved.fields)
         count += 1
     return count

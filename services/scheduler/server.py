@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -14,16 +16,24 @@ from fastserve import tracing
 from fastserve.flags import add_common_flags, add_flag, setup_logging
 from fastserve.metrics import serve_metrics, set_model_name
 from fastserve.model_spec import resolve_model
-from fastserve.rpc import channel, create_server, start_server, use_internal_token, wait_serving
+from fastserve.rpc import (
+    ServingState,
+    channel,
+    create_server,
+    start_server,
+    use_internal_token,
+    wait_serving,
+)
 from fastserve.store import JobLog, RequestStore
 from fastserve.v1 import common_pb2, kvmanager_pb2
 from fastserve.v1 import scheduler_pb2 as pb
 from fastserve.v1 import scheduler_pb2_grpc as pb_grpc
 from fastserve.v1.kvmanager_pb2_grpc import KVManagerStub
 
-from . import resume
+from . import metrics, resume
 from .core import CoreConfig, EnstEstimator, SchedulerCore
 from .engine import Engine
+from .lease import Leases
 from .length_predictor import LengthPredictor
 from .policy import (
     MLFQ,
@@ -49,10 +59,12 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     def __init__(self) -> None:
         self.engine: Engine | None = None
         self.job_log: JobLog | None = None
+        self.leases: Leases | None = None
         self.info = pb.SchedulerInfo()
+        self.stopping = False  # a stop that keeps the work: closing streams must not abort jobs
 
-    def ready(self, engine: Engine, job_log: JobLog, info: pb.SchedulerInfo) -> None:
-        self.engine, self.job_log, self.info = engine, job_log, info
+    def ready(self, engine: Engine, job_log: JobLog, leases: Leases, info: pb.SchedulerInfo) -> None:
+        self.engine, self.job_log, self.leases, self.info = engine, job_log, leases, info
 
     async def _require_engine(self, context: grpc.aio.ServicerContext) -> Engine:
         if self.engine is None:
@@ -71,13 +83,20 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             problem = self._check(request)
             if problem:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            parked = self.leases.claim(request.request_id)  # restored from Redis, waiting for its gateway
             reason = resume.ended(request, tokens, self.info.eos_token_id)
             if reason:  # everything was generated before the outage; only the end was missing
+                if parked is not None:
+                    resume.record_ended(self.job_log, request.request_id, tokens, reason)
                 yield resume.final_message(request, tokens, reason)
                 return
-            live = resume.take_on(engine, self.job_log, request, tokens)
-            if request.resume:
-                yield pb.SubmitResponse(first_index=len(tokens))
+            if parked is not None and request.resume:
+                live, opening = resume.claim(engine, self.job_log, parked, request, tokens)
+                yield opening
+            else:
+                live = resume.take_on(engine, self.job_log, request, tokens)
+                if request.resume:
+                    yield pb.SubmitResponse(first_index=len(tokens))
         outbox = live.outbox
         try:
             while True:
@@ -86,7 +105,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                 if message.finish_reason:
                     return
         finally:
-            if not live.finished and live.outbox is outbox:  # the gateway went away: the job leaves
+            # the gateway went away: the job leaves (unless this scheduler stops and leaves it to the next)
+            if not live.finished and live.outbox is outbox and not self.stopping:
                 engine.abort(request.request_id)
 
     def _check(self, request: pb.SubmitRequest) -> str:
@@ -119,6 +139,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         engine = await self._require_engine(context)
         reason = request.reason or common_pb2.FINISH_REASON_CANCELLED
+        if self.leases.cancel(request.request_id, "aborted while parked"):
+            return pb.AbortResponse(found=True)
         return pb.AbortResponse(found=engine.abort(request.request_id, reason))
 
     async def Info(
@@ -128,8 +150,9 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         info = pb.SchedulerInfo()
         info.CopyFrom(self.info)
         info.num_running = sum(1 for j in engine.jobs.values() if j.state == "running")
-        info.num_waiting = len(engine.jobs) - info.num_running
+        info.num_waiting = len(engine.jobs) - info.num_running + len(self.leases.parked)
         info.iterations = engine.iterations
+        info.degraded = self.job_log.problem
         return info
 
 
@@ -156,6 +179,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.02,
         help="seconds between two writes of the job log to Redis (iterations faster than this share a write; "
         "a client's tokens are never lost by it: the gateway re-attaches with the ones it forwarded)",
+    )
+    add_flag(
+        parser,
+        "--orphan-timeout",
+        default=30.0,
+        help="seconds a job restored after a restart waits for a gateway to re-attach before it is "
+        "cancelled (longer than a scheduler restart plus a gateway's re-attach)",
+    )
+    add_flag(
+        parser,
+        "--keep-work-on-stop",
+        default=False,
+        help="on SIGTERM, leave unfinished jobs in Redis for the next scheduler (under --orphan-timeout) "
+        "instead of cancelling them; the job log is flushed either way",
     )
     add_flag(parser, "--policy", default="skip-join-mlfq", help=policy_help(), choices=sorted(POLICIES))
     add_flag(
@@ -330,6 +367,8 @@ async def serve(args: argparse.Namespace) -> None:
     core = SchedulerCore(core_config, policy, enst)
     job_log = JobLog(store, min_interval=args.job_log_interval)
     job_log.start()
+    leases = Leases(job_log, args.orphan_timeout)
+    metrics.JOB_LOG_DEGRADED.set_function(lambda: 1.0 if job_log.problem else 0.0)
     engine = Engine(core, workers, kv, job_log, cost_model, first.kv_block_bytes, tracer)
     engine.predictor = predictor.predict if predictor else None
     recovery = Recovery(engine, workers, kv_channel, args.kvmanager_address, configure, state)
@@ -355,13 +394,29 @@ async def serve(args: argparse.Namespace) -> None:
         tokenizer=resolve_model(first.model).tokenizer,
         swap_policy=args.swap_policy,
     )
-    restored = await resume.restore(engine, job_log, store)
+    try:
+        restored = await resume.restore(engine, job_log, store, leases)
+    except redis.exceptions.RedisError as exc:  # away again, or refusing: serve without the old jobs
+        log.error(
+            "cannot read unfinished jobs from Redis at %s (%s); serving without them", store.address, exc
+        )
+        restored = 0
     if restored:
-        log.warning("re-queued %d unfinished jobs from Redis; each recomputes its KV", restored)
+        log.warning(
+            "%d unfinished jobs from Redis wait for their gateways to re-attach "
+            "(cancelled after --orphan-timeout %gs); each recomputes its KV",
+            restored,
+            args.orphan_timeout,
+        )
     set_model_name(args.served_model_name or info.model)
-    service.ready(engine, job_log, info)
+    service.ready(engine, job_log, leases, info)
     loop_task = asyncio.create_task(engine.run())
     watch_task = asyncio.create_task(recovery.watch_kvmanager())
+    lease_task = asyncio.create_task(leases.run())
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+    stop_task = asyncio.create_task(stop.wait())
     await state.mark_serving()
     log.info(
         "serving: policy %s, max batch %d, max batched tokens %d, max model len %d",
@@ -371,19 +426,54 @@ async def serve(args: argparse.Namespace) -> None:
         info.max_model_len,
     )
     done, _ = await asyncio.wait(
-        [loop_task, watch_task, asyncio.create_task(server.wait_for_termination())],
+        [loop_task, watch_task, lease_task, stop_task, asyncio.create_task(server.wait_for_termination())],
         return_when=asyncio.FIRST_COMPLETED,
     )
     for task in done:
         task.result()  # a crashed loop must take the service down loudly
+    if stop_task in done:
+        await stop_serving(service, server, state, keep_work=args.keep_work_on_stop)
+
+
+async def stop_serving(
+    service: SchedulerService, server: grpc.aio.Server, state: ServingState, keep_work: bool
+) -> None:
+    """A clean stop (SIGTERM/SIGINT): cancels every job (or, keeping the work, leaves the unfinished
+    ones in Redis for the next scheduler) and writes the job log before exiting, so a job that
+    finished just before the stop says `finished` and none is left to regenerate for nobody."""
+    engine, leases, job_log = service.engine, service.leases, service.job_log
+    await state.mark_not_serving()
+    log.warning(
+        "stopping: %s %d jobs",
+        "leaving to the next scheduler" if keep_work else "cancelling",
+        len(engine.jobs),
+    )
+    if keep_work:
+        service.stopping = True
+    else:
+        for request_id in list(leases.parked):
+            leases.cancel(request_id, "the scheduler stopped")
+        for request_id in list(engine.jobs):
+            engine.abort(request_id)
+        deadline = time.monotonic() + 5.0
+        while engine.jobs and time.monotonic() < deadline:  # a job in a step finishes when it returns
+            await asyncio.sleep(0.02)
+    engine.write_store()
+    if not await job_log.flushed(timeout=5.0):
+        log.error("stopping with job records unwritten: Redis at %s takes no writes", job_log.store.address)
+    await server.stop(grace=1.0)
 
 
 async def wait_for_redis(store: RequestStore, timeout: float) -> None:
-    """A scheduler starting while Redis restarts waits for it: the unfinished jobs are there."""
+    """A scheduler starting while Redis restarts waits for it: the unfinished jobs are there. A Redis
+    that answers but refuses writes (MISCONF refuses even PING) is as good as it gets: serve."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         try:
             await store.ping()
+            return
+        except redis.exceptions.ResponseError as exc:
+            log.warning("Redis at %s answers but refuses writes (%s); serving degraded", store.address, exc)
             return
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
             if asyncio.get_running_loop().time() > deadline:
