@@ -10,6 +10,7 @@ import math
 import secrets
 from dataclasses import dataclass
 
+from fastserve import structured
 from fastserve.v1 import common_pb2, gateway_pb2
 
 DEFAULT_MAX_TOKENS = 16
@@ -146,6 +147,15 @@ def resolve_sampling(request: gateway_pb2.GenerateRequest, limits: Limits) -> Sa
             raise InvalidRequest(
                 f"sampling.{name}: {getattr(s, name)} exceeds the limit of {limits.max_logprobs} (--max-logprobs)"
             )
+    if s.HasField("structured_outputs"):
+        if s.min_tokens:
+            raise InvalidRequest(
+                "sampling.min_tokens: must be 0 with sampling.structured_outputs (the grammar decides when to end)"
+            )
+        try:
+            structured.check(s.structured_outputs)
+        except structured.InvalidConstraint as exc:
+            raise InvalidRequest(str(exc)) from None
     resolved = common_pb2.ResolvedSampling(
         max_tokens=max_tokens,
         min_tokens=s.min_tokens,
@@ -167,6 +177,8 @@ def resolve_sampling(request: gateway_pb2.GenerateRequest, limits: Limits) -> Sa
         prompt_logprobs=s.HasField("prompt_logprobs"),
         prompt_top_logprobs=s.prompt_logprobs,
     )
+    if s.HasField("structured_outputs"):
+        resolved.structured_outputs.CopyFrom(s.structured_outputs)
     return Sampling(n=n, resolved=resolved)
 
 

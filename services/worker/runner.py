@@ -24,6 +24,7 @@ from .loader import init_dummy, load_checkpoint
 from .model import OPTShard
 from .penalties import TokenCounts, process_logits
 from .sampling import GREEDY, Sampler, SamplingParams, TokenLogprobs, logprobs, top_logprobs
+from .structured import Grammars
 from .tp import ParallelContext
 
 log = logging.getLogger("fastserve.worker.runner")
@@ -115,6 +116,9 @@ class ModelRunner:
         )
         self.sampler = Sampler(seed, self.device) if self.is_driver else None
         self.token_counts = TokenCounts(spec.vocab_size, self.device) if self.is_driver else None
+        self.grammars = (
+            Grammars(spec.tokenizer, spec.vocab_size, spec.eos_token_id) if self.is_driver else None
+        )
         # each running job's last sampled token, on every rank that embeds (without pipeline
         # parallelism: the whole TP group, which gets it from the driver by broadcast)
         self.keeps_tokens = self.parallel.pp_size == 1
@@ -142,6 +146,8 @@ class ModelRunner:
         """Drops what this rank keeps for jobs that left."""
         if self.token_counts is not None:
             self.token_counts.forget(request_ids)
+        if self.grammars is not None:
+            self.grammars.forget(request_ids)
         for rid in request_ids:
             self.last_tokens.pop(rid, None)
 
@@ -198,7 +204,12 @@ class ModelRunner:
             elif s.request_id not in counts:
                 raise ValueError(f"{s.request_id}: penalised, but this rank never saw its prefill")
         process_logits(logits, params, indices, ids, counts)
+        constrained = [k for k, p in enumerate(params) if p.structured is not None]
+        if constrained:
+            self.grammars.mask(logits, seqs, constrained)
         tokens = self.sampler(logits, params, indices)
+        if constrained:
+            self.grammars.accept(seqs, constrained, tokens)
         if penalised:
             counts.add(
                 [s.request_id for s in penalised],

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fastserve import structured
 from fastserve.v1 import common_pb2
 
 _MASK64 = 2**64 - 1
@@ -58,6 +59,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int = -1  # -1 = none; else the sampled token's and this many alternatives
     prompt_logprobs: int = -1  # -1 = none; else each prompt token's and this many alternatives
+    structured: tuple[str, str] | None = None  # a grammar constraint (fastserve.structured.key); None = none
 
     @property
     def greedy(self) -> bool:
@@ -88,6 +90,7 @@ def from_resolved(s: common_pb2.ResolvedSampling, eos_token_id: int) -> Sampling
         logit_bias=tuple(sorted(s.logit_bias.items())),
         logprobs=s.top_logprobs if s.logprobs else -1,
         prompt_logprobs=s.prompt_top_logprobs if s.prompt_logprobs else -1,
+        structured=structured.key(s.structured_outputs) if s.HasField("structured_outputs") else None,
     )
 
 

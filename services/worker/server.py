@@ -228,6 +228,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             kept = self.kept.get(s.request_id)
             if s.HasField("sampling"):
                 sampling = from_resolved(s.sampling, eos)
+                if sampling.structured is not None and self.runner.grammars is not None:
+                    self.runner.grammars.compile(sampling.structured)  # starts now, beside the step
             elif kept is not None:
                 sampling = kept[1]
             else:
