@@ -205,6 +205,17 @@ SERVICE_KNOBS = {  # flag of `up` -> (the service it goes to when given, type, w
         parse_bool,
         "true = the reference model path (no prepacked weights, no graphs)",
     ),
+    "--max-num-waiting": ("gateway", int, "admission: most requests waiting for a first token (then 429)"),
+    "--max-concurrent-requests": ("gateway", int, "admission: most requests one gateway streams (then 429)"),
+    "--max-request-body-bytes": ("gateway", int, "largest request body (HTTP 413, gRPC RESOURCE_EXHAUSTED)"),
+    "--max-prompt-chars": ("gateway", int, "longest prompt in characters, refused before tokenizing"),
+    "--http-header-timeout": ("gateway", float, "seconds a connection may take to send request headers"),
+    "--timeout-keep-alive": ("gateway", float, "seconds an idle HTTP keep-alive connection stays open"),
+    "--stream-send-timeout": (
+        "gateway",
+        float,
+        "seconds a stream's client may read nothing before it is cancelled",
+    ),
 }
 
 
@@ -221,7 +232,7 @@ def optional(kind: type) -> Callable[[str], str]:
 
 
 def knob_flags(args: argparse.Namespace, service: str) -> list[str]:
-    """The SERVICE_KNOBS given to `up` that go to `service` ("scheduler" or "worker"), as its flags."""
+    """The SERVICE_KNOBS given to `up` that go to `service` ("scheduler", "worker", "gateway"), as its flags."""
     out = []
     for flag, (target, _, _) in SERVICE_KNOBS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
@@ -290,14 +301,14 @@ def describe_exit(code: int | None) -> str:
     return f"exit status {code}"
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Fails fast, naming the port, when something already listens on it."""
+def check_port_free(host: str, port: int, flag: str = "--port") -> None:
+    """Fails fast, naming the port and its flag, when something already listens on it."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds; only a listener refuses
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise RuntimeError(f"port {port} on {host} is busy (--port {port}): {exc.strerror}") from None
+            raise RuntimeError(f"port {port} on {host} is busy ({flag} {port}): {exc.strerror}") from None
 
 
 def check_writable(data_dir: Path) -> None:
@@ -381,6 +392,8 @@ class Stack:
         args = self.args
         gateway_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         check_port_free(args.host, args.port)
+        if args.http_port:
+            check_port_free(args.host, args.http_port, "--http-port")
         redis_url = args.redis_url
         if not redis_url:
             redis_url = self._start_embedded_redis()
@@ -442,15 +455,18 @@ class Stack:
         self.spawn(
             "gateway",
             "services.gateway",
-            lambda: as_flags(
-                host=args.host,
-                port=args.port,
-                http_port=args.http_port,
-                served_model_name=model_name,
-                metrics_port=gw_metrics,
-                scheduler_address=sched_addr,
-                ssl_certfile=args.ssl_certfile,
-                ssl_keyfile=args.ssl_keyfile,
+            lambda: (
+                as_flags(
+                    host=args.host,
+                    port=args.port,
+                    http_port=args.http_port,
+                    served_model_name=model_name,
+                    metrics_port=gw_metrics,
+                    scheduler_address=sched_addr,
+                    ssl_certfile=args.ssl_certfile,
+                    ssl_keyfile=args.ssl_keyfile,
+                )
+                + knob_flags(args, "gateway")
             ),
             env={"FASTSERVE_API_KEY": args.api_key},  # keys stay off the command line
         )

@@ -7,6 +7,8 @@ import hmac
 
 import grpc
 
+from . import metrics
+
 
 class ApiKeys:
     """No keys configured = an open server. A request's owner is a digest of its key, never the key."""
@@ -68,6 +70,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if self.keys.allows(authorization(handler_call_details.invocation_metadata)):
             return handler
+        metrics.REJECTED.labels("unauthenticated").inc()
         return denied(handler)
 
 

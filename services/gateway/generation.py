@@ -24,6 +24,8 @@ from fastserve.v1 import common_pb2, scheduler_pb2
 from fastserve.v1 import gateway_pb2 as pb
 
 from . import metrics
+from .admission import Admission, Ticket
+from .ids import scoped, unscoped
 from .scheduler_link import SchedulerGone, SchedulerLink
 from .text_stream import TextStream
 from .validation import InvalidRequest, Limits, Sampling, check_envelope, check_length, resolve_sampling
@@ -38,14 +40,20 @@ class SchedulerUnavailable(Exception):
 
 @dataclass(frozen=True)
 class Prepared:
-    """A request that passed validation: what `stream` needs."""
+    """A request that passed validation and admission: what `stream` needs (and must close)."""
 
-    request_id: str
+    request_id: str  # as the client knows it
     prompt_ids: list[int]
     sampling: Sampling
     arrival: float
     continuous_usage_stats: bool
     owner: str  # digest of the API key that made it; '' on an open server
+    ticket: Ticket  # its place in admission control, closed when `stream` ends
+
+    @property
+    def key(self) -> str:
+        """The id the stack knows the request by: scoped to its owner (see ids.py)."""
+        return scoped(self.owner, self.request_id)
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,7 @@ class Generations:
         info: scheduler_pb2.SchedulerInfo,
         limits: Limits,
         tracer: trace.Tracer,
+        admission: Admission | None = None,
     ) -> None:
         self.link = link
         self.scheduler = link.stub
@@ -71,34 +80,48 @@ class Generations:
         self.info = info
         self.limits = limits
         self.tracer = tracer
-        self.in_flight: dict[str, InFlight] = {}
+        self.admission = admission or Admission(0, 0)
+        self.in_flight: dict[str, InFlight] = {}  # by the request's scoped id (ids.py)
         self.job_owners: dict[str, str] = {}  # job id -> the in-flight request it belongs to
 
-    def _check_free(self, request_id: str, n: int) -> None:
-        """InvalidRequest when the request's id, or a job id it needs, is in flight already."""
-        if request_id in self.in_flight:
+    def _check_free(self, owner: str, request_id: str, n: int) -> None:
+        """InvalidRequest when the request's id, or a job id it needs, is in flight already. Ids are
+        scoped to their owner, so this speaks only of the caller's own requests."""
+        if scoped(owner, request_id) in self.in_flight:
             raise InvalidRequest(f"request_id: {request_id!r} is already in flight")
-        for job_id in job_ids_of(request_id, n):
+        for job_id in job_ids_of(scoped(owner, request_id), n):
             if (other := self.job_owners.get(job_id)) is not None:
                 raise InvalidRequest(
-                    f"request_id: {request_id!r} (n={n}) needs job id {job_id!r}, which request {other!r} "
-                    "in flight is using (a request with n > 1 runs its completions as '{id}-{index}')"
+                    f"request_id: {request_id!r} (n={n}) needs job id {unscoped(owner, job_id)!r}, which "
+                    f"request {unscoped(owner, other)!r} in flight is using (a request with n > 1 runs its "
+                    "completions as '{id}-{index}')"
                 )
 
-    def prepare(self, request: pb.GenerateRequest, owner: str = "") -> Prepared:
-        """Validates and tokenizes; InvalidRequest names the field and the limit."""
+    def prepare(self, request: pb.GenerateRequest, owner: str = "", ticket: Ticket | None = None) -> Prepared:
+        """Validates, admits and tokenizes, in that order (the cheap checks first). InvalidRequest
+        names the field and the limit; Overloaded says the server is full. The caller must `stream`
+        the result (or close its ticket). `ticket`: admitted already (HTTP admits before it tokenizes
+        a chat); closed here if the request is refused."""
         arrival = time.time()
         try:
             check_envelope(request, self.limits)
             sampling = resolve_sampling(request, self.limits)
+        except InvalidRequest:
+            if ticket is not None:
+                ticket.close()
+            raise
+        ticket = ticket or self.admission.admit()
+        try:
             prompt_ids = list(request.prompt_token_ids) or self.tokenizer.encode(request.prompt)
             check_length(len(prompt_ids), sampling.resolved.max_tokens, self.limits)
             request_id = request.request_id or uuid.uuid4().hex
-            self._check_free(request_id, sampling.n)
-        except InvalidRequest:
-            metrics.REJECTED.inc()
+            self._check_free(owner, request_id, sampling.n)
+        except BaseException:
+            ticket.close()
             raise
-        return Prepared(request_id, prompt_ids, sampling, arrival, request.continuous_usage_stats, owner)
+        return Prepared(
+            request_id, prompt_ids, sampling, arrival, request.continuous_usage_stats, owner, ticket
+        )
 
     async def cancel(self, job_ids: list[str]) -> bool:
         """Cancels these jobs (a request's completions); False when none was in flight."""
@@ -119,13 +142,17 @@ class Generations:
         Raises InvalidRequest when the scheduler refuses the request, SchedulerUnavailable when
         it cannot be reached.
         """
-        request_id, sampling = job.request_id, job.sampling
-        self._check_free(request_id, sampling.n)  # again: no await since prepare() for gRPC, maybe for HTTP
+        request_id, sampling, key = job.request_id, job.sampling, job.key
+        try:
+            self._check_free(job.owner, request_id, sampling.n)  # again: HTTP may await since prepare()
+        except InvalidRequest:
+            job.ticket.close()
+            raise
         metrics.PROMPT_TOKENS.inc(len(job.prompt_ids))
         metrics.REQUEST_MAX_TOKENS.observe(sampling.resolved.max_tokens)
-        job_ids = job_ids_of(request_id, sampling.n)
-        self.in_flight[request_id] = InFlight(job_ids, job.owner)
-        self.job_owners.update(dict.fromkeys(job_ids, request_id))
+        job_ids = job_ids_of(key, sampling.n)
+        self.in_flight[key] = InFlight(job_ids, job.owner)
+        self.job_owners.update(dict.fromkeys(job_ids, key))
         resolved = sampling.resolved
         streams: list = []
         replies = None
@@ -155,7 +182,7 @@ class Generations:
                         arrival_time=job.arrival,
                         trace_context=trace_context,
                         owner=job.owner,  # the scheduler records these with the job, for GetRequest / Cancel
-                        parent_request_id=request_id if sampling.n > 1 else "",
+                        parent_request_id=key if sampling.n > 1 else "",
                         n=sampling.n if sampling.n > 1 else 0,
                     )
                 )
@@ -180,6 +207,7 @@ class Generations:
             )
             async for reply in replies:
                 now = time.time()
+                job.ticket.started()
                 if reply.token_ids:
                     metrics.GENERATION_TOKENS.inc(len(reply.token_ids))
                     if last_sent is None:
@@ -213,8 +241,9 @@ class Generations:
             log.error("request %s: %s", request_id, exc)
             raise SchedulerUnavailable(str(exc)) from None
         finally:
+            job.ticket.close()
             span.end()
-            self.in_flight.pop(request_id, None)
+            self.in_flight.pop(key, None)
             for job_id in job_ids:
                 self.job_owners.pop(job_id, None)
             if replies is not None:

@@ -28,4 +28,12 @@ REQUEST_MAX_TOKENS = histogram("request_params_max_tokens", "max_tokens of accep
 PROMPT_TOKENS = counter("prompt_tokens", "Prompt tokens of accepted requests")
 GENERATION_TOKENS = counter("generation_tokens", "Tokens streamed to clients")
 FINISHED = counter("request_success", "Requests that ended, by finish reason", ("finished_reason",))
-REJECTED = Counter(PREFIX + "request_rejected", "Requests refused as invalid (INVALID_ARGUMENT / HTTP 400)")
+REJECTED = Counter(
+    PREFIX + "request_rejected",
+    "Requests refused, by reason: invalid, too_large, overloaded, unauthenticated, not_found, timeout, ...",
+    ["reason"],
+)
+STALLED = Counter(
+    PREFIX + "stream_stalled",
+    "Streams cancelled because their client stopped reading (--stream-send-timeout)",
+)

@@ -1,17 +1,27 @@
 """The OpenAI-compatible HTTP front's app: it runs in the gateway process on the same event
-loop as the gRPC server. This module only assembles the app: middleware, error handlers
-(http_errors), routes (openai_routes)."""
+loop as the gRPC server. This module only assembles the app: middleware (API keys, then
+http_limits' body limit), error handlers (http_errors), routes (openai_routes)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .api_keys import ApiKeys
 from .generation import Generations
 from .http_errors import error, install_error_handlers
+from .http_limits import BodyLimit
 from .openai_routes import routes
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    max_request_body_bytes: int = 4 << 20
+    header_timeout: float = 10.0  # also bounds how long a body may take to arrive
+    stream_send_timeout: float = 30.0
 
 
 def create_app(
@@ -19,16 +29,30 @@ def create_app(
     served_model_name: str,
     keys: ApiKeys,
     serving: Callable[[], bool],
+    settings: HttpSettings | None = None,
 ) -> FastAPI:
+    settings = settings or HttpSettings()
     app = FastAPI(title="FastServe", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            if not keys.allows(request.headers.get("authorization", "")):
-                return error(401, "invalid or missing API key: send 'Authorization: Bearer <key>'")
-        return await call_next(request)
-
-    app.include_router(routes(generations, served_model_name, keys, serving))
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_request_body_bytes, read_timeout=settings.header_timeout
+    )
+    app.add_middleware(RequireKey, keys=keys)  # outermost: no body is read for a caller without a key
+    app.include_router(routes(generations, served_model_name, keys, serving, settings.stream_send_timeout))
     return app
+
+
+class RequireKey:
+    """401 on /v1/ unless `Authorization: Bearer KEY` names a configured key."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not self.keys.allows(authorization):
+                refusal = error(401, "invalid or missing API key: send 'Authorization: Bearer <key>'")
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

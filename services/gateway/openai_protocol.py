@@ -14,7 +14,33 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fastserve.v1 import common_pb2, gateway_pb2
 
-from .validation import InvalidRequest
+from .validation import InvalidRequest, Limits, check_prompt_chars, check_stop
+
+# Request fields that change what is generated and that this server does not implement: a body
+# carrying one (with a value other than its neutral one) is refused with 400 naming it, never
+# silently ignored. Remove a field from here when it is implemented.
+UNSUPPORTED_FIELDS = [
+    "response_format",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "parallel_tool_calls",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_decoding_backend",
+    "guided_whitespace_pattern",
+]
+NEUTRAL_VALUES = {  # values of UNSUPPORTED_FIELDS that ask for nothing beyond plain text
+    "response_format": [{"type": "text"}],
+    "tool_choice": ["none"],
+    "parallel_tool_calls": [False],
+}
+UINT32_MAX = 2**32 - 1
+UINT32_FIELDS = ("n", "top_k", "min_tokens", "logprobs", "top_logprobs", "prompt_logprobs")
 
 
 class StreamOptions(BaseModel):
@@ -52,7 +78,40 @@ class SamplingBody(BaseModel):
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(field, why) for values this server cannot honour; refused rather than silently ignored."""
-        return []
+        out = []
+        extra = self.model_extra or {}
+        for name in UNSUPPORTED_FIELDS:
+            value = extra[name] if name in extra else getattr(self, name, None)
+            if value not in (None, [], {}) and value not in NEUTRAL_VALUES.get(name, []):
+                out.append((name, "not supported by this server (refused rather than ignored)"))
+        return out
+
+    def check_sizes(self, limits: Limits) -> None:
+        """The limits that need no tokenizer, checked before any work: values out of range name
+        the value sent, texts are measured in characters."""
+        for field, why in self.unsupported():
+            raise InvalidRequest(f"{field}: {why}")
+        max_tokens = self.max_tokens_sent()
+        if max_tokens is not None and max_tokens > limits.max_tokens_limit:
+            raise InvalidRequest(
+                f"sampling.max_tokens: {max_tokens} is outside [1, {limits.max_tokens_limit}] (--max-tokens-limit)"
+            )
+        for name in UINT32_FIELDS:
+            value = getattr(self, name, None)
+            if isinstance(value, int) and value > UINT32_MAX:
+                raise InvalidRequest(f"sampling.{name}: {value} is outside [0, {UINT32_MAX}]")
+        if self.seed is not None and self.seed >= 2**63:
+            raise InvalidRequest(f"sampling.seed: {self.seed} is outside [0, {2**63 - 1}]")
+        if any(t > UINT32_MAX for t in self.stop_token_ids or ()):
+            raise InvalidRequest(f"sampling.stop_token_ids: a token id above {UINT32_MAX}")
+        check_stop([self.stop] if isinstance(self.stop, str) else self.stop or [], limits)
+        if self.logit_bias and len(self.logit_bias) > limits.vocab_size:
+            raise InvalidRequest(
+                f"sampling.logit_bias: {len(self.logit_bias)} entries, more than the vocabulary's {limits.vocab_size}"
+            )
+
+    def max_tokens_sent(self) -> int | None:
+        return self.max_tokens
 
     def num_logprobs(self) -> int | None:
         """How many alternatives per generated token (None: no logprobs)."""
@@ -78,6 +137,13 @@ class CompletionRequest(SamplingBody):
 
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    def check_sizes(self, limits: Limits) -> None:
+        super().check_sizes(limits)
+        if isinstance(self.prompt, str):
+            check_prompt_chars("prompt", len(self.prompt), limits)
+        elif self.prompt and isinstance(self.prompt[0], str):
+            check_prompt_chars("prompt", sum(len(p) for p in self.prompt), limits)  # type: ignore[arg-type]
 
 
 class TextPart(BaseModel):
@@ -107,6 +173,18 @@ class ChatCompletionRequest(SamplingBody):
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def max_tokens_sent(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def check_sizes(self, limits: Limits) -> None:
+        super().check_sizes(limits)
+        if len(self.messages) > limits.max_model_len:  # each message takes at least one token
+            raise InvalidRequest(
+                f"messages: {len(self.messages)} messages cannot fit the model's limit of "
+                f"{limits.max_model_len} tokens"
+            )
+        check_prompt_chars("messages", sum(len(m.text()) for m in self.messages), limits)
+
 
 def single_prompt(prompt: Any) -> str | list[int]:
     """One prompt, as text or token ids; a batch of several is refused."""
@@ -129,9 +207,9 @@ def to_generate_request(
         raise InvalidRequest(f"{field}: {why}")
     sampling = common_pb2.SamplingParams(stop=[body.stop] if isinstance(body.stop, str) else body.stop or [])
     if max_tokens is not None:
-        if max_tokens < 0:  # the proto field is unsigned; 0 and too-large values meet the shared check
-            raise InvalidRequest(f"sampling.max_tokens: {max_tokens} must be >= 1")
-        sampling.max_tokens = min(max_tokens, 2**32 - 1)
+        if not 0 <= max_tokens <= UINT32_MAX:  # the proto field is uint32; 0 meets the shared check
+            raise InvalidRequest(f"sampling.max_tokens: {max_tokens} is outside [1, {UINT32_MAX}]")
+        sampling.max_tokens = max_tokens
     if body.temperature is not None:
         sampling.temperature = body.temperature
     if body.top_p is not None:

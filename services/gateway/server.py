@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator
 
 import grpc
@@ -23,9 +24,13 @@ from fastserve.v1 import common_pb2, scheduler_pb2
 from fastserve.v1 import gateway_pb2 as pb
 from fastserve.v1 import gateway_pb2_grpc as pb_grpc
 
+from . import metrics
+from .admission import Admission, Overloaded
 from .api_keys import ApiKeyInterceptor, ApiKeys, authorization, parse_keys
 from .generation import Generations, SchedulerUnavailable
-from .openai_api import create_app
+from .http_limits import guarded_h11
+from .ids import scoped, unscoped
+from .openai_api import HttpSettings, create_app
 from .request_info import read_request
 from .scheduler_link import SchedulerLink
 from .validation import InvalidRequest, Limits
@@ -58,16 +63,21 @@ class GatewayService(pb_grpc.GatewayServicer):
             async for reply in self.generations.stream(job):
                 yield reply
         except InvalidRequest as exc:
+            metrics.REJECTED.labels("invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Overloaded as exc:
+            metrics.REJECTED.labels("overloaded").inc()
+            context.set_trailing_metadata((("retry-after", str(exc.retry_after)),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except SchedulerUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
         """Cancels every completion of the request. One this gateway streams is known here; any
         other (another gateway's, or one from before a restart) is looked up in Redis."""
-        request_id = request.request_id
-        if not request_id:
+        if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
+        request_id = scoped(self._owner(context), request.request_id)
         live = self.generations.in_flight.get(request_id)
         if live is not None:
             job_ids, owner = live.job_ids, live.owner
@@ -91,8 +101,9 @@ class GatewayService(pb_grpc.GatewayServicer):
     ) -> pb.RequestInfo:
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
+        owner = self._owner(context)
         try:
-            stored = await read_request(self.store, request.request_id)
+            stored = await read_request(self.store, scoped(owner, request.request_id))
         except StoreUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; try again shortly")
         if stored is None or not self._may_see(stored.owner, context):
@@ -100,7 +111,11 @@ class GatewayService(pb_grpc.GatewayServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"request_id: no record of {request.request_id!r} (records expire after --request-ttl)",
             )
-        return stored.info
+        info = stored.info  # as the client knows its ids
+        info.request_id = request.request_id
+        for completion in info.completions:
+            completion.request_id = unscoped(owner, completion.request_id)
+        return info
 
     async def ServerInfo(
         self, request: pb.ServerInfoRequest, context: grpc.aio.ServicerContext
@@ -161,6 +176,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(
         parser, "--max-request-bytes", default=1 << 20, help="largest GenerateRequest accepted, in bytes"
     )
+    add_flag(
+        parser,
+        "--max-request-body-bytes",
+        default=4 << 20,
+        help="largest request body read: HTTP 413 past it (refused while reading, before parsing), gRPC "
+        "RESOURCE_EXHAUSTED (the transport's grpc.max_receive_message_length)",
+    )
+    add_flag(
+        parser,
+        "--max-prompt-chars",
+        default=0,
+        help="longest prompt (all chat messages together) in characters, refused before tokenizing; "
+        "0 = 32 x the model's max length in tokens",
+    )
+    add_flag(
+        parser,
+        "--max-num-waiting",
+        default=1024,
+        help="admission: most requests waiting for their first token (the scheduler's queue and this "
+        "gateway's own); past it HTTP 429 + Retry-After / gRPC RESOURCE_EXHAUSTED; 0 = no bound",
+    )
+    add_flag(
+        parser,
+        "--max-concurrent-requests",
+        default=4096,
+        help="admission (TGI's name): most requests this gateway streams at once; past it 429; 0 = no bound",
+    )
+    add_flag(
+        parser,
+        "--http-header-timeout",
+        default=10.0,
+        help="HTTP: seconds a connection may take to send a request's headers (and, apart, its body); "
+        "then it is closed (headers) or answered 408 (body)",
+    )
+    add_flag(
+        parser,
+        "--timeout-keep-alive",
+        default=5.0,
+        help="HTTP: seconds an idle keep-alive connection stays open (uvicorn's name)",
+    )
+    add_flag(
+        parser,
+        "--stream-send-timeout",
+        default=30.0,
+        help="HTTP: a stream whose client reads nothing for this many seconds (its send buffer full) is "
+        "cancelled, and its job with it",
+    )
     add_flag(parser, "--max-stop-strings", default=16, help="most sampling.stop strings in one request")
     add_flag(
         parser, "--max-logprobs", default=20, help="largest sampling.logprobs / prompt_logprobs accepted"
@@ -188,21 +250,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-async def serve_http(app, args: argparse.Namespace) -> None:
+def bind_http(host: str, port: int) -> socket.socket:
+    """The HTTP port, bound before anything starts: a busy one stops the gateway at once, named."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(
+            f"cannot listen on {host}:{port} (--host/--http-port): {exc.strerror or 'address in use'}"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve_http(app, args: argparse.Namespace, sock: socket.socket) -> None:
     import uvicorn
+
+    def timed_out() -> None:
+        metrics.REJECTED.labels("timeout").inc()
 
     config = uvicorn.Config(
         app,
-        host=args.host,
-        port=args.http_port,
         log_level="warning",
         access_log=False,
         lifespan="off",
+        http=guarded_h11(args.http_header_timeout, timed_out),
+        timeout_keep_alive=max(1, round(args.timeout_keep_alive)),
         ssl_certfile=args.ssl_certfile or None,
         ssl_keyfile=args.ssl_keyfile or None,
         timeout_graceful_shutdown=2,
     )
-    await uvicorn.Server(config).serve()
+    await uvicorn.Server(config).serve(sockets=[sock])
+
+
+async def poll_queue(link: SchedulerLink, admission: Admission, period: float = 0.2) -> None:
+    """Keeps admission's view of the scheduler's queue depth (SchedulerInfo.num_waiting) current."""
+    while True:
+        try:
+            info = await link.stub.Info(scheduler_pb2.SchedulerInfoRequest(), timeout=5)
+            admission.scheduler_waiting = info.num_waiting
+        except grpc.aio.AioRpcError:
+            admission.scheduler_waiting = 0  # away: the gateway's own count still bounds the queue
+        await asyncio.sleep(period)
 
 
 def tls_credentials(certfile: str, keyfile: str) -> grpc.ServerCredentials | None:
@@ -213,6 +304,7 @@ def tls_credentials(certfile: str, keyfile: str) -> grpc.ServerCredentials | Non
 
 
 async def serve(args: argparse.Namespace) -> None:
+    http_sock = bind_http(args.host, args.http_port) if args.http_port else None
     serve_metrics(args.host, args.metrics_port)
     tracer = tracing.setup_tracing("gateway", args)
     sched_channel = channel(args.scheduler_address)
@@ -244,19 +336,20 @@ async def serve(args: argparse.Namespace) -> None:
         max_stop_strings=args.max_stop_strings,
         max_logprobs=args.max_logprobs,
         max_n=args.max_n,
+        max_prompt_chars=args.max_prompt_chars or 32 * info.max_model_len,
     )
 
     served_model_name = args.served_model_name or info.model
     set_model_name(served_model_name)
     keys = ApiKeys(parse_keys(args.api_key))
     tls = tls_credentials(args.ssl_certfile, args.ssl_keyfile)
-    # the transport cap sits above --max-request-bytes so an oversized request gets our message
     server = create_server(
-        max_receive_bytes=4 * args.max_request_bytes + 4096,
+        max_receive_bytes=args.max_request_body_bytes,
         public=True,
         interceptors=[ApiKeyInterceptor(keys)] if keys.required else None,
     )
-    generations = Generations(link, tokenizer, info, limits, tracer)
+    admission = Admission(args.max_num_waiting, args.max_concurrent_requests)
+    generations = Generations(link, tokenizer, info, limits, tracer, admission)
     pb_grpc.add_GatewayServicer_to_server(GatewayService(generations, store, keys), server)
     state, address = await start_server(
         server, [pb.DESCRIPTOR.services_by_name["Gateway"].full_name], args.host, args.port, tls
@@ -270,10 +363,16 @@ async def serve(args: argparse.Namespace) -> None:
     tasks = [
         asyncio.ensure_future(server.wait_for_termination()),
         asyncio.ensure_future(link.watch_health(state)),  # SERVING while the scheduler is
+        asyncio.ensure_future(poll_queue(link, admission)),
     ]
-    if args.http_port:
-        app = create_app(generations, served_model_name, keys, lambda: state.serving)
-        tasks.append(asyncio.ensure_future(serve_http(app, args)))
+    if http_sock is not None:
+        settings = HttpSettings(
+            max_request_body_bytes=args.max_request_body_bytes,
+            header_timeout=args.http_header_timeout,
+            stream_send_timeout=args.stream_send_timeout,
+        )
+        app = create_app(generations, served_model_name, keys, lambda: state.serving, settings)
+        tasks.append(asyncio.ensure_future(serve_http(app, args, http_sock)))
         scheme = "https" if tls else "http"
         log.info(
             "OpenAI-compatible HTTP on %s://%s:%d/v1 (model %r)",

@@ -18,6 +18,7 @@ DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
 DEFAULT_TOP_K = 0
 MAX_REQUEST_ID_CHARS = 256
+MAX_STOP_STRING_CHARS = 1024  # one stop string; a longer one could never be matched within a job
 PENALTY_RANGE = 2.0  # presence / frequency penalties lie in [-2, 2] (vLLM, OpenAI)
 LOGIT_BIAS_RANGE = 100.0  # each logit_bias value lies in [-100, 100] (OpenAI)
 _MASK64 = 2**64 - 1
@@ -36,6 +37,10 @@ class Limits:
     max_stop_strings: int
     max_logprobs: int = 20
     max_n: int = 16
+    max_prompt_chars: int = 0  # 0 = no bound of its own
+
+    def prompt_chars_limit(self) -> int:
+        return self.max_prompt_chars or 1 << 62
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,13 @@ def check_envelope(request: gateway_pb2.GenerateRequest, limits: Limits) -> None
         )
     if has_text and not request.prompt:
         raise InvalidRequest("prompt: must not be empty")
+    check_prompt_chars("prompt", len(request.prompt), limits)
+    if len(request.prompt_token_ids) >= limits.max_model_len:  # leaves no room for one output token
+        raise InvalidRequest(
+            f"prompt_token_ids: {len(request.prompt_token_ids)} tokens leave no room for output within "
+            f"the model's limit of {limits.max_model_len} tokens"
+        )
+    check_stop(list(request.sampling.stop), limits)
     for i, token in enumerate(request.prompt_token_ids):
         if token >= limits.vocab_size:
             raise InvalidRequest(
@@ -180,6 +192,26 @@ def resolve_sampling(request: gateway_pb2.GenerateRequest, limits: Limits) -> Sa
     if s.HasField("structured_outputs"):
         resolved.structured_outputs.CopyFrom(s.structured_outputs)
     return Sampling(n=n, resolved=resolved)
+
+
+def check_prompt_chars(field: str, chars: int, limits: Limits) -> None:
+    """Before tokenizing: a prompt longer than --max-prompt-chars is refused unread."""
+    if chars > limits.prompt_chars_limit():
+        raise InvalidRequest(
+            f"{field}: {chars} characters exceeds the limit of {limits.max_prompt_chars} (--max-prompt-chars)"
+        )
+
+
+def check_stop(stop: list[str], limits: Limits) -> None:
+    if len(stop) > limits.max_stop_strings:
+        raise InvalidRequest(
+            f"sampling.stop: {len(stop)} strings exceeds the limit of {limits.max_stop_strings} (--max-stop-strings)"
+        )
+    for i, text in enumerate(stop):
+        if len(text) > MAX_STOP_STRING_CHARS:
+            raise InvalidRequest(
+                f"sampling.stop[{i}]: {len(text)} characters exceeds the limit of {MAX_STOP_STRING_CHARS}"
+            )
 
 
 def _check_token(field: str, token: int, limits: Limits) -> None:
