@@ -124,6 +124,19 @@ def load(tokenizer: str, mode: str, dataset: str = "") -> dict[str, np.ndarray]:
     return data
 
 
+def as_bytes(data: dict[str, np.ndarray], tokenizer: str, dataset: str = "") -> dict[str, np.ndarray]:
+    """The same rows with each prompt as BOS + UTF-8 byte ids (decoded from its `tokenizer` ids)."""
+    tok = sharegpt_bpe(dataset) if tokenizer == DEFAULT_TOKENIZER else None
+    if tok is None:
+        raise SystemExit("--prompt-bytes decodes sharegpt-bpe ids")
+    flat, offsets = [], [0]
+    for ids in prompts(data, np.arange(len(data["outputs"]))):
+        flat.append(2)
+        flat.extend(b + 4 for b in tok.decode(ids[1:].tolist()).encode())
+        offsets.append(len(flat))
+    return {**data, "ids": np.asarray(flat, dtype=np.int32), "offsets": np.asarray(offsets, dtype=np.int64)}
+
+
 def prompts(data: dict[str, np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
     ids, offsets = data["ids"], data["offsets"]
     return [ids[offsets[r] : offsets[r + 1]] for r in rows]
@@ -291,10 +304,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", default="", help="write the test half as JSONL (lengths + prediction)")
     parser.add_argument("--json", default="", help="write the evaluation here")
     parser.add_argument("--plot", default="", help="predicted vs true length (PNG)")
+    parser.add_argument(
+        "--prompt-bytes",
+        action="store_true",
+        help="read prompts as UTF-8 byte ids (the opt-tiny preset's tokenizer) on the rows, split and "
+        "output lengths of --tokenizer: a model for the byte-level live stack",
+    )
+    parser.add_argument(
+        "--live-trace",
+        default="",
+        help="write --live-requests test-half requests (shuffled by --seed) as JSONL with their prompt_ids, "
+        "clipped to --max-input-len / --max-output-len, for bench.live_compare",
+    )
+    parser.add_argument("--live-requests", type=int, default=96)
+    parser.add_argument("--max-input-len", type=int, default=512)
+    parser.add_argument("--max-output-len", type=int, default=256)
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
     data = load(args.tokenizer, args.pairs, args.dataset)
+    if args.prompt_bytes:
+        data = as_bytes(data, args.tokenizer, args.dataset)
+        args.tokenizer = "byte"
     lengths = np.diff(data["offsets"])
     print(
         f"{len(lengths)} pairs ({args.pairs}), {int(data['test'].sum())} test; "
@@ -340,6 +371,20 @@ def main(argv: list[str] | None = None) -> int:
                     "input_len": int(lengths[r]),
                     "output_len": int(data["outputs"][r]),
                     "predicted_len": int(p),
+                }
+                f.write(json.dumps(row) + "\n")
+    if args.live_trace:
+        rows = random.Random(args.seed).sample(list(test), args.live_requests)
+        with open(args.live_trace, "w") as f:
+            for r in rows:
+                ids = data["ids"][data["offsets"][r] : data["offsets"][r + 1]][: args.max_input_len]
+                row = {
+                    "input_len": len(ids),
+                    "output_len": int(min(data["outputs"][r], args.max_output_len)),
+                    "predicted_len": model.predict(
+                        ids
+                    ),  # what the scheduler predicts from the clipped prompt
+                    "prompt_ids": ids.tolist(),
                 }
                 f.write(json.dumps(row) + "\n")
     if args.json:

@@ -124,7 +124,7 @@ async def server_counts(address: str, records: dict[str, RequestRecord]) -> None
 
 
 async def replay(
-    address: str, trace: list[tuple[float, int, int]], seed: int, run_id: str
+    address: str, trace: list[tuple[float, int, int]], seed: int, run_id: str, prompts=None
 ) -> tuple[list[RequestRecord], dict]:
     """Sends (arrival_time, input_len, output_len) requests on schedule over gRPC; returns records and the server's info."""
     async with grpc.aio.insecure_channel(address) as channel:
@@ -135,7 +135,7 @@ async def replay(
             return send_grpc(stub, request_id, prompt, max_tokens, start)
 
         records = await schedule(
-            trace, seed, run_id, info.vocab_size, info.max_model_len, info.max_tokens_limit, send
+            trace, seed, run_id, info.vocab_size, info.max_model_len, info.max_tokens_limit, send, prompts
         )
     await server_counts(address, records)
     server = {
@@ -184,16 +184,22 @@ async def replay_openai(
     return list(records.values()), {"backend": "openai", "base_url": base_url, "model": model}
 
 
-async def schedule(trace, seed, run_id, vocab_size, max_model_len, max_tokens_limit, send) -> dict:
-    """Sends every request of `trace` at its arrival time; the records by request id."""
+async def schedule(
+    trace, seed, run_id, vocab_size, max_model_len, max_tokens_limit, send, prompts=None
+) -> dict:
+    """Sends every request of `trace` at its arrival time; the records by request id. A request's
+    prompt is its row of `prompts` (token ids, when the trace file has them), else random ids."""
     rng = random.Random(seed)
     start = time.monotonic()
     tasks = {}
     progress = tqdm(total=len(trace), desc="requests", unit="req", file=sys.stderr)
-    for i, (arrival, input_len, output_len) in enumerate(trace):
+    for i, (arrival, input_len, output_len, *_) in enumerate(trace):
         input_len = max(1, min(input_len, max_model_len - 1))
         output_len = max(1, min(output_len, max_model_len - input_len, max_tokens_limit))
-        prompt = [rng.randrange(4, vocab_size) for _ in range(input_len)]
+        if prompts and prompts[i]:
+            prompt = list(prompts[i][:input_len])
+        else:
+            prompt = [rng.randrange(4, vocab_size) for _ in range(input_len)]
         delay = arrival - (time.monotonic() - start)
         if delay > 0:
             await asyncio.sleep(delay)
@@ -258,6 +264,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def trace_prompts(workload: str, n: int) -> list[list[int] | None] | None:
+    """The `prompt_ids` of the first `n` rows of a JSONL trace that has them (a real prompt's token
+    ids, which a --length-predictor reads), else None: prompts are random ids."""
+    if not workload.endswith(".jsonl"):
+        return None
+    with open(workload) as f:
+        rows = [json.loads(line).get("prompt_ids") for line in f if line.strip()][:n]
+    return rows if any(rows) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.report import format_summary, summarize
     from bench.workloads import load_trace
@@ -271,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     run_id = f"bench-{int(time.time() * 1000)}"
     started = time.monotonic()
     if args.backend == "grpc":
-        records, server = asyncio.run(replay(args.address or "127.0.0.1:50051", trace, args.seed, run_id))
+        prompts = trace_prompts(args.workload, len(trace))
+        records, server = asyncio.run(
+            replay(args.address or "127.0.0.1:50051", trace, args.seed, run_id, prompts)
+        )
     else:
         records, server = asyncio.run(
             replay_openai(

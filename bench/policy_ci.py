@@ -81,7 +81,8 @@ def point(args: argparse.Namespace, label: str, rate: float, seed: int, noise: f
             starvation_threshold=args.starvation_threshold, extra={"prediction_sigma": sigma}
         ),
     )
-    p = run_point(trace, config, CostModel.resolve(args.cost_model), args.slo)
+    records: list[dict] = []
+    p = run_point(trace, config, CostModel.resolve(args.cost_model), args.slo, records=records)
     sim, lat = p["sim"], p["latency_per_token"]
     moved = sim["swap_out_blocks"] + sim["swap_in_blocks"] + sim["prefetch_blocks"]
     has_pred = all(len(r) == 4 for r in trace)
@@ -104,7 +105,34 @@ def point(args: argparse.Namespace, label: str, rate: float, seed: int, noise: f
         "recomputes": sim["recomputes"],
         "makespan": sim["makespan"],
         "tau": kendall_tau([r[3] for r in trace], [r[2] for r in trace]) if has_pred else None,
+        **classes(sorted(trace), records),
     }
+
+
+# who a predictor helps or hurts: mean latency per token of the requests in each class (true output
+# tokens, and the trace's prediction where it has one), paired with the same requests under skip-join
+CLASSES = {
+    "short": lambda out, pred: out < 64,
+    "long": lambda out, pred: out >= 512,
+    "short_predicted_long": lambda out, pred: pred is not None and out < 128 and pred >= 256,
+    "long_predicted_short": lambda out, pred: pred is not None and out >= 256 and pred < 128,
+}
+
+
+def classes(trace: list[tuple], records: list[dict]) -> dict:
+    """`records` are the simulator's, in the order of the sorted trace."""
+    out: dict = {}
+    if len(records) != len(trace):
+        return out
+    for name, member in CLASSES.items():
+        lats = [
+            (r["finish"] - r["arrival"]) / max(r["output_tokens"], 1)
+            for row, r in zip(trace, records, strict=True)
+            if member(row[2], row[3] if len(row) > 3 else None)
+        ]
+        out[f"lat_{name}"] = statistics.fmean(lats) if lats else None
+        out[f"n_{name}"] = len(lats)
+    return out
 
 
 def key_of(p: dict) -> tuple:
@@ -169,6 +197,10 @@ def aggregate(
         row: dict = {"tag": tag, "workload": workload, "noise": noise, "policy": policy, "rate": rate}
         for m in METRICS:
             row[m] = interval([p[m] for p in ps])
+        for name in CLASSES:
+            values = [p[f"lat_{name}"] for p in ps if p.get(f"lat_{name}") is not None]
+            row[f"lat_{name}"] = interval(values) if values else None
+            row[f"n_{name}"] = sum(p.get(f"n_{name}", 0) for p in ps)
         taus = [p["tau"] for p in ps if p["tau"] is not None]
         row["tau"] = interval(taus) if taus else None
         row["unfinished"] = sum(p["unfinished"] for p in ps)
@@ -230,8 +262,9 @@ def fmt_tput(entry: dict, max_rate: float) -> str:
 
 def table(rows: list[dict]) -> list[str]:
     lines = [
-        "| setting | policy | rate | lat/tok mean s | P95 | P99 | JCT s | preempt | swap GB | gap closed (mean lat) | τ |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| setting | policy | rate | lat/tok mean s | P95 | P99 | JCT s | preempt | swap GB | gap closed: mean lat | "
+        "P99 | JCT | τ |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         setting = (
@@ -242,8 +275,23 @@ def table(rows: list[dict]) -> list[str]:
         lines.append(
             f"| {setting} | {r['policy']} | {r['rate']:g} | {fmt(r['lat_mean'], 4)} | {fmt(r['lat_p95'])} | "
             f"{fmt(r['lat_p99'])} | {fmt(r['jct_mean'], 1)} | {fmt(r['preemptions'], 0)} | {fmt(r['swap_gb'], 0)} | "
-            f"{fmt(r['gap_closed_lat_mean'], 2)} | {fmt(r['tau'], 2) if r['tau'] else '-'} |"
+            f"{fmt(r['gap_closed_lat_mean'], 2)} | {fmt(r['gap_closed_lat_p99'], 2)} | "
+            f"{fmt(r['gap_closed_jct_mean'], 2)} | {fmt(r['tau'], 2) if r['tau'] else '-'} |"
         )
+    return lines
+
+
+def class_table(rows: list[dict]) -> list[str]:
+    """Mean latency per token of the requests in each class (CLASSES), over seeds."""
+    lines = [
+        "| setting | policy | rate | " + " | ".join(f"{c} (n)" for c in CLASSES) + " |",
+        "|---|---|---:|" + "---:|" * len(CLASSES),
+    ]
+    for r in rows:
+        if r.get("lat_short") is None:
+            continue
+        cells = " | ".join(f"{fmt(r[f'lat_{c}'])} ({r[f'n_{c}']})" for c in CLASSES)
+        lines.append(f"| {r['workload']} {r['tag']} | {r['policy']} | {r['rate']:g} | {cells} |")
     return lines
 
 
@@ -266,6 +314,46 @@ def tput_table(rows: list[dict]) -> list[str]:
         lines.append(
             f"| {setting} | {r['policy']} | {','.join(f'{x:g}' for x in t['rates'])} | "
             f"{fmt_tput(t['mean'], t['max_rate'])} | {fmt_tput(t['p95'], t['max_rate'])} |"
+        )
+    return lines
+
+
+def thresholds(rows: list[dict]) -> list[dict]:
+    """Noisy-oracle sweeps: per (workload, policy, rate) and metric, the tau at which the policy's
+    gap closed crosses 0 (it beats skip-join above it), interpolated between noise levels."""
+    sweeps: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["noise"] >= 0 and r["tau"] and r["policy"] not in ("skip-join-mlfq", "srpt-oracle"):
+            sweeps.setdefault((r["tag"], r["workload"], r["policy"], r["rate"]), []).append(r)
+    out = []
+    for (tag, workload, policy, rate), rs in sweeps.items():
+        rs.sort(key=lambda r: r["tau"]["mean"])
+        entry = {"tag": tag, "workload": workload, "policy": policy, "rate": rate}
+        for m in ("lat_mean", "lat_p95", "lat_p99", "jct_mean"):
+            pts = [(r["tau"]["mean"], r[f"gap_closed_{m}"]["mean"]) for r in rs if r[f"gap_closed_{m}"]]
+            crossing = None
+            if pts and pts[0][1] >= 0:
+                crossing = f"<{pts[0][0]:.2f}"  # beats skip-join at every noise tried
+            for (t0, g0), (t1, g1) in zip(pts, pts[1:], strict=False):
+                if g0 < 0 <= g1:
+                    crossing = f"{t0 + (0 - g0) * (t1 - t0) / (g1 - g0):.2f}"
+            if crossing is None and pts:
+                crossing = f">{pts[-1][0]:.2f}"  # never beats it
+            entry[m] = crossing
+            entry[f"{m}_curve"] = pts
+        out.append(entry)
+    return out
+
+
+def threshold_table(entries: list[dict]) -> list[str]:
+    lines = [
+        "| setting | policy | rate | τ to beat skip-join: mean lat | P95 | P99 | JCT |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for e in entries:
+        lines.append(
+            f"| {e['workload']} {e['tag']} | {e['policy']} | {e['rate']:g} | {e['lat_mean']} | {e['lat_p95']} | "
+            f"{e['lat_p99']} | {e['jct_mean']} |"
         )
     return lines
 
@@ -309,9 +397,15 @@ def report(argv: list[str]) -> int:
     print("\n".join(table(rows)))
     print()
     print("\n".join(tput_table(rows)))
+    print()
+    print("\n".join(class_table(rows)))
+    limits = thresholds(rows)
+    if limits:
+        print()
+        print("\n".join(threshold_table(limits)))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"rows": rows, "tau_thresholds": limits}, f, indent=1)
     if args.plot:
         plot(rows, args.plot)
     return 0

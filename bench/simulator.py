@@ -256,17 +256,25 @@ def simulate(
 
 
 def run_point(
-    trace: Trace, config: SimConfig, cost_model: CostModel, slo: float = 0.3, progress: bool = False
+    trace: Trace,
+    config: SimConfig,
+    cost_model: CostModel,
+    slo: float = 0.3,
+    progress: bool = False,
+    records: list[dict] | None = None,
 ) -> dict:
-    """One (policy, load) point: the metrics of bench.report.summarize plus run totals."""
+    """One (policy, load) point: the metrics of bench.report.summarize plus run totals; `records`,
+    when given, receives the per-request records (in the order of the sorted trace)."""
     stats: dict = {}
-    records = simulate(trace, config, cost_model, progress, stats)
+    finished = simulate(trace, config, cost_model, progress, stats)
+    if records is not None:
+        records.extend(finished)
     return {
         "policy": config.policy,
         "swap_policy": config.swap_policy,
-        **summarize(records, slo),
+        **summarize(finished, slo),
         "submitted": len(trace),
-        "unfinished": len(trace) - len(records),
+        "unfinished": len(trace) - len(finished),
         "sim": stats,
     }
 
