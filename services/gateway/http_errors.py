@@ -85,7 +85,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":  # FastAPI's own parse (http_limits parses first)
             return error(400, f"body: invalid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
         field = ".".join(str(part) for part in first["loc"] if part != "body")
-        sent = f" (sent: {shown(first['input'])})" if "input" in first and field else ""
+        sent = f" (sent: {shown(first['input'])})" if first.get("type") != "missing" and field else ""
         return error(400, f"{field or 'body'}: {first['msg']}{sent}", field or None)
 
     @app.exception_handler(HTTPException)

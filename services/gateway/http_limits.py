@@ -30,7 +30,8 @@ from .http_errors import error
 
 log = logging.getLogger("fastserve.gateway.http")
 SEND_BUFFER_BYTES = 64 << 10  # per connection, in uvicorn's write buffer and in the kernel
-MAX_JSON_DEPTH = 32  # OpenAI bodies nest 4-5 deep (tools' JSON schemas more); 100 000 deep is an attack
+MAX_JSON_DEPTH = 32
+ABORT = "fastserve.abort"  # scope key: drops the connection at once (set by guarded_h11)  # OpenAI bodies nest 4-5 deep (tools' JSON schemas more); 100 000 deep is an attack
 
 
 class BodyLimit:
@@ -181,6 +182,11 @@ def guarded_h11(header_timeout: float, on_timeout: Callable[[], None]) -> type[H
             super().data_received(data)
             self._update_timer()
 
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.scope is not None:  # lets a response drop a connection whose client stopped reading
+                self.scope[ABORT] = self.transport.abort  # type: ignore[literal-required]
+
         def on_response_complete(self) -> None:
             super().on_response_complete()
             self._update_timer()
@@ -227,6 +233,8 @@ class BoundedStream(StreamingResponse):
             await super().__call__(scope, receive, bounded_send)
         except ClientStalled:
             self.on_stall()
+            if ABORT in scope:
+                scope[ABORT]()  # drops what is buffered: no one reads it
             log.warning(
                 "%s %s: the client read nothing for %g s (--stream-send-timeout): stream cancelled",
                 scope["method"],

@@ -30,6 +30,7 @@ from .api_keys import ApiKeyInterceptor, ApiKeys, authorization, parse_keys
 from .generation import Generations, SchedulerUnavailable
 from .http_limits import guarded_h11
 from .ids import scoped, unscoped
+from .memory import release_memory_periodically
 from .openai_api import HttpSettings, create_app
 from .request_info import read_request
 from .scheduler_link import SchedulerLink
@@ -364,6 +365,7 @@ async def serve(args: argparse.Namespace) -> None:
         asyncio.ensure_future(server.wait_for_termination()),
         asyncio.ensure_future(link.watch_health(state)),  # SERVING while the scheduler is
         asyncio.ensure_future(poll_queue(link, admission)),
+        asyncio.ensure_future(release_memory_periodically()),
     ]
     if http_sock is not None:
         settings = HttpSettings(

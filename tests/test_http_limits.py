@@ -1,0 +1,89 @@
+"""The gateway's limits that need no process: JSON checks, admission tickets, owner-scoped ids,
+and the request model's size checks and refused fields."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.gateway.admission import Admission, Overloaded
+from services.gateway.http_limits import MAX_JSON_DEPTH, check_json, depth_exceeds
+from services.gateway.ids import scoped, unscoped
+from services.gateway.openai_protocol import UNSUPPORTED_FIELDS, ChatCompletionRequest, CompletionRequest
+from services.gateway.validation import InvalidRequest, Limits
+
+LIMITS = Limits(
+    vocab_size=272,
+    max_model_len=256,
+    max_tokens_limit=128,
+    max_request_bytes=1 << 20,
+    max_stop_strings=2,
+    max_prompt_chars=1000,
+)
+
+
+def test_check_json_names_what_is_wrong():
+    assert check_json(b'{"prompt": "hi"}') is None
+    assert "invalid UTF-8 at byte 12" in check_json(b'{"prompt": "\xff"}')
+    assert "invalid JSON" in check_json(b'{"prompt": ')
+    assert "nested deeper" in check_json(b"[" * 100_000 + b"]" * 100_000)
+    assert "nested deeper" in check_json(b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1))
+    assert check_json(b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH) is None
+
+
+def test_depth_counts_objects_and_lists_but_not_long_flat_ones():
+    assert not depth_exceeds(list(range(100_000)), 1)
+    assert depth_exceeds({"a": [{"b": []}]}, 3)
+    assert not depth_exceeds({"a": [{"b": []}]}, 4)
+
+
+def test_admission_refuses_past_its_bounds_and_tickets_give_back_their_place():
+    admission = Admission(max_num_waiting=2, max_concurrent_requests=3)
+    first, second = admission.admit(), admission.admit()
+    with pytest.raises(Overloaded, match="--max-num-waiting") as refused:
+        admission.admit()
+    assert refused.value.retry_after == 1
+    first.started()
+    first.started()  # idempotent
+    third = admission.admit()
+    third.started()
+    second.started()
+    with pytest.raises(Overloaded, match="--max-concurrent-requests"):
+        admission.admit()
+    for ticket in (first, second, third, third):
+        ticket.close()
+    assert (admission.waiting, admission.in_flight) == (0, 0)
+    admission.scheduler_waiting = 2  # the scheduler's own queue counts too
+    with pytest.raises(Overloaded):
+        admission.admit()
+
+
+def test_ids_are_scoped_to_their_owner_and_shown_as_sent():
+    assert scoped("", "abc") == "abc" == unscoped("", "abc")
+    assert scoped("0123456789abcdef", "abc") != scoped("fedcba9876543210", "abc")
+    assert unscoped("0123456789abcdef", scoped("0123456789abcdef", "abc-1")) == "abc-1"
+
+
+@pytest.mark.parametrize("field", UNSUPPORTED_FIELDS)
+def test_every_unsupported_field_is_refused_naming_it(field):
+    body = CompletionRequest(prompt="hi", **{field: {"type": "json_object"}})
+    with pytest.raises(InvalidRequest, match=f"^{field}: "):
+        body.check_sizes(LIMITS)
+
+
+def test_neutral_values_of_unsupported_fields_pass():
+    CompletionRequest(prompt="hi", response_format={"type": "text"}, tool_choice="none").check_sizes(LIMITS)
+
+
+def test_size_checks_name_the_value_sent_before_any_tokenizing():
+    with pytest.raises(InvalidRequest, match="1000000000000"):
+        CompletionRequest(prompt="hi", max_tokens=10**12).check_sizes(LIMITS)
+    with pytest.raises(InvalidRequest, match="--max-prompt-chars"):
+        CompletionRequest(prompt="x" * 1001).check_sizes(LIMITS)
+    with pytest.raises(InvalidRequest, match="^messages: .*--max-prompt-chars"):
+        ChatCompletionRequest(messages=[{"role": "user", "content": "x" * 600}] * 2).check_sizes(LIMITS)
+    with pytest.raises(InvalidRequest, match="^messages: 300 messages"):
+        ChatCompletionRequest(messages=[{"role": "user", "content": "x"}] * 300).check_sizes(LIMITS)
+    with pytest.raises(InvalidRequest, match=r"sampling.stop\[0\]: 2000 characters"):
+        CompletionRequest(prompt="hi", stop=["s" * 2000]).check_sizes(LIMITS)
+    with pytest.raises(InvalidRequest, match="sampling.n: 4294967296"):
+        CompletionRequest(prompt="hi", n=2**32).check_sizes(LIMITS)
