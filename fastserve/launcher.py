@@ -25,8 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
 from fastserve.child_output import Relay
 from fastserve.flags import add_common_flags, add_flag, parse_bool, setup_logging
+from fastserve.liveness import Liveness, scheduler_step_timeout
 from fastserve.procs import free_port, free_ports, popen_child, stop_all
 from fastserve.rpc import check_serving_sync
 
@@ -194,6 +197,12 @@ SERVICE_KNOBS = {  # flag of `up` -> (the service it goes to when given, type, w
     "--starvation-threshold": ("scheduler", float, "α, seconds without running before promotion to Q0"),
     "--starvation-period": ("scheduler", int, "iterations between starvation checks"),
     "--length-predictor": ("scheduler", str, "output-length model (.npz) the predicted-* policies read"),
+    "--step-timeout": (
+        "scheduler",
+        float,
+        "seconds a worker step or KV plan may go unanswered before that peer is hung (NOT_SERVING); "
+        "`up` also kills and restarts a child silent to health checks that long",
+    ),
     "--orphan-timeout": (
         "scheduler",
         float,
@@ -336,6 +345,7 @@ class Stack:
         self.env = {**os.environ, "FASTSERVE_INTERNAL_TOKEN": self.token}
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self.liveness: Liveness | None = None
         self.output = Relay()  # what the children print: relayed, held during the demo, remembered
 
     @property
@@ -514,10 +524,55 @@ class Stack:
     # -- supervision ----------------------------------------------------------------------
 
     def supervise(self) -> None:
-        """Restarts what dies until stop(); raises RuntimeError when a group keeps dying."""
-        while not self._stop.wait(0.2):
-            for group in self.groups.values():
-                self._check(group)
+        """Restarts what dies, or hangs, until stop(); raises RuntimeError when a group keeps dying."""
+        self.liveness = Liveness(self._watched, self._hang_timeout())
+        self.liveness.start()
+        try:
+            while not self._stop.wait(0.2):
+                for group in self.groups.values():
+                    self._check(group)
+        finally:
+            self.liveness.stop()
+
+    def _hang_timeout(self) -> float:
+        """--step-timeout when given, else the one the scheduler derived from its profile."""
+        if self.args.step_timeout:
+            return float(self.args.step_timeout)
+        try:
+            return scheduler_step_timeout(self.addresses["scheduler"], self.token)
+        except grpc.RpcError as exc:
+            log.warning(
+                "cannot ask the scheduler its step timeout (%s); a silent child is hung after 60s", exc
+            )
+            return 60.0
+
+    def _watched(self) -> dict[str, tuple[int, str]]:
+        """The children whose health the liveness thread asks: every gRPC service (the gateway unless TLS)."""
+        return {
+            c.name: (c.proc.pid, self.addresses[c.name])
+            for g in self.groups.values()
+            for c in g.children
+            if c.proc is not None
+            and c.name in self.addresses
+            and c.name != "redis"
+            and not (c.name == "gateway" and self.args.ssl_certfile)
+        }
+
+    def _kill_hung(self, group: Group) -> None:
+        for child in group.children:
+            proc = child.proc
+            if proc is None or proc.poll() is not None or self.liveness is None:
+                continue
+            if silent := self.liveness.hung(child.name, proc.pid):
+                log.error(
+                    "%s (pid %d) is hung: no answer to health checks for %.1fs (--step-timeout %g); killing it",
+                    child.name,
+                    proc.pid,
+                    silent,
+                    self.liveness.step_timeout,
+                )
+                proc.kill()
+                proc.wait()
 
     def supervise_in_background(self) -> None:
         self._supervisor = threading.Thread(target=self._supervise_logged, name="supervisor", daemon=True)
@@ -532,6 +587,7 @@ class Stack:
     def _check(self, group: Group) -> None:
         now = time.monotonic()
         if group.restart_at is None:
+            self._kill_hung(group)
             dead = group.dead()
             if not dead:
                 return

@@ -25,9 +25,14 @@ class KVClient:
     The stream keeps requests in order, so a free sent before a plan is applied before it.
     """
 
-    def __init__(self, stub: KVManagerStub, on_free: Callable[[int, int], None]) -> None:
+    def __init__(
+        self, stub: KVManagerStub, on_free: Callable[[int, int], None], timeout: float | None = None
+    ) -> None:
         self.stub = stub
         self.on_free = on_free
+        self.timeout = (
+            timeout  # seconds a plan may take before the KV manager counts as hung (--step-timeout)
+        )
         self._call: grpc.aio.StreamStreamCall | None = None
         self._waiting: deque[asyncio.Future | None] = deque()  # None: a free, nobody awaits it
         self._reader: asyncio.Task | None = None
@@ -68,7 +73,12 @@ class KVClient:
         waiter = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)
         await self._call.write(request)
-        return await waiter
+        try:
+            return await asyncio.wait_for(waiter, self.timeout)
+        except TimeoutError:  # frozen (neither answering nor dead): down, as if it had died
+            self.broken = KVError(f"KV manager hung: no plan for {self.timeout:g}s (--step-timeout)")
+            log.error("%s", self.broken)
+            raise self.broken from None
 
     async def free(self, request_ids: list[str]) -> None:
         if self.broken is not None:

@@ -71,19 +71,30 @@ class Recovery:
                 log.warning("KV manager at %s not back yet: %s", self.kv_address, exc)
                 await asyncio.sleep(0.5)
 
-    async def watch_kvmanager(self, period: float = 1.0, misses: int = 3) -> None:
-        """Notices a kvmanager that went away while nothing ran (health stays truthful). It takes
-        `misses` failed probes in a row, so a slow answer on a loaded machine is not an outage."""
+    async def watch_kvmanager(self, hung_after: float, period: float = 1.0, misses: int = 3) -> None:
+        """Notices a kvmanager that went away while nothing ran (health stays truthful). A dead one
+        (refusing connections, or NOT_SERVING) takes `misses` failed probes in a row, so a slow answer
+        on a loaded machine is not an outage; a frozen one (no answer at all) takes `hung_after`
+        seconds (--step-timeout), so a pause shorter than that costs no reconfigure and no recompute."""
         stub = health_pb2_grpc.HealthStub(self.kv_channel)
         failed = 0
+        answered = time.monotonic()
         while True:
             await asyncio.sleep(period)
+            silent = False
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2 * period)
                 ok = reply.status == health_pb2.HealthCheckResponse.SERVING
-            except grpc.aio.AioRpcError:
+                answered = time.monotonic()
+            except grpc.aio.AioRpcError as exc:
                 ok = False
-            failed = 0 if ok else failed + 1
-            if failed >= misses and not self.engine.kv_lost:
-                self.engine.kv_lost = f"kvmanager at {self.kv_address} is not SERVING"
+                silent = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            failed = 0 if ok or silent else failed + 1
+            hung = silent and time.monotonic() - answered >= hung_after
+            if (failed >= misses or hung) and not self.engine.kv_lost:
+                self.engine.kv_lost = (
+                    f"kvmanager at {self.kv_address} hung: no answer for {hung_after:g}s (--step-timeout)"
+                    if hung
+                    else f"kvmanager at {self.kv_address} is not SERVING"
+                )
                 self.engine.wakeup.set()

@@ -52,6 +52,9 @@ from .workers import WorkerGroup
 
 log = logging.getLogger("fastserve.scheduler")
 
+STEP_TIMEOUT_FLOOR = 30.0  # seconds: longer than a pause that costs nothing (GC, a swapped-out page)
+STEP_TIMEOUT_FACTOR = 50.0  # times the longest profiled iteration
+
 
 class SchedulerService(pb_grpc.SchedulerServicer):
     """Registered before the server starts; answers UNAVAILABLE until `ready` hands it the engine."""
@@ -186,6 +189,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=30.0,
         help="seconds a job restored after a restart waits for a gateway to re-attach before it is "
         "cancelled (longer than a scheduler restart plus a gateway's re-attach)",
+    )
+    add_flag(
+        parser,
+        "--step-timeout",
+        default=0.0,
+        help="seconds a worker step or a KV plan may go unanswered before that peer is declared hung "
+        f"(NOT_SERVING; the supervisor restarts it); 0 = {STEP_TIMEOUT_FACTOR:g}x the longest profiled "
+        f"iteration, at least {STEP_TIMEOUT_FLOOR:g}s",
     )
     add_flag(
         parser,
@@ -327,6 +338,9 @@ async def serve(args: argparse.Namespace) -> None:
         max_batched_tokens=args.max_num_batched_tokens,
     )
     cost_model = CostModel().fit(samples)
+    step_timeout = args.step_timeout or max(
+        STEP_TIMEOUT_FLOOR, STEP_TIMEOUT_FACTOR * max((sample[-1] for sample in samples), default=0.0)
+    )
     predictor = LengthPredictor.load(args.length_predictor) if args.length_predictor else None
     if predictor is not None:
         log.info(
@@ -371,6 +385,7 @@ async def serve(args: argparse.Namespace) -> None:
     metrics.JOB_LOG_DEGRADED.set_function(lambda: 1.0 if job_log.problem else 0.0)
     engine = Engine(core, workers, kv, job_log, cost_model, first.kv_block_bytes, tracer)
     engine.predictor = predictor.predict if predictor else None
+    engine.kv.timeout = step_timeout
     recovery = Recovery(engine, workers, kv_channel, args.kvmanager_address, configure, state)
     info = pb.SchedulerInfo(
         model=first.model,
@@ -393,6 +408,7 @@ async def serve(args: argparse.Namespace) -> None:
         eos_token_id=first.eos_token_id,
         tokenizer=resolve_model(first.model).tokenizer,
         swap_policy=args.swap_policy,
+        step_timeout_seconds=step_timeout,
     )
     try:
         restored = await resume.restore(engine, job_log, store, leases)
@@ -411,7 +427,8 @@ async def serve(args: argparse.Namespace) -> None:
     set_model_name(args.served_model_name or info.model)
     service.ready(engine, job_log, leases, info)
     loop_task = asyncio.create_task(engine.run())
-    watch_task = asyncio.create_task(recovery.watch_kvmanager())
+    watch_task = asyncio.create_task(recovery.watch_kvmanager(hung_after=step_timeout))
+    steps_task = asyncio.create_task(workers.watch_steps(step_timeout))
     lease_task = asyncio.create_task(leases.run())
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -419,14 +436,22 @@ async def serve(args: argparse.Namespace) -> None:
     stop_task = asyncio.create_task(stop.wait())
     await state.mark_serving()
     log.info(
-        "serving: policy %s, max batch %d, max batched tokens %d, max model len %d",
+        "serving: policy %s, max batch %d, max batched tokens %d, max model len %d, step timeout %.1fs",
         args.policy,
         args.max_batch_size,
         args.max_num_batched_tokens,
         info.max_model_len,
+        step_timeout,
     )
     done, _ = await asyncio.wait(
-        [loop_task, watch_task, lease_task, stop_task, asyncio.create_task(server.wait_for_termination())],
+        [
+            loop_task,
+            watch_task,
+            steps_task,
+            lease_task,
+            stop_task,
+            asyncio.create_task(server.wait_for_termination()),
+        ],
         return_when=asyncio.FIRST_COMPLETED,
     )
     for task in done:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import grpc
@@ -34,6 +35,7 @@ class WorkerGroup:
         self.infos: list[pb.WorkerInfo] = []
         self._calls: list[grpc.aio.StreamStreamCall] = []
         self._pending: dict[int, list[asyncio.Future]] = {}
+        self._sent: dict[int, float] = {}  # step id -> when it was sent (monotonic), until answered
         self._write_lock = asyncio.Lock()
         self._readers: list[asyncio.Task] = []
         self._channels: list[grpc.aio.Channel] = []
@@ -112,13 +114,42 @@ class WorkerGroup:
             )
         if call is not self._calls[rank]:
             return  # a stream of a group this scheduler already gave up on
+        self._break(error, [rank])
+
+    def _break(self, error: WorkerError, ranks: list[int]) -> None:
+        """The group is down (a rank died or hung): every step waiting on `ranks` fails with `error`."""
         log.error("%s", error)
         if self.broken is None:
             self.broken = error
             self.on_broken()
         for futures in self._pending.values():
-            if not futures[rank].done():
-                futures[rank].set_exception(error)
+            for rank in ranks:
+                if not futures[rank].done():
+                    futures[rank].set_exception(error)
+
+    async def watch_steps(self, timeout: float) -> None:
+        """Liveness: a rank that neither answers a step nor dies (frozen: SIGSTOP, a stuck driver)
+        is declared hung once a step waits `timeout` seconds for it; the group is then down as if
+        the rank had died (NOT_SERVING, the supervisor restarts it, jobs recompute). A stop shorter
+        than `timeout` costs nothing: the step's answer is simply late."""
+        period = min(0.5, timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            if self.broken is not None or not self._sent:
+                continue
+            step_id, sent = min(self._sent.items(), key=lambda item: item[1])
+            waited = time.monotonic() - sent
+            futures = self._pending.get(step_id)
+            if waited < timeout or not futures:
+                continue
+            silent = [rank for rank, future in enumerate(futures) if not future.done()]
+            names = ", ".join(f"rank {rank} ({self.addresses[rank]})" for rank in silent)
+            self._break(
+                WorkerError(
+                    f"worker {names} hung: no answer to a step for {waited:.1f}s (--step-timeout {timeout:g}s)"
+                ),
+                silent,
+            )
 
     async def reconnect(self) -> None:
         """After a rank died: drops every stream and waits (as long as it takes) for the whole group
@@ -130,6 +161,7 @@ class WorkerGroup:
         for chan in self._channels:
             await chan.close()
         self._pending.clear()
+        self._sent.clear()
         log.warning("worker group down (%s); waiting for it to come back", self.broken)
         while True:
             try:
@@ -147,6 +179,7 @@ class WorkerGroup:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in self._calls]
         self._pending[request.step_id] = futures
+        self._sent[request.step_id] = time.monotonic()
         try:
             async with self._write_lock:
                 for call in self._calls:
@@ -156,6 +189,7 @@ class WorkerGroup:
             raise WorkerError(f"sending step {request.step_id}: {exc.code().name} {exc.details()}") from exc
         finally:
             self._pending.pop(request.step_id, None)
+            self._sent.pop(request.step_id, None)
         errors = [f"rank {i}: {r.error}" for i, r in enumerate(replies) if r.error]
         if errors:
             raise WorkerError("; ".join(errors))
