@@ -245,7 +245,14 @@ def split_rows(data: dict[str, np.ndarray], seed: int) -> tuple[np.ndarray, np.n
     return train[~val_mask], train[val_mask], test
 
 
-def train(data: dict[str, np.ndarray], dim: int, tokenizer: str, seed: int) -> tuple[LengthPredictor, dict]:
+def train(
+    data: dict[str, np.ndarray],
+    dim: int,
+    tokenizer: str,
+    seed: int,
+    lambdas: tuple[float, ...] = LAMBDAS,
+    iters: int = 300,
+) -> tuple[LengthPredictor, dict]:
     fit, val, _ = split_rows(data, seed)
     m = width(dim)
     y = np.log(data["outputs"].astype(float))
@@ -253,17 +260,17 @@ def train(data: dict[str, np.ndarray], dim: int, tokenizer: str, seed: int) -> t
     yf, yv = y[fit], y[val]
     center = float(yf.mean())
     scores = {}
-    for lam in LAMBDAS:
-        w = ridge(xf, len(fit), m, yf - center, lam)
+    for lam in lambdas:
+        w = ridge(xf, len(fit), m, yf - center, lam, iters)
         pv = predict_log(xv, len(val), w) + center
         scores[lam] = kendall_tau(pv, yv)
     best = max(scores, key=scores.get)
-    w = ridge(xf, len(fit), m, yf - center, best)
+    w = ridge(xf, len(fit), m, yf - center, best, iters)
     w[m - 1] += center  # the bias column carries the mean
     sigma = float(np.std(yv - predict_log(xv, len(val), w)))
     # refit on the whole train half with the chosen lambda (sigma stays the validation estimate)
     rows = np.concatenate([fit, val])
-    w = ridge(design(prompts(data, rows), dim), len(rows), m, y[rows] - center, best)
+    w = ridge(design(prompts(data, rows), dim), len(rows), m, y[rows] - center, best, iters)
     w[m - 1] += center
     return LengthPredictor(w.astype(np.float32), dim, sigma, tokenizer), {
         "lambda": best,
@@ -317,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         "clipped to --max-input-len / --max-output-len, for bench.live_compare",
     )
     parser.add_argument("--live-requests", type=int, default=96)
+    parser.add_argument(
+        "--lambdas", default=",".join(f"{x:g}" for x in LAMBDAS), help="ridge strengths to choose from"
+    )
+    parser.add_argument("--cg-iters", type=int, default=300, help="conjugate-gradient iterations per fit")
     parser.add_argument("--max-input-len", type=int, default=512)
     parser.add_argument("--max-output-len", type=int, default=256)
     args = parser.parse_args(argv)
@@ -332,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(set(data['conversation'].tolist()))} conversations; loaded in {time.perf_counter() - t0:.1f}s"
     )
     t0 = time.perf_counter()
-    model, fit_info = train(data, args.dim, args.tokenizer, args.seed)
+    lambdas = tuple(float(x) for x in args.lambdas.split(","))
+    model, fit_info = train(data, args.dim, args.tokenizer, args.seed, lambdas, args.cg_iters)
     train_s = time.perf_counter() - t0
     _, _, test = split_rows(data, args.seed)
     test_prompts = prompts(data, test)

@@ -283,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         args.workload, num_requests=args.num_requests, rate=args.rate, cv=args.cv, seed=args.seed
     )
     if args.max_input_len or args.max_output_len:
-        trace = [(a, min(i, args.max_input_len or i), min(o, args.max_output_len or o)) for a, i, o in trace]
+        trace = [
+            (a, min(i, args.max_input_len or i), min(o, args.max_output_len or o)) for a, i, o, *_ in trace
+        ]
     run_id = f"bench-{int(time.time() * 1000)}"
     started = time.monotonic()
     if args.backend == "grpc":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # docs/why-mlfq.md, "with confidence": every seeded grid of the note, one process at a time (the
 # machine is shared), each resumable (bench.policy_ci skips points already in its JSONL).
-#   nice -n 10 bench/why_ci.sh [grid ...]     grids: real noisy synthetic alpaca human tput blind
+#   nice -n 10 bench/why_ci.sh [grid ...]     grids: real noisy synthetic alpaca human tput blind calibrated
+#                                              (default) and headline mix (benchmarks.md's headline, section 4's mix)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -11,7 +12,7 @@ PRED=predicted-srpt,predicted-gittins,predicted-skip-join-mlfq,predicted-order-m
 # the trained model's own log-error spread (bench/length_predictor.py: sigma)
 SIG=$($PY -c "import json; print(round(json.load(open('$R/length_predictor.json'))['sigma'], 3))")
 SIGH=$($PY -c "import json; print(round(json.load(open('$R/length_predictor_human.json'))['sigma'], 3))")
-grids=${*:-real noisy synthetic alpaca human tput blind}
+grids=${*:-real noisy synthetic alpaca human tput blind calibrated}
 for g in $grids; do
   case $g in
     real) $RUN --out $R/ci_real.jsonl --workload sharegpt-real-test --prediction-sigma "$SIG" --rates 3,5 \
@@ -27,6 +28,21 @@ for g in $grids; do
     tput) $RUN --out $R/ci_real.jsonl --workload sharegpt-real-test --prediction-sigma "$SIG" --rates 2,8 \
             --policies fcfs,skip-join-mlfq,srpt-oracle,$PRED,gittins-slowdown,mlfq ;;
     blind) $RUN --out $R/ci_real.jsonl --workload sharegpt-real-test --rates 3,5 --policies gittins,vllm@256 ;;
+    # the same predictions quantile-mapped to the true lengths' spread (bench/calibrate_predictions.py)
+    calibrated) $RUN --out $R/ci_calibrated.jsonl --workload sharegpt-real-test-calibrated --prediction-sigma "$SIG" \
+                  --rates 3,5 --policies skip-join-mlfq,srpt-oracle,$PRED ;;
+    # benchmarks.md's headline sweeps (fcfs vs skip-join, throughput at the SLO) and the size-blind
+    # policies of section 3 on the synthetic traces, with seeds
+    headline)
+      $RUN --out $R/ci_headline.jsonl --workload sharegpt --rates 1.5,2,2.5,3,4,5,6,8 --policies fcfs,skip-join-mlfq
+      $RUN --out $R/ci_headline.jsonl --workload alpaca --rates 10,14,17,20,25,30,40,50 --policies fcfs,skip-join-mlfq
+      $RUN --out $R/ci_synthetic.jsonl --workload sharegpt --noise 1.05 --rates 2,3 \
+        --policies mlfq,gittins,gittins-slowdown,vllm@256
+      $RUN --out $R/ci_alpaca.jsonl --workload alpaca --noise 1.0 --rates 14,20 \
+        --policies mlfq,gittins,gittins-slowdown,vllm@256 ;;
+    # section 4: skip-join against naive MLFQ where it was best (alpaca + summarize prompts)
+    mix) $RUN --out $R/ci_mix.jsonl --workload $R/mix_alpaca_summarize.jsonl --rates 2,4,6,7,8,10 \
+           --policies fcfs,mlfq,skip-join-mlfq ;;
     *) echo "unknown grid $g" >&2; exit 2 ;;
   esac
 done

@@ -57,6 +57,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 PREDICTED = {
     "sharegpt-real-test": RESULTS / "sharegpt_real_test_predicted.jsonl",
     "sharegpt-real-human-test": RESULTS / "sharegpt_real_human_test_predicted.jsonl",
+    "sharegpt-real-test-calibrated": RESULTS / "sharegpt_real_test_calibrated.jsonl",
 }
 WORKLOADS = (*SHAPES, REAL, *PREDICTED)
 
