@@ -36,9 +36,13 @@ def redis_server_binary() -> str:
 
 
 def start_redis(
-    port: int = 0, password: str | None = None, data_dir: Path | None = None
+    port: int = 0,
+    password: str | None = None,
+    data_dir: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
-    """Returns the process and its URL once it answers PING (after loading its append-only file)."""
+    """Returns the process and its URL once it answers PING (after loading its append-only file);
+    `env`: its environment (default: this process's)."""
     port = port or free_port()
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -62,7 +66,7 @@ def start_redis(
     ]
     if password:  # through stdin (`redis-server -`), so it is on no command line
         args.insert(1, "-")
-    proc = popen_child(args, stdout=subprocess.DEVNULL, stdin=subprocess.PIPE)
+    proc = popen_child(args, stdout=subprocess.DEVNULL, stdin=subprocess.PIPE, env=env)
     proc.stdin.write(f"requirepass {password}\n".encode() if password else b"")
     proc.stdin.close()
     url = f"redis://{':' + password + '@' if password else ''}127.0.0.1:{port}/0"

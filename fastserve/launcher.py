@@ -334,6 +334,9 @@ def check_writable(data_dir: Path) -> None:
         ) from None
 
 
+SECRET_VARIABLES = ("FASTSERVE_API_KEY", "FASTSERVE_REDIS_URL", "FASTSERVE_INTERNAL_TOKEN")
+
+
 class Stack:
     """The processes of one stack, each restarted when it dies (see supervise)."""
 
@@ -342,7 +345,13 @@ class Stack:
         self.groups: dict[str, Group] = {}
         self.addresses: dict[str, str] = {}
         self.token = getattr(args, "internal_token", "") or secrets.token_urlsafe(24)
-        self.env = {**os.environ, "FASTSERVE_INTERNAL_TOKEN": self.token}
+        # each child gets only the secrets it uses: none from this process's environment, the stack's
+        # token for the FastServe services, the Redis URL (its password) for the scheduler and the
+        # gateway, the API keys for the gateway (see spawn calls)
+        base = {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
+        self.base_env = base
+        self.env = {**base, "FASTSERVE_INTERNAL_TOKEN": self.token}
+        self.redis_env: dict[str, str] = {}
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
         self.liveness: Liveness | None = None
@@ -408,7 +417,7 @@ class Stack:
         if not redis_url:
             redis_url = self._start_embedded_redis()
         self.addresses["redis"] = redis_url
-        self.env["FASTSERVE_REDIS_URL"] = redis_url  # not on a command line: it may hold a password
+        self.redis_env["FASTSERVE_REDIS_URL"] = redis_url  # not on a command line: it may hold a password
         world = args.tp * args.pp
         kv_port, sched_port, sched_metrics, gw_metrics, kv_metrics, *ports = free_ports(5 + 2 * world)
         worker_ports, worker_metrics = ports[:world], ports[world:]
@@ -461,6 +470,7 @@ class Stack:
             "scheduler",
             "services.scheduler",
             lambda: scheduler_flags(args, sched_port, sched_metrics, model_name, worker_addrs, kv_addr),
+            env=self.redis_env,
         )
         self.spawn(
             "gateway",
@@ -478,7 +488,7 @@ class Stack:
                 )
                 + knob_flags(args, "gateway")
             ),
-            env={"FASTSERVE_API_KEY": args.api_key},  # keys stay off the command line
+            env={**self.redis_env, "FASTSERVE_API_KEY": args.api_key},  # keys stay off the command line
         )
         self.wait_serving("kvmanager", kv_addr)
         for rank, addr in enumerate(worker_addrs):
@@ -503,7 +513,7 @@ class Stack:
 
         def start() -> subprocess.Popen:
             nonlocal url
-            proc, url = start_redis(port, password, data_dir)
+            proc, url = start_redis(port, password, data_dir, env=self.base_env)
             return proc
 
         self.add("redis", start)

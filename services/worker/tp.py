@@ -9,7 +9,10 @@ peers exchanges the same tensor and no scatter/gather across the group is needed
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
+import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -112,6 +115,30 @@ class ParallelContext:
         self._pending.clear()
 
 
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(address)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def loopback_store(rank: int, world_size: int, address: str, port: int, timeout: timedelta) -> dist.TCPStore:
+    """The rendezvous of a one-machine world, reachable from this machine only.
+
+    torch's TCPStore listens on every interface, and it has no authentication; rank 0 binds the
+    socket to loopback itself and hands it over. gloo's and NCCL's own connections go over the
+    loopback interface too (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, unless set already)."""
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        os.environ.setdefault(name, "lo")
+    if rank != 0:
+        return dist.TCPStore(address, port, world_size, False, timeout=timeout)
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, port))
+    sock.listen(128)
+    return dist.TCPStore(address, port, world_size, True, timeout=timeout, master_listen_fd=sock.detach())
+
+
 def init_distributed(
     rank: int,
     world_size: int,
@@ -131,13 +158,23 @@ def init_distributed(
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://{master_addr}:{master_port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
-        )
+        timeout = timedelta(seconds=timeout_s)
+        if is_loopback(master_addr):
+            dist.init_process_group(
+                backend,
+                store=loopback_store(rank, world_size, master_addr, master_port, timeout),
+                rank=rank,
+                world_size=world_size,
+                timeout=timeout,
+            )
+        else:  # multi-node: rank 0 listens where the other nodes reach it (a port to firewall)
+            dist.init_process_group(
+                backend,
+                init_method=f"tcp://{master_addr}:{master_port}",
+                rank=rank,
+                world_size=world_size,
+                timeout=timeout,
+            )
     tp_group = None
     for stage in range(pp_size):
         ranks = list(range(stage * tp_size, (stage + 1) * tp_size))
