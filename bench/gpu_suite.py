@@ -122,6 +122,10 @@ def plan(args: argparse.Namespace, device: str, out: Path) -> list[Part]:
                 "8" if smoke else "64",
                 "--max-len",
                 "32" if smoke else "256",
+                # smoke: swapping must not depend on the machine's speed. All 8 jobs arrive at once
+                # and least-attained-service preempts whoever just ran for one that has not, while
+                # the GPU tier holds two jobs: every iteration swaps, however fast or slow it is
+                *(["--rate", "1000", "--policy", "las"] if smoke else []),
                 "--json",
                 str(out / "swap.json"),
             ],

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-gpu-blocks", type=int, default=48)
     parser.add_argument("--num-host-blocks", type=int, default=4096)
     parser.add_argument("--swap-policy", default="proactive")
+    parser.add_argument("--policy", default="skip-join-mlfq", help="scheduling policy of the stack")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--workload", default="alpaca")
     parser.add_argument("--num-requests", type=int, default=64)
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.num_host_blocks),
                 "--swap-policy",
                 args.swap_policy,
+                "--policy",
+                args.policy,
                 "--max-batch-size",
                 str(args.max_batch_size),
                 "--log-level",
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "device": args.device,
         "swap_policy": args.swap_policy,
+        "policy": args.policy,
         "num_gpu_blocks": args.num_gpu_blocks,
         "requests": len(records),
         "wall_seconds": wall,

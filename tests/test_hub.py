@@ -54,8 +54,9 @@ def test_unreachable_hub_costs_no_retries_and_a_local_directory_no_hub_at_all(tm
     assert done.returncode == 0, done.stderr
     loaded = json.loads(done.stdout)
     kind, seconds = loaded["facebook/opt-125m"]
-    assert kind == "ByteTokenizer" and seconds < 10, loaded  # was ~50 s of retries with backoff
+    # bounds with room for a loaded machine: the failure they catch was ~50 s of retries with backoff
+    assert kind == "ByteTokenizer" and seconds < 30, loaded
     kind, seconds = loaded[str(tmp_path / "tok")]
-    assert kind == "HFTokenizer" and seconds < 10, loaded
+    assert kind == "HFTokenizer" and seconds < 30, loaded
     error, seconds = loaded["model"]  # a hub id that is not in the cache: a clear error, at once
-    assert "could not be downloaded from the Hugging Face hub" in error and seconds < 10, loaded
+    assert "could not be downloaded from the Hugging Face hub" in error and seconds < 30, loaded

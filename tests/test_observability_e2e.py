@@ -89,9 +89,24 @@ def generate(stub, prompt_ids, max_tokens, request_id):
 def test_one_trace_spans_services_and_preemption_events_carry_levels(traced_stack, receiver):
     sink, _ = receiver
     stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(traced_stack.addresses["gateway"]))
-    long_job = threading.Thread(target=generate, args=(stub, [2, *range(10, 60)], 200, "long-traced"))
+    streamed: list[int] = []
+
+    def long_one() -> None:
+        sampling = common_pb2.SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+        request = gateway_pb2.GenerateRequest(
+            prompt_token_ids=[2, *range(10, 60)], sampling=sampling, request_id="long-traced"
+        )
+        for reply in stub.Generate(request, timeout=120):
+            streamed.extend(reply.token_ids)
+
+    long_job = threading.Thread(target=long_one)
     long_job.start()
-    time.sleep(0.3)  # the long job is demoted by now; then a short one arrives and preempts it
+    deadline = time.monotonic() + 60
+    # 10 iterations run: past the top queues' quanta, so demoted; then a short one arrives and preempts it
+    while len(streamed) < 10:
+        assert time.monotonic() < deadline and long_job.is_alive(), "the long job did not start"
+        time.sleep(0.005)
+    assert len(streamed) < 200, "the long job finished before the short one was sent"
     generate(stub, [2, 5, 6], 4, "short-traced")
     long_job.join(120)
 

@@ -1,4 +1,8 @@
-"""Iteration-level preemption on the live stack: with one batch slot, who finishes first."""
+"""Iteration-level preemption on the live stack: with one batch slot, who finishes first.
+
+The short request is sent once the long one is producing tokens (not after a sleep, which on a
+loaded machine may be before the long one even reached the scheduler): from then on the order
+is the policy's alone."""
 
 from __future__ import annotations
 
@@ -11,14 +15,18 @@ import pytest
 from fastserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.conftest import start_stack
 
+LONG_TOKENS = 200
 
-def run(stub, prompt_ids, max_tokens, finished: dict, name: str) -> None:
+
+def run(stub, prompt_ids, max_tokens, finished: dict, name: str, streamed: list | None = None) -> None:
     sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    replies = list(
-        stub.Generate(
-            gateway_pb2.GenerateRequest(prompt_token_ids=prompt_ids, sampling=sampling), timeout=300
-        )
-    )
+    replies = []
+    for reply in stub.Generate(
+        gateway_pb2.GenerateRequest(prompt_token_ids=prompt_ids, sampling=sampling), timeout=300
+    ):
+        replies.append(reply)
+        if streamed is not None:
+            streamed.extend(reply.token_ids)
     assert replies[-1].usage.completion_tokens == max_tokens
     finished[name] = time.monotonic()
 
@@ -41,13 +49,22 @@ def test_short_request_overtakes_long_one_only_under_skip_join(
     try:
         stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(stack.addresses["gateway"]))
         finished: dict[str, float] = {}
-        long_job = threading.Thread(target=run, args=(stub, [2, *range(10, 40)], 200, finished, "long"))
+        streamed: list[int] = []
+        long_job = threading.Thread(
+            target=run, args=(stub, [2, *range(10, 40)], LONG_TOKENS, finished, "long", streamed)
+        )
         long_job.start()
-        time.sleep(0.3)  # the long job is running (and, under the MLFQ, demoted) when the short one arrives
-        assert "long" not in finished
+        deadline = time.monotonic() + 120
+        while not streamed:  # the long job runs (and, under the MLFQ, is demoted) when the short one arrives
+            assert time.monotonic() < deadline and long_job.is_alive(), "the long job did not start"
+            time.sleep(0.005)
+        sent_at = len(streamed)
         run(stub, [2, 5, 6, 7], 3, finished, "short")
         long_job.join(300)
         assert set(finished) == {"long", "short"}
-        assert (finished["short"] < finished["long"]) is short_first, finished
+        assert sent_at < LONG_TOKENS, (
+            f"the long job had all its {LONG_TOKENS} tokens before the short one was sent"
+        )
+        assert (finished["short"] < finished["long"]) is short_first, (sent_at, finished)
     finally:
         stack.stop()

@@ -156,7 +156,9 @@ def test_up_serves_reflection_client_and_sigterm_leaves_no_child():
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(timeout=60)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10  # `up` waited for each; a zombie's reaping may lag a moment
+    while any(alive(c.pid) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
     survivors = [c.pid for c in children if alive(c.pid)]
     assert survivors == [], f"children still running after SIGTERM: {survivors}"
 
