@@ -124,3 +124,14 @@ def test_predicted_srpt_with_exact_predictions_schedules_as_the_oracle():
         config = SimConfig(policy=name, limits=BatchLimits(2, 512), num_gpu_blocks=400)
         runs[name] = [r["finish"] for r in sorted(simulate(trace, config, cost), key=lambda r: r["arrival"])]
     assert runs["predicted-srpt"] == pytest.approx(runs["srpt-oracle"])
+
+
+def test_the_scheduler_refuses_a_predicted_policy_without_a_length_predictor(capsys):
+    from services.scheduler.server import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--policy", "predicted-srpt"])
+    assert "--policy predicted-srpt needs --length-predictor" in capsys.readouterr().err
+    assert (
+        parse_args(["--policy", "predicted-srpt", "--length-predictor", "m.npz"]).length_predictor == "m.npz"
+    )
