@@ -7,6 +7,8 @@ are printed (`-s` shows them).
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -133,3 +135,36 @@ def test_a_clean_stop_cancels_what_it_served_and_the_next_up_regenerates_nothing
         )
     finally:
         again.stop()
+
+
+@pytest.mark.timeout(600)
+def test_a_client_that_gives_up_during_a_scheduler_outage_leaves_no_work(tiny_checkpoint, tmp_path):
+    stack = supervised_stack(
+        tiny_checkpoint, tmp_path, *("--max-batch-size", "8", "--orphan-timeout", str(ORPHAN_TIMEOUT))
+    )
+    try:
+        stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(stack.addresses["gateway"]))
+        call = stub.Generate(greedy(PROMPTS[0], TOKENS, request_id="gave-up"), timeout=600)
+        received = [t for _ in range(3) for t in next(call).token_ids]
+        scheduler = stack.child("scheduler").proc
+        os.kill(scheduler.pid, signal.SIGSTOP)  # an outage: the scheduler answers nothing
+        call.cancel()  # the client gives up (its deadline) while the scheduler is away
+        scheduler.kill()
+        scheduler.wait()
+        at_kill = int(records(stack, ["gave-up"])["gave-up"].get("generated_tokens", 0))
+        serving = back_up(stack, "scheduler", scheduler.pid)
+        deadline = serving + ORPHAN_TIMEOUT + 5
+        while records(stack, ["gave-up"])["gave-up"].get("state") not in FINAL_STATES:
+            assert time.monotonic() < deadline, "the abandoned job was not cancelled"
+            time.sleep(0.1)
+        record = records(stack, ["gave-up"])["gave-up"]
+        assert record["state"] == "cancelled"
+        assert int(record["generated_tokens"]) == at_kill  # nothing generated after the kill
+        assert kv_stats(stack).num_jobs == 0 and scheduler_info(stack).num_waiting == 0
+        print(
+            f"\nclient gave up during the outage after {len(received)} tokens: cancelled "
+            f"{time.monotonic() - serving:.2f}s after the new scheduler served; 0 tokens generated for nobody",
+            flush=True,
+        )
+    finally:
+        stack.stop()

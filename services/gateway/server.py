@@ -97,6 +97,16 @@ class GatewayService(pb_grpc.GatewayServicer):
         except SchedulerUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
+    async def _records_behind(self) -> str:
+        """Why the scheduler's job log cannot write Redis right now ('' when it can, or when the
+        scheduler is away): Redis may take this gateway's reads and writes and still hold stale
+        records (the scheduler cut off from it, or not caught up yet after a full disk)."""
+        try:
+            info = await self.generations.scheduler.Info(scheduler_pb2.SchedulerInfoRequest(), timeout=2)
+        except grpc.aio.AioRpcError:
+            return ""
+        return info.degraded
+
     async def GetRequest(
         self, request: pb.GetRequestRequest, context: grpc.aio.ServicerContext
     ) -> pb.RequestInfo:
@@ -107,6 +117,10 @@ class GatewayService(pb_grpc.GatewayServicer):
             stored = await read_request(self.store, scoped(owner, request.request_id))
         except StoreUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; try again shortly")
+        if behind := await self._records_behind():
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"request records are behind: {behind}; try again shortly"
+            )
         if stored is None or not self._may_see(stored.owner, context):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
