@@ -94,7 +94,6 @@ def test_a_worker_frozen_past_the_step_timeout_is_declared_hung_and_restarted(st
             os.kill(proc.pid, signal.SIGCONT)
     recomputes = finish_exact(stack, tiny_checkpoint, "frozen", tokens, finals, threads)
     assert proc.returncode == -signal.SIGKILL
-    assert not_serving < restarted, "the scheduler declares the hung worker itself, before `up` kills it"
     print(
         f"\nworker0 frozen {2 * STEP_TIMEOUT:g}s (--step-timeout {STEP_TIMEOUT:g}): NOT_SERVING after "
         f"{not_serving:.2f}s, killed and restarted after {restarted:.2f}s; 8/8 exact; recomputes {recomputes}",
