@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the worker runs (services/worker/__main__.py)
+
+import torch  # noqa: E402 - after the wait policy, which torch's OpenMP reads at load
 
 from fastserve.model_spec import PRESETS, resolve_model
 
@@ -180,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "model": spec.name,
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "setup_s": {m: sides[m].setup_s for m in MODES},

@@ -11,6 +11,7 @@ the torch path; on CUDA the Triton kernel in ``triton_attention.py`` is used ins
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,12 +48,26 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodePlan:
+    """How the torch decode path walks a step's decodes, worked out once per step for every layer:
+    chunks of sequences ``(first, end, flat block ids, additive mask [n, 1, 1, ctx])`` and the
+    buffer their blocks are gathered into."""
+
+    chunks: list[tuple[int, int, Tensor, Tensor]]
+    workspace: Tensor  # [2, rows, block_size, H, D]: K and V of the largest chunk
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: Tensor  # int64 [T]: flat cache slot of every token of the step
     num_decodes: int  # tokens [0, num_decodes) are decode queries, one per job
     decode_block_tables: Tensor | None  # int32 [num_decodes, max_blocks], padded with block 0
     decode_context_lens: Tensor | None  # int32 [num_decodes], including the new token
     prefills: list[PrefillChunk]
+    # the torch decode path's plan (built by the first layer that needs it, shared by the rest)
+    # and where its workspace comes from: a buffer that outlives the step (see KVCache.workspace)
+    decode_plan: DecodePlan | None = None
+    workspace: Callable[[tuple[int, ...]], Tensor] | None = None
 
 
 # The torch decode path gathers each sequence's blocks into a dense buffer that SDPA then
@@ -63,12 +78,48 @@ class AttentionMetadata:
 # and ~20% at 512 than with one big gather. Chunks hold at least two sequences: each chunk
 # costs a handful of ops, and one sequence per chunk measured 1.5-2x slower when the cores
 # were shared with other work (many small multi-threaded ops wait on descheduled threads).
+# What does not depend on the layer (the chunks, their block ids and masks) is worked out
+# once per step, and the buffer is reused across layers and steps: a fresh multi-MB buffer
+# per layer was page-faulted in every time (the allocator hands large blocks back to the OS).
 DECODE_CHUNK_BYTES = 4 << 20
 MIN_CHUNK_SEQS = 2
 
 
+def plan_decode(
+    k_cache: Tensor,
+    block_tables: Tensor,
+    context_lens: Tensor,
+    workspace: Callable[[tuple[int, ...]], Tensor] | None = None,
+) -> DecodePlan:
+    """The chunks of ``paged_decode_attention`` for one step (every layer's pool has ``k_cache``'s shape)."""
+    batch = block_tables.shape[0]
+    block_size = k_cache.shape[1]
+    per_seq = 2 * block_tables.shape[1] * k_cache[0].numel() * k_cache.element_size()
+    step = min(batch, max(MIN_CHUNK_SEQS, DECODE_CHUNK_BYTES // per_seq))
+    lens = context_lens.tolist()
+    chunks = []
+    rows = 0
+    for s in range(0, batch, step):
+        e = min(batch, s + step)
+        width = -(-max(lens[s:e]) // block_size)  # this chunk's blocks, not the batch's
+        positions = torch.arange(width * block_size, device=k_cache.device)
+        mask = torch.zeros((e - s, 1, 1, width * block_size), dtype=k_cache.dtype, device=k_cache.device)
+        mask.masked_fill_((positions[None, :] >= context_lens[s:e, None])[:, None, None, :], float("-inf"))
+        chunks.append((s, e, block_tables[s:e, :width].reshape(-1), mask))
+        rows = max(rows, (e - s) * width)
+    shape = (2, rows, *k_cache.shape[1:])
+    buffer = workspace(shape) if workspace is not None else k_cache.new_empty(shape)
+    return DecodePlan(chunks, buffer)
+
+
 def paged_decode_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor, scale: float
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    context_lens: Tensor,
+    scale: float,
+    plan: DecodePlan | None = None,
 ) -> Tensor:
     """One query token per sequence over its paged context: the torch path.
 
@@ -79,63 +130,38 @@ def paged_decode_attention(
             valid block id (their slots are masked out).
         context_lens: int ``[B]``, tokens of context per sequence including the current one.
         scale: softmax scale.
+        plan: `plan_decode` of these tables, shared by the step's layers (made here if None).
 
     Returns ``[B, H, D]``. Blocks are gathered with ``index_select`` into
     ``[b, max_blocks * block_size, H, D]`` buffers, a few sequences at a time (see
     ``DECODE_CHUNK_BYTES``), and attended with a masked SDPA. Masked slots must hold finite
     values (the KV pool is zero-initialised): SDPA multiplies them by a zero probability.
     """
-    batch = q.shape[0]
-    per_seq = 2 * block_tables.shape[1] * k_cache[0].numel() * k_cache.element_size()
-    step = max(MIN_CHUNK_SEQS, DECODE_CHUNK_BYTES // per_seq)
-    if step >= batch:
-        return _gather_attend(q, k_cache, v_cache, block_tables, context_lens, scale)
+    if plan is None:
+        plan = plan_decode(k_cache, block_tables, context_lens)
+    heads, head_dim = q.shape[1:]
     out = torch.empty_like(q)
-    block_size = k_cache.shape[1]
-    lens = context_lens.tolist()
-    # One K and one V buffer for all chunks: fresh multi-MB allocations per chunk would be
-    # page-faulted in every time (the CPU allocator hands large blocks back to the OS).
-    workspace = k_cache.new_empty((2, step * block_tables.shape[1], *k_cache.shape[1:]))
-    for s in range(0, batch, step):
-        e = min(batch, s + step)
-        width = -(-max(lens[s:e]) // block_size)  # this chunk's blocks, not the batch's
-        out[s:e] = _gather_attend(
-            q[s:e], k_cache, v_cache, block_tables[s:e, :width], context_lens[s:e], scale, workspace
-        )
+    for s, e, flat, mask in plan.chunks:
+        n = flat.numel()
+        k = torch.index_select(k_cache, 0, flat, out=plan.workspace[0, :n])
+        v = torch.index_select(v_cache, 0, flat, out=plan.workspace[1, :n])
+        k = k.view(e - s, -1, heads, head_dim).transpose(1, 2)
+        v = v.view(e - s, -1, heads, head_dim).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(q[s:e, :, None, :], k, v, attn_mask=mask, scale=scale)
+        out[s:e] = attended[:, :, 0, :]
     return out
 
 
-def _gather_attend(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    block_tables: Tensor,
-    context_lens: Tensor,
-    scale: float,
-    workspace: Tensor | None = None,
-) -> Tensor:
-    batch, heads, head_dim = q.shape
-    ctx = block_tables.shape[1] * k_cache.shape[1]
-    flat = block_tables.reshape(-1)
-    if workspace is None:
-        k, v = k_cache.index_select(0, flat), v_cache.index_select(0, flat)
-    else:
-        k = torch.index_select(k_cache, 0, flat, out=workspace[0, : flat.numel()])
-        v = torch.index_select(v_cache, 0, flat, out=workspace[1, : flat.numel()])
-    k = k.view(batch, ctx, heads, head_dim).transpose(1, 2)
-    v = v.view(batch, ctx, heads, head_dim).transpose(1, 2)
-    positions = torch.arange(ctx, device=q.device)
-    mask = (positions[None, :] < context_lens[:, None].to(positions.dtype))[:, None, None, :]
-    return F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale)[:, :, 0, :]
-
-
 def decode_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor, scale: float
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float
 ) -> Tensor:
     """Dispatch: the Triton kernel for CUDA tensors (when it imports), else the torch path."""
+    tables, lens = meta.decode_block_tables, meta.decode_context_lens
     if q.is_cuda and (kernel := _triton_decode()):
-        return kernel(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return kernel(q, k_cache, v_cache, tables, lens, scale)
+    if meta.decode_plan is None:
+        meta.decode_plan = plan_decode(k_cache, tables, lens, meta.workspace)
+    return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, meta.decode_plan)
 
 
 def _heads_first(x: Tensor) -> Tensor:
@@ -170,17 +196,13 @@ def paged_attention(
     The step's K/V must already be written to the cache (decodes read themselves from it).
     """
     if not meta.prefills:
-        return decode_attention(
-            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale
-        )
+        return decode_attention(q, k_cache, v_cache, meta, scale)
     nd = meta.num_decodes
     if nd == 0 and len(meta.prefills) == 1:
         return prefill_attention(q, k, v, k_cache, v_cache, meta.prefills[0], scale)
     out = torch.empty_like(q)
     if nd:
-        out[:nd] = decode_attention(
-            q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale
-        )
+        out[:nd] = decode_attention(q[:nd], k_cache, v_cache, meta, scale)
     for chunk in meta.prefills:
         s, e = chunk.token_start, chunk.token_end
         out[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], k_cache, v_cache, chunk, scale)

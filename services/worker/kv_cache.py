@@ -10,6 +10,8 @@ plain index copies.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -34,6 +36,15 @@ class KVCache:
         # probability, and 0 * NaN from uninitialised memory would poison the output.
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._workspace = torch.empty(0, dtype=dtype, device=device)
+
+    def workspace(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A scratch tensor of ``shape`` (contents undefined), reused across layers and steps:
+        the torch decode path gathers blocks into it. Grows, never shrinks."""
+        numel = math.prod(shape)
+        if self._workspace.numel() < numel:
+            self._workspace = torch.empty(numel, dtype=self._workspace.dtype, device=self._workspace.device)
+        return self._workspace[:numel].view(shape)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stores ``k``/``v`` ``[T, heads, head_dim]`` at flat slots ``[T]`` (int64) of ``layer``."""

@@ -310,6 +310,7 @@ class ModelRunner:
             decode_block_tables=block_tables,
             decode_context_lens=lens,
             prefills=prefills,
+            workspace=self.kv.workspace,
         )
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=device),

@@ -109,6 +109,9 @@ class Sampler:
         self.device = torch.device(device)
         # Jobs without a seed share this one (reproducible per runner seed and call order).
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # Seeded rows re-seed this one per row and draw at once: the same stream as a fresh
+        # generator per row, without constructing one per row per step.
+        self.seeded = torch.Generator(device=self.device)
 
     def __call__(
         self, logits: Tensor, params: Sequence[SamplingParams], sample_indices: Sequence[int]
@@ -117,16 +120,15 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if rows:
-            generators = [
-                self.generator
-                if params[i].seed is None
-                else torch.Generator(device=self.device).manual_seed(
-                    derive_seed(params[i].seed, sample_indices[i])
-                )
-                for i in rows
-            ]
+            noise = torch.empty(len(rows), logits.shape[-1], device=logits.device)
+            for j, i in enumerate(rows):
+                seed = params[i].seed
+                generator = self.generator
+                if seed is not None:
+                    generator = self.seeded.manual_seed(derive_seed(seed, sample_indices[i]))
+                noise[j].exponential_(generator=generator)
             index = torch.tensor(rows, device=logits.device)
-            tokens[index] = sample(logits.index_select(0, index), [params[i] for i in rows], generators)
+            tokens[index] = sample(logits.index_select(0, index), [params[i] for i in rows], noise)
         return tokens.tolist()
 
 
@@ -168,8 +170,9 @@ def top_logprobs(lp: Tensor, chosen: Tensor, k: int) -> list[TokenLogprobs]:
     ]
 
 
-def sample(logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]) -> Tensor:
-    """Draws one token per row of ``logits`` ``[B, V]`` (all rows have temperature > 0)."""
+def sample(logits: Tensor, params: Sequence[SamplingParams], noise: Tensor) -> Tensor:
+    """Draws one token per row of ``logits`` ``[B, V]`` (all rows have temperature > 0) with the
+    row's ``Exp(1)`` ``noise`` ``[B, V]``."""
     vocab = logits.shape[-1]
     device = logits.device
     temperatures = [p.temperature for p in params]
@@ -184,7 +187,6 @@ def sample(logits: Tensor, params: Sequence[SamplingParams], generators: Sequenc
         probs = x.softmax(dim=-1)
         index = torch.tensor(filtered, device=device)
         probs[index] = _filtered_probs(x.index_select(0, index), [params[i] for i in filtered])
-    noise = torch.stack([torch.empty(vocab, device=device).exponential_(generator=g) for g in generators])
     return (probs / noise).argmax(dim=-1)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -425,6 +426,10 @@ def main(argv: list[str] | None = None) -> int:
     use_internal_token(args.internal_token)
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
-    log.info("torch uses %d CPU threads", torch.get_num_threads())
+    log.info(
+        "torch uses %d CPU threads (OMP_WAIT_POLICY=%s)",
+        torch.get_num_threads(),
+        os.environ.get("OMP_WAIT_POLICY", "unset"),
+    )
     asyncio.run(serve(args))
     return 0
