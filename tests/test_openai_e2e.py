@@ -139,7 +139,12 @@ def test_client_disconnect_cancels_the_job(checkpoint_stack):
         time.sleep(0.05)
     assert kv_stats(checkpoint_stack).num_jobs == 0
     stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(checkpoint_stack.addresses["gateway"]))
-    info = stub.GetRequest(gateway_pb2.GetRequestRequest(request_id="http-drop"))
+    deadline = time.monotonic() + 10  # the record is written after the KV is freed, not before
+    while (info := stub.GetRequest(gateway_pb2.GetRequestRequest(request_id="http-drop"))).state not in (
+        "cancelled",
+        "finished",
+    ) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert info.state == "cancelled" and info.generated_tokens < 250
     tokens, _ = collect(stub, greedy([2, 7], 2))
     assert len(tokens) == 2
