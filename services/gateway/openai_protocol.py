@@ -8,6 +8,7 @@ accept and refuse the same things with the same messages.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,27 +21,62 @@ from .validation import InvalidRequest, Limits, check_prompt_chars, check_stop
 # carrying one (with a value other than its neutral one) is refused with 400 naming it, never
 # silently ignored. Remove a field from here when it is implemented.
 UNSUPPORTED_FIELDS = [
-    "response_format",
-    "tools",
+    "tools",  # OPT has no tool-calling template
     "tool_choice",
     "functions",
     "function_call",
     "parallel_tool_calls",
-    "structured_outputs",
-    "guided_json",
-    "guided_regex",
-    "guided_choice",
-    "guided_grammar",
-    "guided_decoding_backend",
-    "guided_whitespace_pattern",
+    "guided_whitespace_pattern",  # JSON is generated without optional whitespace
 ]
 NEUTRAL_VALUES = {  # values of UNSUPPORTED_FIELDS that ask for nothing beyond plain text
-    "response_format": [{"type": "text"}],
     "tool_choice": ["none"],
     "parallel_tool_calls": [False],
 }
 UINT32_MAX = 2**32 - 1
 UINT32_FIELDS = ("n", "top_k", "min_tokens", "logprobs", "top_logprobs", "prompt_logprobs")
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsBody(BaseModel):
+    """vLLM's `structured_outputs` object (and its older `guided_*` fields): one of these."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def specs(self) -> list[common_pb2.StructuredOutputs]:
+        out = []
+        if self.json_ is not None:
+            out.append(_json_spec(self.json_))
+        if self.regex is not None:
+            out.append(common_pb2.StructuredOutputs(regex=self.regex))
+        if self.choice is not None:
+            out.append(common_pb2.StructuredOutputs(choice=common_pb2.Choices(choices=self.choice)))
+        if self.grammar is not None:
+            out.append(common_pb2.StructuredOutputs(grammar=self.grammar))
+        if self.json_object:
+            out.append(common_pb2.StructuredOutputs(json_object=True))
+        return out
+
+
+def _json_spec(schema: dict[str, Any] | str) -> common_pb2.StructuredOutputs:
+    return common_pb2.StructuredOutputs(json=schema if isinstance(schema, str) else json.dumps(schema))
 
 
 class StreamOptions(BaseModel):
@@ -75,6 +111,39 @@ class SamplingBody(BaseModel):
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = None
     ignore_eos: bool = False
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* names
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # accepted and ignored: xgrammar is the one backend
+
+    def structured(self) -> common_pb2.StructuredOutputs | None:
+        """The one output constraint the body asks for (None: unconstrained); two are refused."""
+        asked: list[tuple[str, common_pb2.StructuredOutputs]] = []
+        if self.response_format is not None and self.response_format.type != "text":
+            rf = self.response_format
+            if rf.type == "json_object":
+                asked.append(("response_format", common_pb2.StructuredOutputs(json_object=True)))
+            elif rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise InvalidRequest("response_format.json_schema.schema: required with type json_schema")
+            else:
+                asked.append(("response_format", _json_spec(rf.json_schema.schema_)))
+        if self.structured_outputs is not None:
+            asked += [("structured_outputs", spec) for spec in self.structured_outputs.specs()]
+        guided = StructuredOutputsBody(
+            json_=self.guided_json,
+            regex=self.guided_regex,
+            choice=self.guided_choice,
+            grammar=self.guided_grammar,
+        )
+        asked += [("guided_*", spec) for spec in guided.specs()]
+        if len(asked) > 1:
+            names = ", ".join(sorted({name for name, _ in asked}))
+            raise InvalidRequest(f"structured_outputs: ask for one constraint, not {len(asked)} ({names})")
+        return asked[0][1] if asked else None
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(field, why) for values this server cannot honour; refused rather than silently ignored."""
@@ -127,8 +196,6 @@ class CompletionRequest(SamplingBody):
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = super().unsupported()
-        if self.echo:
-            out.append(("echo", "true: not supported"))
         if self.best_of not in (None, 1, self.n):
             out.append(("best_of", f"{self.best_of}: only 1 is supported"))
         if self.suffix:
@@ -186,19 +253,6 @@ class ChatCompletionRequest(SamplingBody):
         check_prompt_chars("messages", sum(len(m.text()) for m in self.messages), limits)
 
 
-def single_prompt(prompt: Any) -> str | list[int]:
-    """One prompt, as text or token ids; a batch of several is refused."""
-    if isinstance(prompt, str):
-        return prompt
-    if prompt and all(isinstance(p, int) for p in prompt):
-        return list(prompt)
-    if isinstance(prompt, list) and len(prompt) == 1:
-        return single_prompt(prompt[0])
-    if isinstance(prompt, list) and len(prompt) > 1:
-        raise InvalidRequest(f"prompt: {len(prompt)} prompts in one request; send one prompt per request")
-    raise InvalidRequest("prompt: must not be empty")
-
-
 def to_generate_request(
     body: SamplingBody, prompt: str | list[int], max_tokens: int | None, request_id: str = ""
 ) -> gateway_pb2.GenerateRequest:
@@ -243,6 +297,8 @@ def to_generate_request(
             if value < 0:
                 raise InvalidRequest(f"sampling.{name}: {value} must be >= 0")
             setattr(sampling, name, value)
+    if (spec := body.structured()) is not None:
+        sampling.structured_outputs.CopyFrom(spec)
     request = gateway_pb2.GenerateRequest(request_id=request_id, sampling=sampling)
     if isinstance(prompt, str):
         request.prompt = prompt

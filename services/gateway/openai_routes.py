@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fastserve.v1 import gateway_pb2 as pb
 
-from . import metrics
+from . import metrics, prompt_batch
 from .admission import Overloaded
 from .api_keys import ApiKeys
 from .chat import chat_prompt_ids
@@ -30,10 +31,10 @@ from .openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     SamplingBody,
-    single_prompt,
     to_generate_request,
 )
 from .openai_shapes import FINISH, FR, ChatShape, Choice, CompletionShape, usage
+from .prompt_batch import PromptBatch, request_ids, split_prompts
 from .validation import InvalidRequest
 
 
@@ -84,10 +85,31 @@ def routes(
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        def build() -> pb.GenerateRequest:
-            return to_generate_request(body, single_prompt(body.prompt), body.max_tokens, request_id(request))
+        def build() -> list[pb.GenerateRequest]:
+            prompts = split_prompts(body.prompt, generations.limits.max_prompts_per_request)
+            score_only = body.echo and body.max_tokens == 0  # vLLM: score the prompt, generate nothing
+            base = request_id(request) or (uuid.uuid4().hex if len(prompts) > 1 else "")
+            built = []
+            for prompt, rid in zip(prompts, request_ids(base, len(prompts)), strict=True):
+                generate = to_generate_request(body, prompt, 1 if score_only else body.max_tokens, rid)
+                if body.echo and body.logprobs is not None:  # the prompt's logprobs lead the choice's
+                    generate.sampling.prompt_logprobs = max(body.logprobs, body.prompt_logprobs or 0)
+                built.append(generate)
+            return built
 
-        return await generate(body, request, build, CompletionShape, "cmpl")
+        def batch(jobs: list[Prepared]) -> PromptBatch:
+            prompts = split_prompts(body.prompt, generations.limits.max_prompts_per_request)
+            return PromptBatch(
+                jobs,
+                [p if isinstance(p, str) else None for p in prompts],
+                jobs[0].sampling.n,
+                echo=body.echo,
+                echo_logprobs=body.echo and body.logprobs is not None,
+                score_only=body.echo and body.max_tokens == 0,
+                prompt_logprobs=body.prompt_logprobs is not None,
+            )
+
+        return await generate(body, request, build, CompletionShape, "cmpl", batch)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -101,12 +123,22 @@ def routes(
             if max_tokens is None:  # OpenAI's chat default: as many as fit
                 limits = generations.limits
                 max_tokens = max(1, min(limits.max_tokens_limit, limits.max_model_len - len(prompt)))
-            return to_generate_request(body, prompt, max_tokens, request_id(request))
+            return [to_generate_request(body, prompt, max_tokens, request_id(request))]
 
-        return await generate(body, request, build, ChatShape, "chatcmpl")
+        def batch(jobs: list[Prepared]) -> PromptBatch:
+            return PromptBatch(
+                jobs, [None], jobs[0].sampling.n, prompt_logprobs=body.prompt_logprobs is not None
+            )
+
+        return await generate(body, request, build, ChatShape, "chatcmpl", batch)
 
     async def generate(
-        body: SamplingBody, request: Request, build: Callable[[], pb.GenerateRequest], shape_of, prefix: str
+        body: SamplingBody,
+        request: Request,
+        build: Callable[[], list[pb.GenerateRequest]],
+        shape_of,
+        prefix: str,
+        batch_of: Callable[[list[Prepared]], PromptBatch],
     ) -> Response:
         """Size checks, admission, then the work (tokenizing in `build`, validation, the stream)."""
         refused = check_model(body)
@@ -119,16 +151,25 @@ def routes(
             return invalid(exc)
         except Overloaded as exc:
             return overloaded(exc)
-        try:
-            job = generations.prepare(build(), keys.owner(request.headers.get("authorization", "")), ticket)
-        except InvalidRequest as exc:
+        owner = keys.owner(request.headers.get("authorization", ""))
+        jobs: list[Prepared] = []
+        try:  # each prompt is a request of its own: the first takes the ticket admitted above
+            for k, generate in enumerate(build()):
+                jobs.append(generations.prepare(generate, owner, None if k else ticket))
+        except (InvalidRequest, Overloaded) as exc:
             ticket.close()
-            return invalid(exc)
+            for job in jobs:
+                job.ticket.close()
+            return invalid(exc) if isinstance(exc, InvalidRequest) else overloaded(exc)
         except BaseException:
             ticket.close()
+            for job in jobs:
+                job.ticket.close()
             raise
-        shape = shape_of(f"{prefix}-{job.request_id}", served_model_name, generations.tokenizer)
-        return await respond(generations, job, body, shape, request, stream_send_timeout)
+        batch = batch_of(jobs)
+        base = jobs[0].request_id if len(jobs) == 1 else jobs[0].request_id.rsplit("-", 1)[0]
+        shape = shape_of(f"{prefix}-{base}", served_model_name, generations.tokenizer)
+        return await respond(generations, batch, body, shape, request, stream_send_timeout)
 
     return router
 
@@ -142,23 +183,34 @@ def overloaded(exc: Overloaded) -> JSONResponse:
 
 
 async def respond(
-    generations: Generations, job: Prepared, body: SamplingBody, shape, request: Request, send_timeout: float
+    generations: Generations,
+    batch: PromptBatch,
+    body: SamplingBody,
+    shape,
+    request: Request,
+    send_timeout: float,
 ) -> Response:
+    shape.n, shape.prompt_logprobs_asked = batch.n, batch.prompt_logprobs
+
+    def close_tickets() -> None:
+        for job in batch.jobs:
+            job.ticket.close()
+
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return BoundedStream(
-            sse(generations.stream(job, shape.operation), shape, include_usage),
+            sse(prompt_batch.stream(generations, batch, shape.operation), shape, include_usage),
             send_timeout=send_timeout,
-            on_close=job.ticket.close,  # also when the stream never started (the client left first)
+            on_close=close_tickets,  # also when the stream never started (the client left first)
             on_stall=metrics.STALLED.inc,
             media_type="text/event-stream",
         )
-    collect = asyncio.ensure_future(collect_all(generations.stream(job, shape.operation)))
+    collect = asyncio.ensure_future(collect_all(prompt_batch.stream(generations, batch, shape.operation)))
     gone = asyncio.ensure_future(wait_disconnect(request))
     try:
         await asyncio.wait([collect, gone], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        job.ticket.close()  # (the stream closes it; this is for a task cancelled before it ran)
+        close_tickets()  # (the streams close them; this is for a task cancelled before it ran)
     if not collect.done():  # the client went away: closing the stream cancels the job
         collect.cancel()
         await asyncio.gather(collect, return_exceptions=True)
@@ -188,6 +240,7 @@ async def collect_all(stream: AsyncIterator[pb.GenerateResponse]) -> list[Choice
         choice = choices.setdefault(reply.index, Choice(reply.index))
         choice.text.append(reply.text)
         choice.logprobs.extend(reply.logprobs)
+        choice.prompt_logprobs.extend(reply.prompt_logprobs)
         choice.last = reply
         if reply.finish_reason == FR.FINISH_REASON_ERROR:
             raise GenerationFailed(reply.error or "the request failed")
@@ -230,7 +283,7 @@ async def sse(stream: AsyncIterator[pb.GenerateResponse], shape, include_usage: 
                 if reason:
                     finals.append(reply)
             if include_usage and finals:
-                yield event(shape.usage_chunk(usage(finals)))
+                yield event(shape.usage_chunk(usage(finals, shape.n)))
         except InvalidRequest as exc:
             yield event(
                 {"error": {"message": str(exc), "type": ERROR_TYPES[400], "param": None, "code": 400}}

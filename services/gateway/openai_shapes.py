@@ -23,12 +23,14 @@ class Choice:
         self.index = index
         self.text: list[str] = []
         self.logprobs: list[common_pb2.PositionLogprobs] = []
+        self.prompt_logprobs: list[common_pb2.PositionLogprobs] = []  # prompt positions 1..
         self.last = pb.GenerateResponse()
 
 
-def usage(replies: list[pb.GenerateResponse]) -> dict[str, int]:
-    """Token counts over the request's completions (each completion's final message counts it)."""
-    prompt = replies[0].usage.prompt_tokens if replies else 0
+def usage(replies: list[pb.GenerateResponse], n: int = 1) -> dict[str, int]:
+    """Token counts over the request's completions (each completion's final message counts it);
+    each prompt counts once (its completions are numbered prompt_index * n + i)."""
+    prompt = sum(r.usage.prompt_tokens for r in replies if r.index % n == 0)
     completion = sum(r.usage.completion_tokens for r in replies)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -52,6 +54,24 @@ class CompletionShape:
     def __init__(self, response_id: str, model: str, tokenizer) -> None:
         self.id, self.model, self.created = response_id, model, int(time.time())
         self.tokenizer = tokenizer
+        self.n = 1  # completions per prompt
+        self.prompt_logprobs_asked = False  # vLLM's prompt_logprobs field on the response
+
+    def vllm_prompt_logprobs(self, positions: list[common_pb2.PositionLogprobs]) -> list | None:
+        """vLLM's `prompt_logprobs`: None for the first prompt token, then for each position its token
+        and the top alternatives, by token id: {"logprob", "rank", "decoded_token"}."""
+        if not self.prompt_logprobs_asked:
+            return None
+
+        def entry(token_id: int, logprob: float, rank: int | None) -> dict[str, Any]:
+            return {"logprob": logprob, "rank": rank, "decoded_token": self.token(token_id)}
+
+        out: list[dict[str, Any] | None] = [None]
+        for p in positions:
+            alternatives = {str(t.token_id): entry(t.token_id, t.logprob, r) for r, t in enumerate(p.top, 1)}
+            alternatives[str(p.token_id)] = entry(p.token_id, p.logprob, p.rank)
+            out.append(alternatives)
+        return out
 
     def _head(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
@@ -68,10 +88,17 @@ class CompletionShape:
         for text in tokens:
             offsets.append(at)
             at += len(text)
+        # rank 0: a position with no logprob (an echoed prompt's first token); the chosen token is
+        # listed among the alternatives, as OpenAI and vLLM do
         return {
             "tokens": tokens,
-            "token_logprobs": [p.logprob for p in positions],
-            "top_logprobs": [{self.token(t.token_id): t.logprob for t in p.top} for p in positions],
+            "token_logprobs": [p.logprob if p.rank else None for p in positions],
+            "top_logprobs": [
+                {**{self.token(t.token_id): t.logprob for t in p.top}, self.token(p.token_id): p.logprob}
+                if p.rank
+                else None
+                for p in positions
+            ],
             "text_offset": offsets,
         }
 
@@ -85,10 +112,11 @@ class CompletionShape:
                     "logprobs": self.logprobs(c.logprobs, bool(c.logprobs)),
                     "finish_reason": FINISH.get(c.last.finish_reason),
                     "stop_reason": stop_reason(c.last),
+                    "prompt_logprobs": self.vllm_prompt_logprobs(c.prompt_logprobs),
                 }
                 for c in choices
             ],
-            "usage": usage([c.last for c in choices]),
+            "usage": usage([c.last for c in choices], self.n),
         }
 
     def chunk(self, reply: pb.GenerateResponse, reason: str | None, first: bool) -> dict[str, Any]:  # noqa: ARG002
@@ -141,7 +169,8 @@ class ChatShape(CompletionShape):
                 }
                 for c in choices
             ],
-            "usage": usage([c.last for c in choices]),
+            "usage": usage([c.last for c in choices], self.n),
+            "prompt_logprobs": self.vllm_prompt_logprobs(choices[0].prompt_logprobs if choices else []),
         }
 
     def chunk(self, reply: pb.GenerateResponse, reason: str | None, first: bool) -> dict[str, Any]:

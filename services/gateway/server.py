@@ -243,6 +243,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser, "--max-logprobs", default=20, help="largest sampling.logprobs / prompt_logprobs accepted"
     )
     add_flag(parser, "--max-n", default=16, help="largest sampling.n (completions per request) accepted")
+    add_flag(
+        parser,
+        "--max-prompts-per-request",
+        default=64,
+        help="most prompts in one /v1/completions request (a list of strings or of token-id lists)",
+    )
     add_flag(parser, "--connect-timeout", default=600.0, help="seconds to wait for the scheduler")
     add_flag(
         parser,
@@ -351,6 +357,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_stop_strings=args.max_stop_strings,
         max_logprobs=args.max_logprobs,
         max_n=args.max_n,
+        max_prompts_per_request=args.max_prompts_per_request,
         max_prompt_chars=args.max_prompt_chars or 32 * info.max_model_len,
     )
 

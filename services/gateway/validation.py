@@ -38,6 +38,7 @@ class Limits:
     max_logprobs: int = 20
     max_n: int = 16
     max_prompt_chars: int = 0  # 0 = no bound of its own
+    max_prompts_per_request: int = 64  # prompts in one /v1/completions request
 
     def prompt_chars_limit(self) -> int:
         return self.max_prompt_chars or 1 << 62

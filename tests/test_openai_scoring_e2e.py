@@ -1,0 +1,199 @@
+"""What lm-evaluation-harness, LangChain and vLLM's users need beyond plain generation, with the
+official `openai` client against real processes: echo + prompt scoring (equal to transformers'
+log_softmax), several prompts per request, structured outputs (response_format / vLLM's fields)."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+
+from tests.reference import hf_log_softmax
+
+MODEL = "tiny-opt"  # conftest's checkpoint_stack serves it under this name
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "color": {"type": "string", "enum": ["red", "green", "blue"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+    },
+    "required": ["age", "color", "tags"],
+    "additionalProperties": False,
+}
+
+
+def client(stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.addresses["http"] + "/v1", api_key="unused", max_retries=0)
+
+
+def reference_logprobs(checkpoint: str, ids: list[int]) -> list[float]:
+    """transformers' logprob of each token after the first, given the ones before it."""
+    lp = hf_log_softmax(checkpoint, ids)
+    return [float(lp[i - 1, ids[i]]) for i in range(1, len(ids))]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_scores_the_prompt_like_transformers(checkpoint_stack, tiny_checkpoint, stream):
+    """lm-eval's loglikelihood request: echo, logprobs=1, max_tokens 0 (score only) or 1."""
+    prompts = [[2, 5, 17, 99, 250, 31, 7], [2, *range(40, 70)]]
+    for max_tokens in (0, 1):
+        reply = client(checkpoint_stack).completions.create(
+            model=MODEL,
+            prompt=prompts,
+            echo=True,
+            logprobs=1,
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=stream,
+        )
+        chunks = list(reply) if stream else [reply]
+        for k, prompt in enumerate(prompts):
+            parts = [c for chunk in chunks for c in chunk.choices if c.index == k]
+            token_logprobs = [lp for c in parts if c.logprobs for lp in c.logprobs.token_logprobs]
+            tops = [t for c in parts if c.logprobs for t in c.logprobs.top_logprobs]
+            assert len(token_logprobs) == len(prompt) + max_tokens
+            assert token_logprobs[0] is None and tops[0] is None  # the first token has none
+            expected = reference_logprobs(tiny_checkpoint, prompt)
+            assert token_logprobs[1 : len(prompt)] == pytest.approx(expected, abs=1e-4)
+            # lm-eval's is_greedy: the token's logprob against the best alternative listed
+            assert all(
+                max(t.values()) >= lp - 1e-6 for t, lp in zip(tops[1:], token_logprobs[1:], strict=True)
+            )
+            text = "".join(c.text for c in parts)
+            if max_tokens == 0:  # only the scored prompt comes back
+                assert text == checkpoint_stack_decode(prompt)
+                assert parts[-1].finish_reason == "length"
+
+
+def checkpoint_stack_decode(ids: list[int]) -> str:
+    from fastserve.tokenizer import ByteTokenizer  # the tiny checkpoint has no tokenizer files
+
+    return ByteTokenizer().decode(ids)
+
+
+def test_echo_of_text_prompt_and_max_tokens_zero_usage(checkpoint_stack, tiny_checkpoint):
+    reply = client(checkpoint_stack).completions.create(
+        model=MODEL,
+        prompt="Hello there",
+        echo=True,
+        logprobs=0,
+        max_tokens=0,
+        extra_body={"prompt_logprobs": 1},
+    )
+    choice = reply.choices[0]
+    assert choice.text == "Hello there"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (12, 0)  # BOS + 11 bytes
+    ids = [2, *(b + 4 for b in b"Hello there")]
+    expected = reference_logprobs(tiny_checkpoint, ids)
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    prompt_logprobs = choice.model_extra["prompt_logprobs"]  # vLLM's field
+    assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(ids)
+    assert [p[str(t)]["logprob"] for p, t in zip(prompt_logprobs[1:], ids[1:], strict=True)] == pytest.approx(
+        expected, abs=1e-4
+    )
+
+
+def test_max_tokens_zero_without_echo_is_refused(checkpoint_stack):
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client(checkpoint_stack).completions.create(model=MODEL, prompt="Hi", max_tokens=0)
+
+
+@pytest.mark.parametrize(("stream", "ids"), [(False, False), (True, False), (False, True), (True, True)])
+def test_three_prompts_with_n_2_give_six_indexed_choices(checkpoint_stack, stream, ids):
+    prompts = ["One", "Two!", "Three three"]
+    if ids:
+        prompts = [[2, *(b + 4 for b in p.encode())] for p in prompts]
+    kwargs = dict(
+        model=MODEL, prompt=prompts, n=2, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
+    api = client(checkpoint_stack)
+    singles = [api.completions.create(**{**kwargs, "prompt": p, "n": 1}).choices[0].text for p in prompts]
+    if stream:
+        chunks = list(api.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+        texts: dict[int, str] = {}
+        for chunk in chunks:
+            for c in chunk.choices:
+                texts[c.index] = texts.get(c.index, "") + c.text
+        usage = chunks[-1].usage
+    else:
+        reply = api.completions.create(**kwargs)
+        assert [c.index for c in reply.choices] == list(range(6))
+        texts = {c.index: c.text for c in reply.choices}
+        usage = reply.usage
+    assert sorted(texts) == list(range(6))
+    for k in range(3):  # greedy: both completions of prompt k equal the prompt alone
+        assert texts[2 * k] == texts[2 * k + 1] == singles[k]
+    assert (usage.prompt_tokens, usage.completion_tokens) == (4 + 5 + 12, 36)
+
+
+def test_too_many_prompts_is_refused_naming_the_limit(checkpoint_stack):
+    with pytest.raises(openai.BadRequestError, match="--max-prompts-per-request"):
+        client(checkpoint_stack).completions.create(model=MODEL, prompt=["a"] * 65, max_tokens=1)
+
+
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_response_format_json_schema_validates(checkpoint_stack, route):
+    api = client(checkpoint_stack)
+    response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    for seed in range(3):
+        if route == "chat":
+            reply = api.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "A person"}],
+                response_format=response_format,
+                max_tokens=150,
+                seed=seed,
+            )
+            text = reply.choices[0].message.content
+        else:
+            reply = api.completions.create(
+                model=MODEL,
+                prompt="A person:",
+                max_tokens=150,
+                seed=seed,
+                extra_body={"response_format": response_format},
+            )
+            text = reply.choices[0].text
+        assert reply.choices[0].finish_reason == "stop", text
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_vllm_structured_outputs_and_guided_fields(checkpoint_stack):
+    api = client(checkpoint_stack)
+
+    def complete(seed: int = 1, **extra) -> str:
+        reply = api.completions.create(model=MODEL, prompt="x", max_tokens=60, seed=seed, extra_body=extra)
+        return reply.choices[0].text
+
+    assert complete(structured_outputs={"choice": ["yes", "no"]}) in ("yes", "no")
+    assert complete(guided_choice=["left", "right"]) in ("left", "right")
+    out = complete(structured_outputs={"regex": "[0-9]{4}"})
+    assert len(out) == 4 and out.isdigit()
+    # any object: keys and values are unbounded, so the random-weight model is nudged (logit_bias on
+    # '"' and '}') to close its strings and the object within max_tokens
+    nudge = {str(ord('"') + 4): 6, str(ord("}") + 4): 6}
+    for seed in range(3):
+        assert isinstance(
+            json.loads(complete(seed, response_format={"type": "json_object"}, logit_bias=nudge)), dict
+        )
+    jsonschema.validate(json.loads(complete(guided_json=SCHEMA)), SCHEMA)
+    assert set(complete(guided_grammar='root ::= [ab]+ "."')[:-1]) <= {"a", "b"}
+
+
+def test_bad_constraints_and_tools_are_clear_400s(checkpoint_stack):
+    api = client(checkpoint_stack)
+    with pytest.raises(openai.BadRequestError, match="structured_outputs.regex: does not parse"):
+        api.completions.create(model=MODEL, prompt="x", extra_body={"structured_outputs": {"regex": "(["}})
+    with pytest.raises(openai.BadRequestError, match="one constraint"):
+        api.completions.create(
+            model=MODEL, prompt="x", extra_body={"guided_regex": "a", "guided_choice": ["b"]}
+        )
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        api.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "x"}],
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )
