@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import httpx2 as httpx
 import jsonschema
 import openai
 import pytest
@@ -197,3 +198,26 @@ def test_bad_constraints_and_tools_are_clear_400s(checkpoint_stack):
             messages=[{"role": "user", "content": "x"}],
             tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
         )
+
+
+def test_vllm_tokenizer_and_info_routes(checkpoint_stack):
+    base = checkpoint_stack.addresses["http"]
+    with httpx.Client(base_url=base, timeout=30) as http:
+        tokens = http.post("/tokenize", json={"prompt": "Hi!", "return_token_strs": True}).json()
+        assert tokens["tokens"] == [2, *(b + 4 for b in b"Hi!")] and tokens["count"] == 4
+        assert tokens["token_strs"][1:] == ["H", "i", "!"] and tokens["max_model_len"] == 256
+        bare = http.post("/tokenize", json={"prompt": "Hi!", "add_special_tokens": False}).json()
+        assert bare["tokens"] == tokens["tokens"][1:] and bare["token_strs"] is None
+        chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
+        assert chat["count"] > 2
+        assert http.post("/detokenize", json={"tokens": tokens["tokens"]}).json() == {"prompt": "Hi!"}
+        refused = http.post("/detokenize", json={"tokens": [1 << 20]})
+        assert refused.status_code == 400 and "outside the vocabulary" in refused.json()["error"]["message"]
+        assert http.post("/tokenize", json={"prompt": "x", "model": "other"}).status_code == 404
+        assert http.get("/tokenizer_info").json()["eos_token_id"] == 2
+        assert http.get("/version").json()["version"]
+        assert http.get("/ping").status_code == 200 and http.post("/ping").status_code == 200
+    card = client(checkpoint_stack).models.retrieve(MODEL)
+    assert (card.id, card.owned_by) == (MODEL, "fastserve")
+    with pytest.raises(openai.NotFoundError):
+        client(checkpoint_stack).models.retrieve("no-such-model")

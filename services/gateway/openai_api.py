@@ -4,6 +4,7 @@ http_limits' body limit), error handlers (http_errors), routes (openai_routes)."
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .api_keys import ApiKeys
+from .extra_routes import extra_routes
 from .generation import Generations
 from .http_errors import error, install_error_handlers
 from .http_limits import BodyLimit
@@ -39,6 +41,7 @@ def create_app(
     )
     app.add_middleware(RequireKey, keys=keys)  # outermost: no body is read for a caller without a key
     app.include_router(routes(generations, served_model_name, keys, serving, settings.stream_send_timeout))
+    app.include_router(extra_routes(generations, served_model_name, serving, int(time.time())))
     return app
 
 

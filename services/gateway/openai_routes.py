@@ -24,6 +24,7 @@ from . import metrics, prompt_batch
 from .admission import Overloaded
 from .api_keys import ApiKeys
 from .chat import chat_prompt_ids
+from .extra_routes import model_card
 from .generation import Generations, Prepared, SchedulerUnavailable
 from .http_errors import ERROR_TYPES, error, invalid
 from .http_limits import BoundedStream
@@ -62,19 +63,7 @@ def routes(
 
     @router.get("/v1/models")
     async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": served_model_name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "fastserve",
-                    "root": generations.info.model,
-                    "max_model_len": generations.limits.max_model_len,
-                }
-            ],
-        }
+        return {"object": "list", "data": [model_card(generations, served_model_name, created)]}
 
     def check_model(body: SamplingBody) -> JSONResponse | None:
         if body.model not in (None, served_model_name):
