@@ -225,3 +225,40 @@ def test_a_plain_cuda_device_gets_the_current_index(monkeypatch):
     assert with_index(torch.device("cuda")) == torch.device("cuda", 3)
     assert with_index(torch.device("cuda:1")) == torch.device("cuda", 1)
     assert with_index(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_decode_graph_buckets_pad_into_a_scratch_block_and_match_the_plain_step(pre_ln_checkpoint):
+    """The CUDA-graph path without a graph (what a CPU runs): decode-only batches are padded to
+    the next bucket in static buffers, padded rows write into a scratch block past the pool, and
+    every token equals the plain runner's; batches above the largest bucket and prefills run
+    the plain step. Batch sizes go up and down so stale padding would show."""
+    spec = resolve_model(str(pre_ln_checkpoint))
+    graphs = ModelRunner(spec, dtype=torch.float32, device="cpu", num_gpu_blocks=96, cuda_graph_sizes=(2, 4))
+    plain = make_runner(pre_ln_checkpoint)
+    assert graphs.graphs is not None and graphs.kv.k_cache[0].shape[0] == 97 and plain.graphs is None
+    assert [graphs.graphs.bucket(n) for n in (1, 2, 3, 4, 5)] == [2, 2, 4, 4, None]
+    blocks = Blocks(96, seed=4)
+    prompts = [prompt(n, 200 + n) for n in (5, 18, 9, 30, 2)]
+    tables = [blocks.table(len(p) + 24) for p in prompts]
+    out = {"graphs": [[] for _ in prompts], "plain": [[] for _ in prompts]}
+    for it, live in enumerate([5, 5, 3, 4, 1, 2, 4, 3, 1, 5, 2]):  # jobs decoding this iteration
+        for name, runner in (("graphs", graphs), ("plain", plain)):
+            gen = out[name]
+            seqs = [
+                SeqWork(f"r{i}", [gen[i][-1]], len(prompts[i]) + len(gen[i]) - 1, tables[i])
+                if gen[i]
+                else SeqWork(f"r{i}", prompts[i], 0, tables[i])
+                for i in range(live)
+            ]
+            for i, tok in enumerate(runner.step(seqs)):
+                gen[i].append(tok)
+        assert out["graphs"] == out["plain"], f"iteration {it}"
+    assert graphs.kv.k_cache[0][96].abs().sum() > 0  # the padded rows did write into the scratch block
+
+
+def test_cuda_graph_sizes_parse_and_refuse_nonsense():
+    from services.worker.cuda_graphs import parse_sizes
+
+    assert parse_sizes("8, 1,2,2") == [1, 2, 8] and parse_sizes("") == []
+    with pytest.raises(ValueError, match="cuda-graph-sizes"):
+        parse_sizes("0,4")

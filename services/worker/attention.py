@@ -34,6 +34,11 @@ def _triton_decode():
     return _triton_kernel
 
 
+def triton_decode_available() -> bool:
+    """Whether CUDA decode attention runs the Triton kernel here (else the torch path)."""
+    return bool(_triton_decode())
+
+
 @dataclass
 class PrefillChunk:
     """Query tokens ``[token_start, token_end)`` of the step are positions ``start_pos ...`` of one job."""

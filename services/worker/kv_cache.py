@@ -25,13 +25,17 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        scratch_blocks: int = 0,
     ) -> None:
         self.num_layers = num_layers
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_heads = num_heads
         self.head_dim = head_dim
-        shape = (num_blocks, block_size, num_heads, head_dim)
+        # scratch blocks sit past num_blocks, outside what the KV manager hands out: padded rows of a
+        # replayed CUDA graph write there (see cuda_graphs.py)
+        self.scratch_block = num_blocks if scratch_blocks else None
+        shape = (num_blocks + scratch_blocks, block_size, num_heads, head_dim)
         # Zeroed, not empty: the torch attention path multiplies masked-out slots by a zero
         # probability, and 0 * NaN from uninitialised memory would poison the output.
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]

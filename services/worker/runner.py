@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from fastserve.model_spec import ModelSpec
 
-from .attention import AttentionMetadata, PrefillChunk
+from .attention import AttentionMetadata, PrefillChunk, triton_decode_available
+from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .loader import init_dummy, load_checkpoint
 from .model import OPTShard
@@ -84,6 +85,7 @@ class ModelRunner:
         parallel: ParallelContext | None = None,
         seed: int = 0,
         enforce_eager: bool = False,
+        cuda_graph_sizes: Sequence[int] = (),
     ) -> None:
         self.spec = spec
         self.dtype = dtype
@@ -105,6 +107,7 @@ class ModelRunner:
             log.info("packed %d linears for oneDNN in %.2fs", packed, time.perf_counter() - started)
         # a function sizes the pool from the memory the weights left free
         self.num_blocks = num_gpu_blocks() if callable(num_gpu_blocks) else num_gpu_blocks
+        graphs = self._graphs_wanted(cuda_graph_sizes, enforce_eager)
         self.kv = KVCache(
             self.model.num_local_layers,
             self.num_blocks,
@@ -113,6 +116,13 @@ class ModelRunner:
             spec.head_dim,
             dtype,
             self.device,
+            scratch_blocks=1 if graphs else 0,
+        )
+        # decode-only steps replayed from CUDA graphs (on CPU: the same padded step, no graph)
+        self.graphs = (
+            DecodeGraphs(self.model, self.kv, cuda_graph_sizes, capture=self.device.type == "cuda")
+            if graphs
+            else None
         )
         self.sampler = Sampler(seed, self.device) if self.is_driver else None
         self.token_counts = TokenCounts(spec.vocab_size, self.device) if self.is_driver else None
@@ -123,6 +133,19 @@ class ModelRunner:
         # parallelism: the whole TP group, which gets it from the driver by broadcast)
         self.keeps_tokens = self.parallel.pp_size == 1
         self.last_tokens: dict[str, int] = {}
+
+    def _graphs_wanted(self, sizes: Sequence[int], enforce_eager: bool) -> bool:
+        if not sizes or enforce_eager:
+            return False
+        if self.parallel.tp_size > 1 or self.parallel.pp_size > 1:
+            log.info(
+                "no CUDA graphs: tp=%d pp=%d (one rank only)", self.parallel.tp_size, self.parallel.pp_size
+            )
+            return False
+        if self.device.type == "cuda" and not triton_decode_available():
+            log.warning("no CUDA graphs: decode attention needs the Triton kernel inside a graph")
+            return False
+        return True
 
     @property
     def is_driver(self) -> bool:
@@ -163,6 +186,10 @@ class ModelRunner:
                 s.token_ids = [self.last_tokens[s.request_id]]
         inputs = self.prepare(seqs)
         par, model = self.parallel, self.model
+        if self.graphs is not None and self.graphs.fits(inputs.meta, len(inputs.input_ids)):
+            return self._finish(
+                seqs, inputs, self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta), None
+            )
         if par.is_first_stage:
             hidden = model.embed(inputs.input_ids, inputs.positions)
         else:
@@ -172,7 +199,17 @@ class ModelRunner:
             par.send_next(hidden)
             return None
         logits = par.gather_last_dim(model.logits(hidden.index_select(0, inputs.last_token)))
-        prompt_logprobs = self._prompt_logprobs(seqs, inputs, hidden)
+        return self._finish(seqs, inputs, logits, self._prompt_logprobs(seqs, inputs, hidden))
+
+    def _finish(
+        self,
+        seqs: list[SeqWork],
+        inputs: StepInputs,
+        logits: torch.Tensor | None,
+        prompt_logprobs: dict[int, list[TokenLogprobs]] | None,
+    ) -> StepOutput | None:
+        """The last stage's part after the logits: sampling on the driver, the kept tokens everywhere."""
+        par = self.parallel
         if not self.is_driver:
             if self.keeps_tokens and par.tp_size > 1:
                 self._keep(seqs, self._shared_tokens(len(seqs)))

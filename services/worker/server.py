@@ -135,6 +135,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         """Joins the torch.distributed world (when there is one), loads the shard and allocates the KV pool."""
         import torch
 
+        from .cuda_graphs import parse_sizes
         from .runner import ModelRunner
         from .tp import init_distributed
 
@@ -174,6 +175,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             parallel=parallel,
             seed=args.seed,
             enforce_eager=args.enforce_eager,
+            # on CPU a padded step only costs: graphs are for CUDA
+            cuda_graph_sizes=parse_sizes(args.cuda_graph_sizes) if device.startswith("cuda") else (),
         )
         log.info(
             "loaded %s (%s, %s) in %.1fs; KV pool %d blocks of %d tokens",
@@ -383,6 +386,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=False,
         help="run the reference path: plain F.linear (no oneDNN-prepacked weights on CPU), no compiled "
         "parts, no CUDA graphs. Slower; for checking the fast path against",
+    )
+    add_flag(
+        parser,
+        "--cuda-graph-sizes",
+        default="1,2,4,8,16,24,32,48,64",
+        help="decode batch sizes captured as CUDA graphs (a batch replays the smallest that holds it; "
+        "larger batches and prefills run eagerly); empty = none. GPU, tp = pp = 1 only",
     )
     add_flag(
         parser,
