@@ -94,7 +94,7 @@ def test_every_error_is_in_openai_shape_with_its_status_naming_field_and_value(s
         assert typed["param"] == "temperature" and "'hot'" in typed["message"]
         for field, value in (
             ("tools", [{"type": "function"}]),
-            ("guided_regex", "a+"),
+            ("functions", [{"name": "f"}]),
             ("tool_choice", "auto"),
         ):
             refused = assert_openai_error(
