@@ -41,7 +41,9 @@ from fastserve.flags import env_name
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose"
-FILES = ("docker-compose.yml", "docker-compose.multinode.yml")
+FILES = ("docker-compose.yml", "docker-compose.multinode.yml", "docker-compose.cpu.yml")
+# the files without GPUs: workers on --device cpu (a gloo world), run for real by tests/test_compose_e2e.py
+CPU_FILES = {"docker-compose.cpu.yml"}
 SERVICES = ("gateway", "scheduler", "kvmanager", "worker")
 DIST_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
 # environment names the compose files set that no FastServe flag reads yet (none today)
@@ -236,7 +238,9 @@ def test_every_command_parses_with_the_service_cli(file):
     names = fastserve_services(file)
     assert {s["command"][0] for s in names.values()} == set(SERVICES), f"{file} lacks a FastServe service"
     for name, svc in names.items():
-        assert svc["build"] == {"context": "..", "dockerfile": "compose/Dockerfile"}, name
+        build = svc["build"]
+        assert (build["context"], build["dockerfile"]) == ("..", "compose/Dockerfile"), name
+        assert build["args"]["DEVICE"] == ("cpu" if file in CPU_FILES else "cuda"), name
         args, _ = parsed(file, name)
         assert args.host != "127.0.0.1", (
             f"{name} listens on loopback only: peers in other containers cannot reach it"
@@ -285,6 +289,12 @@ def test_addresses_ports_and_ranks_agree(file):
         for key in ("world_size", "tp", "pp", "master_addr", "master_port", "model", "device"):
             assert getattr(args, key) == getattr(first, key), f"{name}: --{key} differs from rank 0"
         assert args.master_addr == address_of(*ranks[0]).rsplit(":", 1)[0], "MASTER_ADDR is not rank 0"
+        if file in CPU_FILES:
+            assert args.device == "cpu" and "deploy" not in svc, f"{name}: a CPU rank reserves no GPU"
+            # memlock needs CAP_SYS_RESOURCE ("error setting rlimit type 8"): GPU files only
+            assert "ulimits" not in svc, f"{name}: no ulimits on CPU (pinned memory is a GPU matter)"
+            assert metrics_port(svc, args, file) == 9103 + args.rank, f"{name}: worker metrics port"
+            continue
         assert args.device == "cuda" and args.local_rank == 0, f"{name}: one GPU, seen as cuda:0"
         [device] = svc["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"], name
@@ -292,7 +302,9 @@ def test_addresses_ports_and_ranks_agree(file):
         nodes.setdefault(profile(svc), []).append(device["device_ids"][0])
         assert svc.get("shm_size") or svc.get("ipc") == "host", f"{name}: NCCL needs shared memory"
         assert svc["ulimits"]["memlock"] == -1, f"{name}: pinned host KV blocks need memlock"
-        assert metrics_port(svc, args) == 9103 + args.rank, f"{name}: worker metrics port is 9103 + rank"
+        assert metrics_port(svc, args, file) == 9103 + args.rank, (
+            f"{name}: worker metrics port is 9103 + rank"
+        )
     for node, gpus in nodes.items():
         assert len(gpus) == len(set(gpus)), f"two ranks share a GPU on node {node or 'single'}: {gpus}"
     # tensor parallelism stays inside a node: every TP group (one PP stage) on one node
@@ -307,7 +319,11 @@ def test_addresses_ports_and_ranks_agree(file):
     assert sched.kvmanager_address == address_of(kv_name, kv_svc, kv)
     assert gw.scheduler_address == address_of(sched_name, sched_svc, sched)
     assert gw.port in container_ports(gw_svc), "the gateway's port is not published"
-    assert (metrics_port(gw_svc, gw), metrics_port(sched_svc, sched), metrics_port(kv_svc, kv)) == (
+    assert (
+        metrics_port(gw_svc, gw, file),
+        metrics_port(sched_svc, sched, file),
+        metrics_port(kv_svc, kv, file),
+    ) == (
         9100,
         9101,
         9102,
@@ -326,14 +342,17 @@ def test_addresses_ports_and_ranks_agree(file):
     collector = services["otel-collector"]
     for name, svc in fastserve_services(file).items():
         endpoint = urlsplit(environment(svc)["OTEL_EXPORTER_OTLP_ENDPOINT"])
-        assert endpoint.port == OTLP_GRPC_PORT, name
-        if on_host_network(svc):
+        if file in CPU_FILES:
+            # the collector and Jaeger are images from a registry: behind a profile, tracing off by default
+            assert not endpoint.geturl() and profile(collector) == "tracing", name
+        elif on_host_network(svc):
+            assert endpoint.port == OTLP_GRPC_PORT, name
             published = {p.rsplit(":", 1)[0] for p in collector["ports"]}
             assert f"{endpoint.hostname}:{OTLP_GRPC_PORT}" in published, (
                 f"{name}: collector not published there"
             )
         else:
-            assert endpoint.hostname == "otel-collector", name
+            assert (endpoint.hostname, endpoint.port) == ("otel-collector", OTLP_GRPC_PORT), name
 
         # health checks ask the service's own port over grpc.health.v1
         test = svc["healthcheck"]["test"]
@@ -351,11 +370,13 @@ def test_addresses_ports_and_ranks_agree(file):
     assert set(gw_svc["depends_on"]) == {"redis", sched_name}
 
 
-def metrics_port(svc: dict, args: argparse.Namespace) -> int:
-    """--metrics-port where the service has it, else the pending variable; published unless on the host network."""
+def metrics_port(svc: dict, args: argparse.Namespace, file: str) -> int:
+    """--metrics-port where the service has it, else the pending variable; published unless on the host
+    network (the CPU files publish only the public ports: the gateway's HTTP port serves /metrics too)."""
     pending = PENDING.get(svc["command"][0], set()) & set(environment(svc))
     port = args.metrics_port if hasattr(args, "metrics_port") else int(environment(svc)[pending.pop()])
-    assert on_host_network(svc) or port in container_ports(svc), f"metrics port {port} is not published"
+    published = on_host_network(svc) or port in container_ports(svc)
+    assert published != (file in CPU_FILES), f"{file}: metrics port {port} published: {published}"
     return port
 
 
@@ -469,21 +490,37 @@ def test_otel_collector_config_feeds_jaeger():
         assert collector["command"] == [f"--config={target}"]
 
 
-def test_dockerfile_builds_the_fastserve_entrypoint():
+def test_dockerfile_builds_anywhere():
+    """Plain Dockerfile syntax (no BuildKit frontend pulled from a registry, no RUN --mount), the base
+    image a build arg, CPU by default and CUDA by build args, and a small build context."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     text = (COMPOSE / "Dockerfile").read_text()
-    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:[\w.]+-runtime-", text, re.M), "not a CUDA runtime base"
-    assert re.search(r'pip install "torch==\$\{TORCH_VERSION\}"', text)
-    assert re.search(r"pip install /src\b", text) and "--mount=type=bind,target=/src" in text
+    assert not re.search(r"^#\s*syntax=", text, re.M | re.I), "a syntax line makes BuildKit pull its frontend"
+    assert not re.search(r"^RUN --mount", text, re.M), "RUN --mount needs BuildKit"
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.\d+-slim", text, re.M), "the default base: official Python"
+    assert re.search(r"^FROM \$\{BASE_IMAGE\} AS runtime$", text, re.M)
+    assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cpu$", text, re.M)
+    assert re.search(r'pip install .*"torch==\$\{TORCH_VERSION\}"', text)
     assert 'ENTRYPOINT ["fastserve"]' in text
     # python (the health probe) is the virtual environment's, where fastserve is installed
     venv = re.search(r"VIRTUAL_ENV=(\S+)", text)[1]
-    assert f"PATH={venv}/bin:" in text
-    # the build context holds what `pip install .` packages, and nothing else
+    assert f"PATH={venv}/bin:" in text and f"COPY --from=deps {venv} {venv}" in text
+    for file in FILES:
+        for name, svc in fastserve_services(file).items():
+            args = svc["build"]["args"]
+            if file not in CPU_FILES:
+                assert args["BASE_IMAGE"].startswith("nvidia/cuda:") and "-runtime-" in args["BASE_IMAGE"], (
+                    name
+                )
+                assert args["TORCH_INDEX_URL"] == "", f"{name}: PyPI's default torch wheel is the CUDA build"
+    # the build context (.dockerignore at the root: the classic builder reads no other) holds what
+    # `pip install .` packages and compose/wheels/, nothing else
+    assert not (COMPOSE / "Dockerfile.dockerignore").exists(), "the classic builder ignores it"
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    kept = {line[1:] for line in (COMPOSE / "Dockerfile.dockerignore").read_text().split() if line[0] == "!"}
+    kept = {line[1:] for line in (ROOT / ".dockerignore").read_text().split() if line[0] == "!"}
     packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
-    assert packages | {"pyproject.toml", project["project"]["readme"]} == kept
+    assert packages | {"pyproject.toml", project["project"]["readme"], "compose/wheels"} == kept
+    assert "COPY compose/wheels/ /wheels/" in text and (COMPOSE / "wheels" / ".gitignore").exists()
 
 
 def test_deploy_doc_matches_the_compose_files():
