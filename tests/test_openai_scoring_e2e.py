@@ -221,3 +221,21 @@ def test_vllm_tokenizer_and_info_routes(checkpoint_stack):
     assert (card.id, card.owned_by) == (MODEL, "fastserve")
     with pytest.raises(openai.NotFoundError):
         client(checkpoint_stack).models.retrieve("no-such-model")
+
+
+def test_langchain_with_structured_output_returns_the_pydantic_model(checkpoint_stack):
+    from typing import Literal
+
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        age: int = Field(ge=0, le=120)
+        color: Literal["red", "green", "blue"]
+        tags: list[str] = Field(max_length=3)
+
+    llm = ChatOpenAI(
+        base_url=checkpoint_stack.addresses["http"] + "/v1", api_key="x", model=MODEL, max_tokens=200, seed=3
+    )
+    person = llm.with_structured_output(Person).invoke("Describe a person.")  # response_format json_schema
+    assert isinstance(person, Person)
