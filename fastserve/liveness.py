@@ -77,7 +77,13 @@ class Liveness:
 
         def done(future: grpc.Future) -> None:
             self._probing.discard(name)
-            if future.exception() is None:  # SERVING or not: it answered
+            error = future.exception()
+            # SERVING or not, or even refusing the call: the process answered; only silence (a
+            # deadline) or no listener (starting, or dead: the supervisor sees that) is no answer
+            if error is None or error.code() not in (
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.UNAVAILABLE,
+            ):
                 self.answered[name] = (pid, time.monotonic())
 
         call.add_done_callback(done)
