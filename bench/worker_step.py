@@ -24,6 +24,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +36,7 @@ import torch  # noqa: E402 - after the wait policy, which torch's OpenMP reads a
 from fastserve.model_spec import PRESETS, resolve_model
 
 MODES = ("eager", "fast")
+BUSY_LOOP = "import time\nend = time.time() + 1800\nwhile time.time() < end:\n    pass"  # bounded: 30 min
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--profile", action="store_true", help="also record each path's top ops per case")
+    p.add_argument(
+        "--busy-cores",
+        type=int,
+        default=0,
+        help="keep this many cores busy with bounded busy loops (other processes) while timing",
+    )
     p.add_argument("--out", default="out/worker_step.json", help="JSON results path")
     return p
 
@@ -161,14 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     longest = max(contexts) + 2 * (args.steps + 1) + 4
     blocks = (max(batches) + 1) * -(-max(longest, args.prefill_tokens) // args.block_size)
     sides = {m: Side(spec, m, blocks, args.block_size) for m in MODES}
+    busy = [
+        subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(args.busy_cores)
+    ]  # each stops by itself after BUSY_LOOP's bound, and is killed below in any case
     print(
         f"{spec.name} fp32 on CPU ({torch.get_num_threads()} threads); setup s: "
         + ", ".join(f"{m} {sides[m].setup_s:.1f}" for m in MODES),
         flush=True,
     )
     rows = []
-    for batch in batches:
-        for context in contexts:
+    try:
+        cases = [(b, c) for b in batches for c in contexts]
+        for batch, context in cases:
             row = bench_case(sides, spec, batch, context, args)
             rows.append(row)
             d, x = row["decode"], row["mixed"]
@@ -178,12 +191,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"  fast {x['fast_ms']:6.1f}  x{x['paired']:.2f} | agree={row['greedy_tokens_agree']}",
                 flush=True,
             )
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "model": spec.name,
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        "busy_cores": args.busy_cores,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "setup_s": {m: sides[m].setup_s for m in MODES},
