@@ -9,6 +9,11 @@ status is 1 if any failed):
   swap       bench.swap_overlap: exposed / total swap time on the live stack, OPT-6.7B shape
   live-M     bench.live_ratio: busy wall / worker compute, 64 greedy requests of 64 tokens at once,
              --max-batch-size 16, one part per model M of --live-models
+  vs-vllm    bench.vs_vllm --device cuda: FastServe and vLLM's CUDA build on one random OPT-125m
+             checkpoint (fp16), one after the other: greedy agreement, the ShareGPT trace at
+             --vs-vllm-rates, `vllm bench serve` against both, per-iteration decode time at batch
+             1/4/16 x context 128/512. Only when --parts names it (it needs vLLM: --vllm-python,
+             which bench/gpu_suite.sh finds or builds), outside the 8-minute default set
 
 Every model is a dummy-weight preset, so nothing is downloaded. ``--smoke`` shrinks every part
 to opt-tiny and a few requests, so that ``--device cpu --smoke`` checks the suite on a CPU (the
@@ -38,7 +43,7 @@ from fastserve.flags import add_flag
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # seconds each part may run (live: each live part): 390 s with two live models, 440 s if every part
 # overran and used its stop grace too, which leaves the venv's set-up room within 8 minutes
-DEFAULT_BUDGETS = {"attention": 60.0, "decode": 80.0, "swap": 110.0, "live": 70.0}
+DEFAULT_BUDGETS = {"attention": 60.0, "decode": 80.0, "swap": 110.0, "live": 70.0, "vs-vllm": 480.0}
 STOP_GRACE_S = 10  # after SIGINT, how long a part may take to stop its stack before SIGKILL
 
 
@@ -150,7 +155,26 @@ def plan(args: argparse.Namespace, device: str, out: Path) -> list[Part]:
                 result,
             )
         )
+    if "vs-vllm" in csv_names(args.parts):
+        result = out / "vs-vllm" / "vs_vllm.json"
+        vs_args = ["--device", device, "--vllm-python", args.vllm_python, "--out", str(out / "vs-vllm")]
+        vs_args += ["--parts", "greedy,trace,anchor,step", "--rates", args.vs_vllm_rates]
+        # fp16 on two implementations: the same greedy tokens, logprobs only close
+        vs_args += ["--logprob-tolerance", "0.05", "--max-extra-rates", "1"]
+        if smoke:
+            vs_args += ["--layers", "2", "--hidden", "128", "--num-requests", "8", "--step-batches", "1,4"]
+            vs_args += ["--step-contexts", "32", "--rates", "2"]
+        skip = (
+            ""
+            if args.vllm_python
+            else "no vLLM: --vllm-python (bench/gpu_suite.sh --vllm-wheels DIR builds one)"
+        )
+        parts.append(Part("vs-vllm", "bench.vs_vllm", vs_args, budgets["vs-vllm"], result, skip=skip))
     return parts
+
+
+def csv_names(text: str) -> set[str]:
+    return {p.strip() for p in text.split(",") if p.strip()}
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -230,6 +254,15 @@ def headline(name: str, record: dict) -> str:
             + (f" = {r['fraction_of_bound']:.0%} of bound" if "fraction_of_bound" in r else "")
             for r in result["rows"]
         )
+    if name == "vs-vllm":
+        ratios = result["summary"]["ratios"]
+        return (
+            "; ".join(
+                f"{r['rate']:g} req/s: FastServe/vLLM throughput {r['throughput']:.2f}x, TPOT {r['tpot_mean']:.2f}x"
+                for r in ratios
+            )
+            or "no trace ratios"
+        )
     if name == "swap":
         fraction = result["exposed_fraction"]
         shown = f"{fraction:.1%}" if fraction is not None else "n/a (nothing swapped)"
@@ -285,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--live-models", default="opt-tiny,opt-1.3b", help="presets of the live parts, one part each")
     add_flag(
         p,
+        "--vllm-python",
+        default="",
+        help="an interpreter that imports vLLM (CUDA build), for the vs-vllm part",
+        env="FASTSERVE_VLLM_PYTHON",
+    )
+    add_flag(p, "--vs-vllm-rates", default="4,16,64", help="request rates of the vs-vllm part's trace")
+    add_flag(
+        p,
         "--budgets",
         default="",
         help=f"seconds a part may run, over the defaults {DEFAULT_BUDGETS} (live: each live part), e.g. swap=200",
@@ -293,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         "--parts",
         default="",
-        help="comma list of part names to run (e.g. decode,live-opt-tiny); empty = all",
+        help="comma list of part names to run (e.g. decode,live-opt-tiny); empty = all but vs-vllm",
     )
     return p
 
@@ -306,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     info = device_info(args.device if args.device != "auto" else _auto_device())
     parts = plan(args, info["device"], out.resolve())
     if args.parts:
-        wanted = {p.strip() for p in args.parts.split(",")}
+        wanted = csv_names(args.parts)
         parts = [p for p in parts if p.name in wanted]
     print(f"GPU suite on {info.get('gpu', platform.machine())} ({info}); writing {out}/", flush=True)
     # nothing can be downloaded here: a tokenizer lookup fails at once and falls back to bytes

@@ -12,8 +12,16 @@
 #       sees the machine's torch and triton (--system-site-packages), installs the project into
 #       it from DIR only (pip --no-index), then runs `python -m bench.gpu_suite SUITE FLAGS`
 #       (--out DIR, default $OUT or out/gpu-suite; `python -m bench.gpu_suite --help` lists them).
+#   bench/gpu_suite.sh --prepare-vllm-wheels DIR [--vllm-version X.Y.Z] [--python-version X.Y]
+#       where a package index is reachable: puts vLLM's CUDA wheel and every dependency of it
+#       (its own torch included, several GB) in DIR, for the FastServe-vs-vLLM part. Copy DIR along.
+#   bench/gpu_suite.sh [--vllm-wheels DIR] --parts vs-vllm [SUITE FLAGS]
+#       FastServe and vLLM on the GPU in one command. vLLM comes from FASTSERVE_VLLM_PYTHON, else
+#       the machine's python if it imports vllm, else a venv (--vllm-venv, default .venv-vllm)
+#       built from DIR alone; without any of them the part is skipped, saying so.
 #
 # Environment: FASTSERVE_WHEELS (--wheels), FASTSERVE_GPU_VENV (--venv, default .venv-gpu),
+# FASTSERVE_VLLM_WHEELS (--vllm-wheels), FASTSERVE_VLLM_VENV (--vllm-venv), FASTSERVE_VLLM_PYTHON,
 # FASTSERVE_WHEELS_PYTHON (--python-version), FASTSERVE_WHEELS_GLIBC (--glibc),
 # PYTHON (the interpreter with torch, default python3).
 set -euo pipefail
@@ -25,10 +33,18 @@ venv="${FASTSERVE_GPU_VENV:-.venv-gpu}"
 python_version="${FASTSERVE_WHEELS_PYTHON:-}"
 glibc="${FASTSERVE_WHEELS_GLIBC:-2.28}"
 prepare=""
+prepare_vllm=""
+vllm_version="${FASTSERVE_VLLM_VERSION:-}"
+vllm_wheels="${FASTSERVE_VLLM_WHEELS:-}"
+vllm_venv="${FASTSERVE_VLLM_VENV:-.venv-vllm}"
 suite_flags=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --prepare-wheels) prepare="$2"; shift 2 ;;
+    --prepare-vllm-wheels) prepare_vllm="$2"; shift 2 ;;
+    --vllm-version) vllm_version="$2"; shift 2 ;;
+    --vllm-wheels) vllm_wheels="$2"; shift 2 ;;
+    --vllm-venv) vllm_venv="$2"; shift 2 ;;
     --python-version) python_version="$2"; shift 2 ;;
     --glibc) glibc="$2"; shift 2 ;;
     --wheels) wheels="$2"; shift 2 ;;
@@ -37,6 +53,17 @@ while [ $# -gt 0 ]; do
     *) suite_flags+=("$1"); shift ;;
   esac
 done
+
+if [ -n "$prepare_vllm" ]; then
+  python_version="${python_version:-$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')}"
+  mkdir -p "$prepare_vllm"
+  echo "downloading vllm${vllm_version:+==$vllm_version} (CUDA) and its dependencies for CPython $python_version into $prepare_vllm:" >&2
+  "$python" -m pip download --dest "$prepare_vllm" --only-binary=:all: --implementation cp \
+    --python-version "$python_version" --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform any "vllm${vllm_version:+==$vllm_version}"
+  echo "done: copy $prepare_vllm to the GPU machine and run bench/gpu_suite.sh --vllm-wheels DIR --parts vs-vllm" >&2
+  exit 0
+fi
 
 if [ -n "$prepare" ]; then
   python_version="${python_version:-$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')}"
@@ -68,6 +95,19 @@ if [ ! -f "$stamp" ]; then
   # no byte-compiling of every installed file: it doubles the install time; imports compile what they use
   "$venv/bin/python" -m pip install -q --no-compile --no-index --find-links "$wheels" -e .
   touch "$stamp"
+fi
+# vLLM for the vs-vllm part: named, the machine's own, or a venv of its own from the vLLM wheels
+if [ -z "${FASTSERVE_VLLM_PYTHON:-}" ]; then
+  if "$python" -c 'import vllm' 2>/dev/null; then
+    export FASTSERVE_VLLM_PYTHON="$(command -v "$python")"
+  elif [ -x "$vllm_venv/bin/python" ] && "$vllm_venv/bin/python" -c 'import vllm' 2>/dev/null; then
+    export FASTSERVE_VLLM_PYTHON="$(realpath "$vllm_venv")/bin/python"
+  elif [ -n "$vllm_wheels" ]; then
+    echo "setting up $vllm_venv with vLLM from $vllm_wheels..." >&2
+    "$python" -m venv "$vllm_venv"
+    "$vllm_venv/bin/python" -m pip install -q --no-compile --no-index --find-links "$vllm_wheels" vllm
+    export FASTSERVE_VLLM_PYTHON="$(realpath "$vllm_venv")/bin/python"
+  fi
 fi
 code=0
 "$venv/bin/python" -m bench.gpu_suite ${suite_flags[@]+"${suite_flags[@]}"} || code=$?

