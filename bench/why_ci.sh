@@ -2,7 +2,8 @@
 # docs/why-mlfq.md, "with confidence": every seeded grid of the note, one process at a time (the
 # machine is shared), each resumable (bench.policy_ci skips points already in its JSONL).
 #   nice -n 10 bench/why_ci.sh [grid ...]     grids: real noisy synthetic alpaca human tput blind calibrated
-#                                              (default) and headline mix (benchmarks.md's headline, section 4's mix)
+#                                              (default) and headline mix tput-synthetic (benchmarks.md's headline,
+#                                              section 4's mix, every policy's throughput on the synthetic traces)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -40,6 +41,12 @@ for g in $grids; do
         --policies mlfq,gittins,gittins-slowdown,vllm@256
       $RUN --out $R/ci_alpaca.jsonl --workload alpaca --noise 1.0 --rates 14,20 \
         --policies mlfq,gittins,gittins-slowdown,vllm@256 ;;
+    # throughput at the SLO of every policy on the synthetic traces (rates beside 2,3 and 14,20)
+    tput-synthetic)
+      $RUN --out $R/ci_synthetic.jsonl --workload sharegpt --noise 1.05 --rates 1.5,2.5,4,5,6,8 \
+        --policies fcfs,skip-join-mlfq,srpt-oracle,$PRED,mlfq,gittins-slowdown
+      $RUN --out $R/ci_alpaca.jsonl --workload alpaca --noise 1.0 --rates 10,17,25,30,40,50 \
+        --policies fcfs,skip-join-mlfq,srpt-oracle,$PRED,mlfq,gittins-slowdown ;;
     # section 4: skip-join against naive MLFQ where it was best (alpaca + summarize prompts)
     mix) $RUN --out $R/ci_mix.jsonl --workload $R/mix_alpaca_summarize.jsonl --rates 2,4,6,7,8,10 \
            --policies fcfs,mlfq,skip-join-mlfq ;;
