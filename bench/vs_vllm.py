@@ -12,8 +12,8 @@ CPU threads, and on each runs these parts (--parts picks some):
           lowest rate), the rate is doubled, up to --max-extra-rates times
   anchor  vLLM's own client, `vllm bench serve`, random 128 in / 64 out, 48 prompts at 2 req/s
   step    per-iteration decode time: `vllm bench serve --dataset-name random` with N prompts at
-          --max-concurrency N, fixed lengths (batch 1/4/16 x context 128/512); the median ITL
-          is one decode iteration at batch N
+          --max-concurrency N, fixed lengths (batch 1/4/16 x context 128/512, 64 tokens out); the
+          median TPOT is one decode iteration at batch N
   busy    the trace again at --busy-rate with one of the servers' CPUs kept busy by a bounded
           busy loop this benchmark starts: how far each server's throughput falls
 
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--logprob-tolerance", default=1e-4, help="largest |logprob difference| accepted")
     add_flag(p, "--step-batches", default="1,4,16", help="the step part's batch sizes")
     add_flag(p, "--step-contexts", default="128,512", help="the step part's prompt lengths")
-    add_flag(p, "--step-output-len", default=32, help="tokens each step-part request generates")
+    add_flag(p, "--step-output-len", default=64, help="tokens each step-part request generates")
     add_flag(p, "--busy-rate", default=0.0, help="rate of the busy part; 0 = the highest trace rate")
     add_flag(p, "--port", default=0, help="the servers' HTTP port (one at a time); 0 = a free port")
     return p
@@ -377,7 +377,9 @@ def run_server_parts(server: Server, args, parts, rates, vllm_cli, checkpoint, o
                 argv += ["--max-concurrency", str(batch), "--request-rate", "inf"]
                 row = run_vllm_bench(vllm_cli, argv, bench_env, bench_log)
                 rows.append({"batch": batch, "context": ctx, **row})
-                print(f"[{name}] step b{batch} c{ctx}: ITL median {row['itl']['median']:.1f} ms", flush=True)
+                print(
+                    f"[{name}] step b{batch} c{ctx}: TPOT median {row['tpot']['median']:.1f} ms", flush=True
+                )
     if "busy" in parts:
         rate = args.busy_rate or max(rates)
         cpu = sorted(os.sched_getaffinity(0))[args.threads - 1]
