@@ -59,7 +59,7 @@ def make(path: Path, vocab: int = 2048, layers: int = 4, hidden: int = 128, seed
         vocab_size=vocab,
         hidden_size=hidden,
         num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 32),
+        num_attention_heads=max(1, hidden // 64),
         ffn_dim=4 * hidden,
         max_position_embeddings=512,
         word_embed_proj_dim=hidden,
@@ -143,7 +143,11 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("make", help="build the checkpoint")
     m.add_argument("path", type=Path)
-    m.add_argument("--vocab", type=int, default=2048)
+    m.add_argument(
+        "--vocab", type=int, default=2048, help="the model's vocabulary (the tokenizer's is smaller)"
+    )
+    m.add_argument("--layers", type=int, default=4)
+    m.add_argument("--hidden", type=int, default=128)
     c = sub.add_parser("check", help="compare a running server's prompt logprobs with transformers")
     c.add_argument("path", type=Path)
     c.add_argument("--base-url", required=True)
@@ -156,7 +160,7 @@ def main() -> None:
     e.add_argument("--tolerance", type=float, default=1e-4)
     args = parser.parse_args()
     if args.command == "make":
-        print(make(args.path, vocab=args.vocab))
+        print(make(args.path, vocab=args.vocab, layers=args.layers, hidden=args.hidden))
         return
     worst = (
         check(args.path, args.base_url, TEXTS)

@@ -218,6 +218,7 @@ SERVICE_KNOBS = {  # flag of `up` -> (the service it goes to when given, type, w
     "--max-concurrent-requests": ("gateway", int, "admission: most requests one gateway streams (then 429)"),
     "--max-request-body-bytes": ("gateway", int, "largest request body (HTTP 413, gRPC RESOURCE_EXHAUSTED)"),
     "--max-prompt-chars": ("gateway", int, "longest prompt in characters, refused before tokenizing"),
+    "--max-prompts-per-request": ("gateway", int, "most prompts in one /v1/completions request"),
     "--http-header-timeout": ("gateway", float, "seconds a connection may take to send request headers"),
     "--timeout-keep-alive": ("gateway", float, "seconds an idle HTTP keep-alive connection stays open"),
     "--stream-send-timeout": (
