@@ -296,6 +296,23 @@ def cost_per_request(model: LengthPredictor, prompt_ids: list[np.ndarray]) -> di
     }
 
 
+def role_counts(dataset: str = "") -> dict:
+    """Who speaks the first turn of each conversation with two turns; and among the pairs with a
+    prompt of >= 1 000 characters and an answer under 250 (about >= 256 and < 64 tokens)."""
+    first: dict[str, int] = {}
+    long_short: dict[str, int] = {}
+    with open_sharegpt(dataset) as f:
+        for record in iter_records(f):
+            turns = record.get("conversations") or []
+            if len(turns) < 2:
+                continue
+            role = str(turns[0].get("from"))
+            first[role] = first.get(role, 0) + 1
+            if len(str(turns[0].get("value", ""))) >= 1000 and len(str(turns[1].get("value", ""))) < 250:
+                long_short[role] = long_short.get(role, 0) + 1
+    return {"first_turn": first, "long_prompt_short_answer_first_turn": long_short}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.length_predictor",
@@ -330,7 +347,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cg-iters", type=int, default=300, help="conjugate-gradient iterations per fit")
     parser.add_argument("--max-input-len", type=int, default=512)
     parser.add_argument("--max-output-len", type=int, default=256)
+    parser.add_argument(
+        "--roles",
+        action="store_true",
+        help="only count who opens each conversation, overall and among long-prompt short-answer pairs",
+    )
     args = parser.parse_args(argv)
+    if args.roles:
+        print(json.dumps(role_counts(args.dataset), indent=1))
+        return 0
 
     t0 = time.perf_counter()
     data = load(args.tokenizer, args.pairs, args.dataset)
