@@ -5,12 +5,16 @@ log_softmax), several prompts per request, structured outputs (response_format /
 from __future__ import annotations
 
 import json
+import time
 
+import grpc
 import httpx2 as httpx
 import jsonschema
 import openai
 import pytest
 
+from fastserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from tests.internal_rpc import scheduler_info
 from tests.reference import hf_log_softmax
 
 MODEL = "tiny-opt"  # conftest's checkpoint_stack serves it under this name
@@ -239,3 +243,51 @@ def test_langchain_with_structured_output_returns_the_pydantic_model(checkpoint_
     )
     person = llm.with_structured_output(Person).invoke("Describe a person.")  # response_format json_schema
     assert isinstance(person, Person)
+
+
+def test_streamed_echo_with_n_2_gives_each_completion_its_prompt_logprobs(checkpoint_stack, tiny_checkpoint):
+    """The prompt's logprobs are computed by its first completion; the second waits for them."""
+    prompts = [[2, 30, 31, 32, 33], [2, 90, 91]]
+    chunks = list(
+        client(checkpoint_stack).completions.create(
+            model=MODEL, prompt=prompts, n=2, echo=True, logprobs=0, max_tokens=3, seed=5, stream=True
+        )
+    )
+    for index in range(4):
+        prompt = prompts[index // 2]
+        parts = [c for chunk in chunks for c in chunk.choices if c.index == index]
+        token_logprobs = [lp for c in parts if c.logprobs for lp in c.logprobs.token_logprobs]
+        assert len(token_logprobs) == len(prompt) + 3 and token_logprobs[0] is None
+        expected = reference_logprobs(tiny_checkpoint, prompt)
+        assert token_logprobs[1 : len(prompt)] == pytest.approx(expected, abs=1e-4)
+        assert parts[0].text.startswith(checkpoint_stack_decode(prompt))
+
+
+def test_closing_a_several_prompt_stream_cancels_every_prompt(checkpoint_stack):
+    stream = client(checkpoint_stack).completions.create(
+        model=MODEL, prompt=["a", "b", "c"], n=2, max_tokens=200, stream=True, extra_body={"ignore_eos": True}
+    )
+    next(iter(stream))
+    stream.close()
+    deadline = time.monotonic() + 60
+    while (info := scheduler_info(checkpoint_stack)).num_running + info.num_waiting:
+        assert time.monotonic() < deadline, f"jobs left running after the client went away: {info}"
+        time.sleep(0.1)
+
+
+def test_grpc_structured_outputs_in_sampling_params(checkpoint_stack):
+    stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(checkpoint_stack.addresses["gateway"]))
+    sampling = common_pb2.SamplingParams(max_tokens=150, seed=2)
+    sampling.structured_outputs.json = json.dumps(SCHEMA)
+    text = "".join(
+        r.text
+        for r in stub.Generate(
+            gateway_pb2.GenerateRequest(prompt="A person:", sampling=sampling), timeout=120
+        )
+    )
+    jsonschema.validate(json.loads(text), SCHEMA)
+    sampling.structured_outputs.regex = "(["
+    with pytest.raises(grpc.RpcError) as refused:
+        list(stub.Generate(gateway_pb2.GenerateRequest(prompt="x", sampling=sampling), timeout=30))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "structured_outputs.regex" in refused.value.details()
