@@ -382,12 +382,46 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def tput_ratios(points: list[dict], a: str, b: str, slo: float = 0.3) -> list[dict]:
+    """Throughput at the SLO of policy `a` over policy `b`, per seed (same tag, workload, noise),
+    with its interval; seeds where either never crossed are left out (and counted)."""
+    out = []
+    settings = sorted({(p["tag"], p["workload"], p["noise"]) for p in points}, key=str)
+    for tag, workload, noise in settings:
+        entry: dict = {"tag": tag, "workload": workload, "noise": noise, "ratio": f"{a}/{b}"}
+        for stat in ("lat_mean", "lat_p95"):
+            ratios = []
+            seeds = sorted(
+                {p["seed"] for p in points if (p["tag"], p["workload"], p["noise"]) == (tag, workload, noise)}
+            )
+            for seed in seeds:
+                cross = []
+                for policy in (a, b):
+                    sweep = [
+                        (p["rate"], p[stat])
+                        for p in points
+                        if (p["tag"], p["workload"], p["noise"], p["policy"], p["seed"])
+                        == (tag, workload, noise, policy, seed)
+                    ]
+                    cross.append(slo_crossing(sweep, slo)[0] if len(sweep) > 1 else None)
+                if cross[0] and cross[1]:
+                    ratios.append(cross[0] / cross[1])
+            entry[stat] = interval(ratios) if ratios else None
+            entry[f"{stat}_seeds"] = f"{len(ratios)}/{len(seeds)}"
+        if entry["lat_mean"] or entry["lat_p95"]:
+            out.append(entry)
+    return out
+
+
 def report(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.policy_ci report")
     parser.add_argument("points", nargs="+", help="JSONL files written by `run`")
     parser.add_argument("--json", default="")
     parser.add_argument("--plot", default="")
     parser.add_argument("--slo", type=float, default=0.3)
+    parser.add_argument(
+        "--ratios", default="", help="comma list of A/B: throughput at the SLO of A over B, per seed"
+    )
     args = parser.parse_args(argv)
     points = []
     for path in args.points:
@@ -399,13 +433,28 @@ def report(argv: list[str]) -> int:
     print("\n".join(tput_table(rows)))
     print()
     print("\n".join(class_table(rows)))
+    ratios = [
+        e
+        for pair in filter(None, args.ratios.split(","))
+        for e in tput_ratios(points, *pair.split("/"), args.slo)
+    ]
+    for e in ratios:
+        setting = (
+            e["workload"]
+            + (f" {e['tag']}" if e["tag"] else "")
+            + (f" σ={e['noise']:g}" if e["noise"] >= 0 else "")
+        )
+        print(
+            f"{setting}: {e['ratio']} throughput at the SLO, mean {fmt(e['lat_mean'], 2)} "
+            f"({e['lat_mean_seeds']} seeds), P95 {fmt(e['lat_p95'], 2)} ({e['lat_p95_seeds']} seeds)"
+        )
     limits = thresholds(rows)
     if limits:
         print()
         print("\n".join(threshold_table(limits)))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "tau_thresholds": limits}, f, indent=1)
+            json.dump({"rows": rows, "tau_thresholds": limits, "ratios": ratios}, f, indent=1)
     if args.plot:
         plot(rows, args.plot)
     return 0
