@@ -170,6 +170,25 @@ def main(argv: list[str] | None = None) -> int:
             f"{fmt(r['tput_proactive_over_reactive'])} | {fmt(r['lat_recompute_over_proactive'])} | "
             f"{fmt(r['lat_reactive_over_proactive'])} |"
         )
+    print(f"\nAt {args.at_rate:g} req/s (means over seeds):")
+    print("| setting | swap policy | lat/token s | JCT s | preemptions | swap GB | recomputes | makespan s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for name in names:
+        for swap in SWAPS:
+            ps = [
+                p
+                for p in points
+                if p["tag"] == name and p["rate"] == args.at_rate and p["policy"].endswith(f"/{swap}")
+            ]
+            if ps:
+                m = {
+                    k: statistics.fmean(p[k] for p in ps)
+                    for k in ("lat_mean", "jct_mean", "preemptions", "swap_gb", "recomputes", "makespan")
+                }
+                print(
+                    f"| {name} | {swap} | {m['lat_mean']:.3f} | {m['jct_mean']:.0f} | {m['preemptions']:.0f} | "
+                    f"{m['swap_gb']:.0f} | {m['recomputes']:.0f} | {m['makespan']:.0f} |"
+                )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
