@@ -168,3 +168,30 @@ def test_a_client_that_gives_up_during_a_scheduler_outage_leaves_no_work(tiny_ch
         )
     finally:
         stack.stop()
+
+
+@pytest.mark.timeout(600)
+def test_keep_work_on_stop_leaves_the_jobs_to_the_next_scheduler_under_the_lease(tiny_checkpoint, tmp_path):
+    flags = ("--max-batch-size", "8", "--orphan-timeout", str(ORPHAN_TIMEOUT), "--keep-work-on-stop")
+    stack = supervised_stack(tiny_checkpoint, tmp_path, *flags)
+    port = stack.args.port
+    try:
+        _, _, threads = start_streams(stack, "kept")
+    finally:
+        stack.stop()
+    for t in threads:
+        t.join(60)
+    ids = [f"kept-{i}" for i in range(8)]
+    # the next `up` with a lease long enough to look: the kept jobs wait, parked, for their gateways
+    again = supervised_stack(
+        tiny_checkpoint, tmp_path, *flags, "--port", str(port), "--orphan-timeout", "600"
+    )
+    try:
+        left = records(again, ids)
+        assert all(r["state"] not in FINAL_STATES for r in left.values()), left
+        assert scheduler_info(again).num_waiting == 8 and kv_stats(again).num_jobs == 0
+        time.sleep(1)
+        assert records(again, ids) == left  # parked: nothing runs for nobody
+    finally:
+        again.stop()
+    print("\n--keep-work-on-stop: 8 jobs left unfinished, parked by the next scheduler", flush=True)

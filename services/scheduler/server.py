@@ -457,11 +457,15 @@ async def serve(args: argparse.Namespace) -> None:
     for task in done:
         task.result()  # a crashed loop must take the service down loudly
     if stop_task in done:
-        await stop_serving(service, server, state, keep_work=args.keep_work_on_stop)
+        await stop_serving(service, server, state, loop_task, keep_work=args.keep_work_on_stop)
 
 
 async def stop_serving(
-    service: SchedulerService, server: grpc.aio.Server, state: ServingState, keep_work: bool
+    service: SchedulerService,
+    server: grpc.aio.Server,
+    state: ServingState,
+    loop_task: asyncio.Task,
+    keep_work: bool,
 ) -> None:
     """A clean stop (SIGTERM/SIGINT): cancels every job (or, keeping the work, leaves the unfinished
     ones in Redis for the next scheduler) and writes the job log before exiting, so a job that
@@ -473,8 +477,9 @@ async def stop_serving(
         "leaving to the next scheduler" if keep_work else "cancelling",
         len(engine.jobs),
     )
-    if keep_work:
+    if keep_work:  # no further iteration: what Redis gets is where the next scheduler picks up
         service.stopping = True
+        loop_task.cancel()
     else:
         for request_id in list(leases.parked):
             leases.cancel(request_id, "the scheduler stopped")

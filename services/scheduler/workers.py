@@ -187,6 +187,8 @@ class WorkerGroup:
             replies = await asyncio.gather(*futures)
         except grpc.aio.AioRpcError as exc:
             raise WorkerError(f"sending step {request.step_id}: {exc.code().name} {exc.details()}") from exc
+        except asyncio.InvalidStateError as exc:  # the stream was closed under it (a stopping scheduler)
+            raise WorkerError(f"sending step {request.step_id}: {exc}") from exc
         finally:
             self._pending.pop(request.step_id, None)
             self._sent.pop(request.step_id, None)
