@@ -291,3 +291,15 @@ def test_grpc_structured_outputs_in_sampling_params(checkpoint_stack):
         list(stub.Generate(gateway_pb2.GenerateRequest(prompt="x", sampling=sampling), timeout=30))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "structured_outputs.regex" in refused.value.details()
+
+
+def test_grpc_tokenize_and_detokenize(checkpoint_stack):
+    stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(checkpoint_stack.addresses["gateway"]))
+    reply = stub.Tokenize(gateway_pb2.TokenizeRequest(text="Hi!"), timeout=30)
+    assert list(reply.token_ids) == [2, *(b + 4 for b in b"Hi!")] and reply.max_model_len == 256
+    bare = stub.Tokenize(gateway_pb2.TokenizeRequest(text="Hi!", add_special_tokens=False), timeout=30)
+    assert list(bare.token_ids) == list(reply.token_ids)[1:]
+    assert stub.Detokenize(gateway_pb2.DetokenizeRequest(token_ids=reply.token_ids), timeout=30).text == "Hi!"
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Detokenize(gateway_pb2.DetokenizeRequest(token_ids=[9999]), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

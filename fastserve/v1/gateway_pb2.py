@@ -25,29 +25,37 @@ _sym_db = _symbol_database.Default()
 from fastserve.v1 import common_pb2 as fastserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x61stserve/v1/gateway.proto\x12\x0c\x66\x61stserve.v1\x1a\x19\x66\x61stserve/v1/common.proto\"\xaf\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.fastserve.v1.SamplingParams\x12\x1e\n\x16\x63ontinuous_usage_stats\x18\x05 \x01(\x08\x42\t\n\x07_prompt\"\xe5\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.fastserve.v1.FinishReason\x12\'\n\x05usage\x18\x05 \x01(\x0b\x32\x13.fastserve.v1.UsageH\x00\x88\x01\x01\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\r\n\x05index\x18\x07 \x01(\r\x12\x30\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1e.fastserve.v1.PositionLogprobs\x12\x37\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1e.fastserve.v1.PositionLogprobs\x12-\n\x0bstop_reason\x18\n \x01(\x0b\x32\x18.fastserve.v1.StopReasonB\x08\n\x06_usage\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\'\n\x11GetRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xf0\x02\n\x0bRequestInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x18\n\x10generated_tokens\x18\x04 \x01(\r\x12\x13\n\x0bqueue_level\x18\x05 \x01(\x05\x12\x14\n\x0c\x61rrival_time\x18\x06 \x01(\x01\x12\x18\n\x10\x66irst_token_time\x18\x07 \x01(\x01\x12\x13\n\x0b\x66inish_time\x18\x08 \x01(\x01\x12\x13\n\x0bpreemptions\x18\t \x01(\r\x12\x11\n\tdemotions\x18\n \x01(\r\x12\x12\n\npromotions\x18\x0b \x01(\r\x12\x15\n\rfinish_reason\x18\x0c \x01(\t\x12\x11\n\tswaps_out\x18\r \x01(\r\x12\x12\n\nrecomputes\x18\x0e \x01(\r\x12\t\n\x01n\x18\x0f \x01(\r\x12.\n\x0b\x63ompletions\x18\x10 \x03(\x0b\x32\x19.fastserve.v1.RequestInfo\"\x13\n\x11ServerInfoRequest\"\xf8\x02\n\x12ServerInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x05 \x01(\r\x12\x1e\n\x16pipeline_parallel_size\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x08 \x01(\r\x12\x15\n\rmax_model_len\x18\t \x01(\r\x12\x18\n\x10max_tokens_limit\x18\n \x01(\r\x12\x12\n\nvocab_size\x18\x0b \x01(\r\x12\x12\n\nblock_size\x18\x0c \x01(\r\x12\x16\n\x0enum_gpu_blocks\x18\r \x01(\r\x12\x17\n\x0fnum_host_blocks\x18\x0e \x01(\r\x12\x13\n\x0bswap_policy\x18\x0f \x01(\t\x12\x0f\n\x07version\x18\x10 \x01(\t2\xb6\x02\n\x07Gateway\x12K\n\x08Generate\x12\x1d.fastserve.v1.GenerateRequest\x1a\x1e.fastserve.v1.GenerateResponse0\x01\x12\x43\n\x06\x43\x61ncel\x12\x1b.fastserve.v1.CancelRequest\x1a\x1c.fastserve.v1.CancelResponse\x12H\n\nGetRequest\x12\x1f.fastserve.v1.GetRequestRequest\x1a\x19.fastserve.v1.RequestInfo\x12O\n\nServerInfo\x12\x1f.fastserve.v1.ServerInfoRequest\x1a .fastserve.v1.ServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x61stserve/v1/gateway.proto\x12\x0c\x66\x61stserve.v1\x1a\x19\x66\x61stserve/v1/common.proto\"W\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"<\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xaf\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.fastserve.v1.SamplingParams\x12\x1e\n\x16\x63ontinuous_usage_stats\x18\x05 \x01(\x08\x42\t\n\x07_prompt\"\xe5\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.fastserve.v1.FinishReason\x12\'\n\x05usage\x18\x05 \x01(\x0b\x32\x13.fastserve.v1.UsageH\x00\x88\x01\x01\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\r\n\x05index\x18\x07 \x01(\r\x12\x30\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1e.fastserve.v1.PositionLogprobs\x12\x37\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1e.fastserve.v1.PositionLogprobs\x12-\n\x0bstop_reason\x18\n \x01(\x0b\x32\x18.fastserve.v1.StopReasonB\x08\n\x06_usage\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\'\n\x11GetRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xf0\x02\n\x0bRequestInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x18\n\x10generated_tokens\x18\x04 \x01(\r\x12\x13\n\x0bqueue_level\x18\x05 \x01(\x05\x12\x14\n\x0c\x61rrival_time\x18\x06 \x01(\x01\x12\x18\n\x10\x66irst_token_time\x18\x07 \x01(\x01\x12\x13\n\x0b\x66inish_time\x18\x08 \x01(\x01\x12\x13\n\x0bpreemptions\x18\t \x01(\r\x12\x11\n\tdemotions\x18\n \x01(\r\x12\x12\n\npromotions\x18\x0b \x01(\r\x12\x15\n\rfinish_reason\x18\x0c \x01(\t\x12\x11\n\tswaps_out\x18\r \x01(\r\x12\x12\n\nrecomputes\x18\x0e \x01(\r\x12\t\n\x01n\x18\x0f \x01(\r\x12.\n\x0b\x63ompletions\x18\x10 \x03(\x0b\x32\x19.fastserve.v1.RequestInfo\"\x13\n\x11ServerInfoRequest\"\xf8\x02\n\x12ServerInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x05 \x01(\r\x12\x1e\n\x16pipeline_parallel_size\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x08 \x01(\r\x12\x15\n\rmax_model_len\x18\t \x01(\r\x12\x18\n\x10max_tokens_limit\x18\n \x01(\r\x12\x12\n\nvocab_size\x18\x0b \x01(\r\x12\x12\n\nblock_size\x18\x0c \x01(\r\x12\x16\n\x0enum_gpu_blocks\x18\r \x01(\r\x12\x17\n\x0fnum_host_blocks\x18\x0e \x01(\r\x12\x13\n\x0bswap_policy\x18\x0f \x01(\t\x12\x0f\n\x07version\x18\x10 \x01(\t2\xd2\x03\n\x07Gateway\x12K\n\x08Generate\x12\x1d.fastserve.v1.GenerateRequest\x1a\x1e.fastserve.v1.GenerateResponse0\x01\x12\x43\n\x06\x43\x61ncel\x12\x1b.fastserve.v1.CancelRequest\x1a\x1c.fastserve.v1.CancelResponse\x12H\n\nGetRequest\x12\x1f.fastserve.v1.GetRequestRequest\x1a\x19.fastserve.v1.RequestInfo\x12O\n\nServerInfo\x12\x1f.fastserve.v1.ServerInfoRequest\x1a .fastserve.v1.ServerInfoResponse\x12I\n\x08Tokenize\x12\x1d.fastserve.v1.TokenizeRequest\x1a\x1e.fastserve.v1.TokenizeResponse\x12O\n\nDetokenize\x12\x1f.fastserve.v1.DetokenizeRequest\x1a .fastserve.v1.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fastserve.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=72
-  _globals['_GENERATEREQUEST']._serialized_end=247
-  _globals['_GENERATERESPONSE']._serialized_start=250
-  _globals['_GENERATERESPONSE']._serialized_end=607
-  _globals['_CANCELREQUEST']._serialized_start=609
-  _globals['_CANCELREQUEST']._serialized_end=644
-  _globals['_CANCELRESPONSE']._serialized_start=646
-  _globals['_CANCELRESPONSE']._serialized_end=681
-  _globals['_GETREQUESTREQUEST']._serialized_start=683
-  _globals['_GETREQUESTREQUEST']._serialized_end=722
-  _globals['_REQUESTINFO']._serialized_start=725
-  _globals['_REQUESTINFO']._serialized_end=1093
-  _globals['_SERVERINFOREQUEST']._serialized_start=1095
-  _globals['_SERVERINFOREQUEST']._serialized_end=1114
-  _globals['_SERVERINFORESPONSE']._serialized_start=1117
-  _globals['_SERVERINFORESPONSE']._serialized_end=1493
-  _globals['_GATEWAY']._serialized_start=1496
-  _globals['_GATEWAY']._serialized_end=1806
+  _globals['_TOKENIZEREQUEST']._serialized_start=71
+  _globals['_TOKENIZEREQUEST']._serialized_end=158
+  _globals['_TOKENIZERESPONSE']._serialized_start=160
+  _globals['_TOKENIZERESPONSE']._serialized_end=220
+  _globals['_DETOKENIZEREQUEST']._serialized_start=222
+  _globals['_DETOKENIZEREQUEST']._serialized_end=260
+  _globals['_DETOKENIZERESPONSE']._serialized_start=262
+  _globals['_DETOKENIZERESPONSE']._serialized_end=296
+  _globals['_GENERATEREQUEST']._serialized_start=299
+  _globals['_GENERATEREQUEST']._serialized_end=474
+  _globals['_GENERATERESPONSE']._serialized_start=477
+  _globals['_GENERATERESPONSE']._serialized_end=834
+  _globals['_CANCELREQUEST']._serialized_start=836
+  _globals['_CANCELREQUEST']._serialized_end=871
+  _globals['_CANCELRESPONSE']._serialized_start=873
+  _globals['_CANCELRESPONSE']._serialized_end=908
+  _globals['_GETREQUESTREQUEST']._serialized_start=910
+  _globals['_GETREQUESTREQUEST']._serialized_end=949
+  _globals['_REQUESTINFO']._serialized_start=952
+  _globals['_REQUESTINFO']._serialized_end=1320
+  _globals['_SERVERINFOREQUEST']._serialized_start=1322
+  _globals['_SERVERINFOREQUEST']._serialized_end=1341
+  _globals['_SERVERINFORESPONSE']._serialized_start=1344
+  _globals['_SERVERINFORESPONSE']._serialized_end=1720
+  _globals['_GATEWAY']._serialized_start=1723
+  _globals['_GATEWAY']._serialized_end=2189
 # @@protoc_insertion_point(module_scope)

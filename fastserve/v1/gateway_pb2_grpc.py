@@ -55,6 +55,16 @@ class GatewayStub:
                 request_serializer=fastserve_dot_v1_dot_gateway__pb2.ServerInfoRequest.SerializeToString,
                 response_deserializer=fastserve_dot_v1_dot_gateway__pb2.ServerInfoResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/fastserve.v1.Gateway/Tokenize',
+                request_serializer=fastserve_dot_v1_dot_gateway__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=fastserve_dot_v1_dot_gateway__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/fastserve.v1.Gateway/Detokenize',
+                request_serializer=fastserve_dot_v1_dot_gateway__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=fastserve_dot_v1_dot_gateway__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -92,6 +102,19 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """The server's tokenizer (the one Generate uses): text -> token ids, token ids -> text.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +137,16 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.ServerInfo,
                     request_deserializer=fastserve_dot_v1_dot_gateway__pb2.ServerInfoRequest.FromString,
                     response_serializer=fastserve_dot_v1_dot_gateway__pb2.ServerInfoResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=fastserve_dot_v1_dot_gateway__pb2.TokenizeRequest.FromString,
+                    response_serializer=fastserve_dot_v1_dot_gateway__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=fastserve_dot_v1_dot_gateway__pb2.DetokenizeRequest.FromString,
+                    response_serializer=fastserve_dot_v1_dot_gateway__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +258,60 @@ class Gateway:
             '/fastserve.v1.Gateway/ServerInfo',
             fastserve_dot_v1_dot_gateway__pb2.ServerInfoRequest.SerializeToString,
             fastserve_dot_v1_dot_gateway__pb2.ServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fastserve.v1.Gateway/Tokenize',
+            fastserve_dot_v1_dot_gateway__pb2.TokenizeRequest.SerializeToString,
+            fastserve_dot_v1_dot_gateway__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fastserve.v1.Gateway/Detokenize',
+            fastserve_dot_v1_dot_gateway__pb2.DetokenizeRequest.SerializeToString,
+            fastserve_dot_v1_dot_gateway__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

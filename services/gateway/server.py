@@ -27,6 +27,7 @@ from fastserve.v1 import gateway_pb2_grpc as pb_grpc
 from . import metrics
 from .admission import Admission, Overloaded
 from .api_keys import ApiKeyInterceptor, ApiKeys, authorization, parse_keys
+from .extra_routes import encode
 from .generation import Generations, SchedulerUnavailable
 from .http_limits import guarded_h11
 from .ids import scoped, unscoped
@@ -34,7 +35,7 @@ from .memory import release_memory_periodically
 from .openai_api import HttpSettings, create_app
 from .request_info import read_request
 from .scheduler_link import SchedulerLink
-from .validation import InvalidRequest, Limits
+from .validation import InvalidRequest, Limits, check_prompt_chars
 
 log = logging.getLogger("fastserve.gateway")
 FR = common_pb2.FinishReason
@@ -154,6 +155,30 @@ class GatewayService(pb_grpc.GatewayServicer):
             swap_policy=i.swap_policy,
             version=VERSION,
         )
+
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        limits = self.generations.limits
+        try:
+            check_prompt_chars("text", len(request.text), limits)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        ids = encode(self.generations.tokenizer, request.text, special)
+        return pb.TokenizeResponse(token_ids=ids, max_model_len=limits.max_model_len)
+
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DetokenizeResponse:
+        vocab = self.generations.limits.vocab_size
+        for i, token in enumerate(request.token_ids):
+            if token >= vocab:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"token_ids[{i}]: {token} is outside the vocabulary [0, {vocab})",
+                )
+        return pb.DetokenizeResponse(text=self.generations.tokenizer.decode(list(request.token_ids)))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
