@@ -65,6 +65,12 @@ class Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.matmul(x, self.bias)
 
+    def forward_relu(self, x: Tensor) -> Tensor:
+        """``relu(self(x))``, fused into the matmul when packed."""
+        if self.packed is not None:
+            return cpu_linear.linear(x, self.packed, self.bias, "relu")
+        return F.relu(F.linear(x, self.weight, self.bias))
+
 
 class RowParallelLinear(Linear):
     """Input features split across the TP group; partial outputs summed, then the full bias added."""
@@ -163,7 +169,7 @@ class OPTLayer(nn.Module):
         residual = x
         if self.pre_norm:
             x = self.final_layer_norm(x)
-        x = residual + self.fc2(F.relu(self.fc1(x)))
+        x = residual + self.fc2(self.fc1.forward_relu(x))
         if not self.pre_norm:
             x = self.final_layer_norm(x)
         return x
