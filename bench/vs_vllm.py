@@ -11,9 +11,9 @@ CPU threads, and on each runs these parts (--parts picks some):
           --rates; if vLLM does not queue at the highest (its P99 TTFT over 3x its value at the
           lowest rate), the rate is doubled, up to --max-extra-rates times
   anchor  vLLM's own client, `vllm bench serve`, random 128 in / 64 out, 48 prompts at 2 req/s
-  step    per-iteration decode time: `vllm bench serve --dataset-name random` with N prompts at
-          --max-concurrency N, fixed lengths (batch 1/4/16 x context 128/512, 64 tokens out); the
-          median TPOT is one decode iteration at batch N
+  step    per-iteration decode time: N requests of fixed lengths sent at once (batch 1/4/16 x
+          context 128/512, 64 tokens out), as `vllm bench serve --max-concurrency N` with fixed
+          random lengths would; the median TPOT is one decode iteration at batch N
   busy    the trace again at --busy-rate with one of the servers' CPUs kept busy by a bounded
           busy loop this benchmark starts: how far each server's throughput falls
 
@@ -27,6 +27,7 @@ rate), vllm_step.json (the step part alone), each server's log and each `vllm be
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime
 import io
@@ -47,6 +48,7 @@ from bench.vs_transformers import wait_http
 from bench.vs_vllm_report import (
     FASTSERVE,
     VLLM,
+    adopt_vllm_results,
     anchor_table,
     busy_fall,
     compare_greedy,
@@ -55,6 +57,7 @@ from bench.vs_vllm_report import (
     queue_rate,
     ratios,
     step_table,
+    trace_settings,
     trace_table,
 )
 from fastserve.flags import add_flag
@@ -130,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--step-contexts", default="128,512", help="the step part's prompt lengths")
     add_flag(p, "--step-output-len", default=64, help="tokens each step-part request generates")
     add_flag(p, "--busy-rate", default=0.0, help="rate of the busy part; 0 = the highest trace rate")
+    add_flag(
+        p,
+        "--vllm-results",
+        default="",
+        help="an earlier run's vs_vllm.json: take vLLM's results from it and serve FastServe alone",
+    )
     add_flag(p, "--port", default=0, help="the servers' HTTP port (one at a time); 0 = a free port")
     return p
 
@@ -250,6 +259,47 @@ def run_trace(server: Server, args: argparse.Namespace, rate: float, extra: list
     return result
 
 
+def decode_wave(base_url: str, batch: int, context: int, output_len: int, vocab: int) -> dict:
+    """`batch` requests of `context` prompt tokens sent at once, `output_len` tokens each (greedy,
+    ignore_eos): once their prefills are done they decode as one batch, so the median TPOT over
+    them is one decode iteration at that batch size (ms, as `vllm bench serve` reports it, whose
+    `--max-concurrency N` with fixed lengths measures the same; this client is the trace's, in
+    process, where each `vllm bench serve` start costs tens of seconds of imports)."""
+    import httpx
+
+    from bench.load import send_openai
+    from bench.report import stats
+
+    rng = random.Random(context * 1000 + batch)
+    prompts = [[rng.randrange(4, vocab) for _ in range(context)] for _ in range(batch)]
+    tag = f"step-{time.monotonic_ns()}"
+
+    async def wave():
+        async with httpx.AsyncClient(timeout=None) as client:
+            start = time.monotonic()
+            url = f"{base_url}/v1/completions"
+            return await asyncio.gather(
+                *(
+                    send_openai(client, url, MODEL_NAME, f"{tag}-{i}", p, output_len, start)
+                    for i, p in enumerate(prompts)
+                )
+            )
+
+    records = asyncio.run(wave())
+    tpot = [(r.finish - r.first_token) / (r.output_tokens - 1) for r in records if r.output_tokens > 1]
+    in_ms = {
+        name: {k: v * 1e3 for k, v in stats(values).items()}
+        for name, values in (
+            ("tpot", tpot),
+            ("itl", [g for r in records for g in r.itl]),
+            ("ttft", [r.first_token - r.arrival for r in records]),
+        )
+    }
+    for value in in_ms.values():
+        value["median"] = value.pop("p50")
+    return {"batch": batch, "context": context, "output_len": output_len, "completed": len(records), **in_ms}
+
+
 def vllm_bench_argv(
     server: Server, tokenizer: str, out: Path, name: str, *, input_len: int, output_len: int, prompts: int
 ) -> list[str]:
@@ -363,20 +413,11 @@ def run_server_parts(server: Server, args, parts, rates, vllm_cli, checkpoint, o
         print(f"[{name}] anchor: {report['anchor'][name]['output_throughput']:.1f} tok/s", flush=True)
     if "step" in parts:
         rows = report["step"].setdefault(name, [])
+        decode_wave(server.base_url, 1, 16, 8, args.vocab)  # warm-up: the first request pays extra
         for ctx in csv(args.step_contexts, int):
             for batch in csv(args.step_batches, int):
-                argv = vllm_bench_argv(
-                    server,
-                    checkpoint,
-                    out,
-                    f"step_{name}_b{batch}_c{ctx}",
-                    input_len=ctx,
-                    output_len=args.step_output_len,
-                    prompts=batch,
-                )
-                argv += ["--max-concurrency", str(batch), "--request-rate", "inf"]
-                row = run_vllm_bench(vllm_cli, argv, bench_env, bench_log)
-                rows.append({"batch": batch, "context": ctx, **row})
+                row = decode_wave(server.base_url, batch, ctx, args.step_output_len, args.vocab)
+                rows.append(row)
                 print(
                     f"[{name}] step b{batch} c{ctx}: TPOT median {row['tpot']['median']:.1f} ms", flush=True
                 )
@@ -467,7 +508,12 @@ def main(argv: list[str] | None = None) -> int:
         "anchor": {},
         "step": {},
         "busy": [],
+        "trace_settings": trace_settings(trace_argv(args, 0)),
     }
+    servers = csv(args.servers)
+    if args.vllm_results:
+        rates = adopt_vllm_results(report, json.loads(Path(args.vllm_results).read_text())) or rates
+        servers = [s for s in servers if s != "vllm"]
     with tempfile.TemporaryDirectory(prefix="vs-vllm-") as tmp:
         checkpoint = args.checkpoint
         if not checkpoint:
@@ -479,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         port = args.port or free_port()
         commands = server_commands(args, checkpoint, vllm_cli, port)
         wanted = {"vllm": VLLM, "fastserve": FASTSERVE}
-        for name in [wanted[s] for s in ("vllm", "fastserve") if s in csv(args.servers)]:
+        for name in [wanted[s] for s in ("vllm", "fastserve") if s in servers]:
             cmd, env = commands[name]
             report.setdefault("server_commands", {})[name] = " ".join(cmd)
             log = out / f"{'fastserve' if name == FASTSERVE else 'vllm'}_server.log"

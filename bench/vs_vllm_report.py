@@ -71,6 +71,45 @@ def queue_rate(results: list[dict], server: str = VLLM) -> float | None:
     return next((r["rate"] for r in runs[1:] if r["ttft"]["p99"] > QUEUE_FACTOR * base), None)
 
 
+def trace_settings(argv: list[str]) -> list[str]:
+    """`fastserve bench` flags without those that differ between the runs of one comparison."""
+    out, skip = [], False
+    for i, token in enumerate(argv):
+        if skip:
+            skip = False
+        elif token in ("--rate", "--base-url", "--label", "--json") and i + 1 < len(argv):
+            skip = True
+        else:
+            out.append(token)
+    return out
+
+
+def adopt_vllm_results(report: dict, previous: dict) -> list[float]:
+    """Copies vLLM's results of an earlier run (`previous`, its vs_vllm.json) into `report`; returns
+    the rates vLLM's trace ran at (the doubled ones included), for FastServe to run the same.
+
+    vLLM does not change while FastServe does, so a rerun after a FastServe change serves only
+    FastServe. The runs must share their trace settings."""
+    runs = [r for r in previous["trace"] if r["server"] == VLLM]
+    theirs = trace_settings(runs[0]["command"].split()[2:]) if runs else report["trace_settings"]
+    if theirs != report["trace_settings"]:
+        raise SystemExit(
+            f"--vllm-results: that run's trace {theirs} is not this run's {report['trace_settings']}"
+        )
+    if VLLM in previous["greedy"]:
+        report["greedy"][VLLM] = previous["greedy"][VLLM]
+    report["trace"] += [r for r in previous["trace"] if r["server"] == VLLM]
+    report["busy"] += [r for r in previous["busy"] if r["server"] == VLLM]
+    for part in ("anchor", "step"):
+        if VLLM in previous[part]:
+            report[part][VLLM] = previous[part][VLLM]
+    report["vllm_results_from"] = {"date": previous["date"], "command": previous["command"]}
+    for key in ("start_seconds", "server_commands"):
+        if VLLM in previous.get(key, {}):
+            report.setdefault(key, {})[VLLM] = previous[key][VLLM]
+    return sorted({r["rate"] for r in previous["trace"] if r["server"] == VLLM})
+
+
 def by_rate(results: list[dict]) -> dict[float, dict[str, dict]]:
     out: dict[float, dict[str, dict]] = {}
     for r in results:

@@ -13,6 +13,7 @@ from bench import vllm_cpu, vs_vllm
 from bench.vs_vllm_report import (
     FASTSERVE,
     VLLM,
+    adopt_vllm_results,
     busy_fall,
     compare_greedy,
     parse_vllm_bench,
@@ -20,6 +21,7 @@ from bench.vs_vllm_report import (
     queue_rate,
     ratios,
     step_table,
+    trace_settings,
     trace_table,
 )
 
@@ -235,3 +237,30 @@ def test_the_gpu_suite_runs_vs_vllm_only_when_named_and_skips_it_without_vllm(tm
     args = vs_vllm.build_parser().parse_args(part.args)  # the part's flags are bench.vs_vllm's
     vs_vllm.check_args(args)
     assert args.device == "cuda" and args.vllm_python == "/opt/vllm/bin/python" and args.rates == "4,16,64"
+
+
+def test_a_rerun_takes_vllms_results_from_an_earlier_run_with_the_same_trace():
+    args = vs_vllm.build_parser().parse_args([])
+    settings = trace_settings(vs_vllm.trace_argv(args, 0))
+    assert "--rate" not in settings and settings[:2] == ["--backend", "openai"]
+    command = "fastserve bench " + " ".join(
+        [*vs_vllm.trace_argv(args, 8), "--base-url", "http://127.0.0.1:1", "--label", VLLM]
+    )
+    previous = {
+        "date": "d",
+        "command": "python -m bench.vs_vllm",
+        "greedy": {VLLM: [{"tokens": ["t5"], "logprobs": [-1.0]}]},
+        "trace": [{**run(VLLM, r, 100, 1), "command": command} for r in (1, 3, 8, 16)]
+        + [{**run(FASTSERVE, 1, 50, 1), "command": command}],
+        "busy": [run(VLLM, 16, 80, 1)],
+        "anchor": {VLLM: {"output_throughput": 1.0}},
+        "step": {VLLM: [], FASTSERVE: []},
+    }
+    report = {"trace_settings": settings, "greedy": {}, "trace": [], "busy": [], "anchor": {}, "step": {}}
+    assert adopt_vllm_results(report, previous) == [1, 3, 8, 16]
+    assert {r["server"] for r in report["trace"]} == {VLLM} and len(report["trace"]) == 4
+    assert VLLM in report["greedy"] and report["step"] == {VLLM: []} and len(report["busy"]) == 1
+    other = vs_vllm.build_parser().parse_args(["--num-requests", "96"])
+    report = {"trace_settings": trace_settings(vs_vllm.trace_argv(other, 0))}
+    with pytest.raises(SystemExit, match="is not this run's"):
+        adopt_vllm_results(report, previous)
