@@ -99,8 +99,11 @@ def test_job_log_keeps_serving_while_redis_is_away_and_read_says_unavailable():
         log = JobLog(store, retry_seconds=0.05)
         log.start()
         log.begin("b", b"spec", {"state": "queued"})  # returns at once: nothing waits for Redis
-        await asyncio.sleep(0.3)
-        assert not log.healthy and log.tracked["b"].dirty
+        for _ in range(200):  # its first write fails (when depends on the machine's load)
+            if not log.healthy:
+                break
+            await asyncio.sleep(0.05)
+        assert not log.healthy and log.tracked["b"].dirty and "takes no writes" in log.problem
         with pytest.raises(StoreUnavailable, match="unreachable"):
             await store.read("b")
         await log.stop()
