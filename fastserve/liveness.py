@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fastserve.internal_auth import METADATA_KEY
+from fastserve.rpc import LIVENESS_SERVICE
 from fastserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 HANG_MARGIN = 2.0  # seconds past the step timeout before a silent child is killed
@@ -72,7 +73,7 @@ class Liveness:
             chan = self._channels[address] = grpc.insecure_channel(address)
         self._probing.add(name)
         call = health_pb2_grpc.HealthStub(chan).Check.future(
-            health_pb2.HealthCheckRequest(), timeout=self.timeout
+            health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE), timeout=self.timeout
         )
 
         def done(future: grpc.Future) -> None:

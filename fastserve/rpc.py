@@ -14,6 +14,12 @@ from fastserve.reflection import enable_reflection
 
 log = logging.getLogger("fastserve.rpc")
 
+# A health service name that answers SERVING as long as the process answers at all: what a liveness
+# probe asks (Kubernetes `grpc: {service: liveness}`), so a service that is alive but NOT_SERVING
+# (a scheduler waiting for its workers, a gateway for its scheduler) is not restarted for it, and a
+# frozen one (no answer) is
+LIVENESS_SERVICE = "liveness"
+
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # internal messages carry block tables of many jobs
 
 CHANNEL_OPTIONS = [
@@ -86,6 +92,7 @@ async def start_server(
     """Adds health + reflection, binds (with TLS when given) and starts; NOT_SERVING until mark_serving()."""
     state = ServingState(server, service_names)
     await state.mark_not_serving()
+    await state.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     try:
         if tls is None:
             bound = server.add_insecure_port(f"{host}:{port}")

@@ -11,10 +11,12 @@ import os
 import signal
 import time
 
+import grpc
 import pytest
 import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fastserve.rpc import check_serving_sync
+from fastserve.rpc import LIVENESS_SERVICE, check_serving_sync
 from fastserve.store import request_key
 from fastserve.v1 import common_pb2
 from tests.reference import PROMPTS, hf_greedy
@@ -84,6 +86,10 @@ def test_a_worker_frozen_past_the_step_timeout_is_declared_hung_and_restarted(st
             assert time.monotonic() - stopped < STEP_TIMEOUT + 2, "the scheduler still SERVING"
             time.sleep(0.1)
         not_serving = time.monotonic() - stopped
+        with grpc.insecure_channel(stack.addresses["scheduler"]) as chan:  # NOT_SERVING, yet alive
+            probe = health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE)
+            alive = health_pb2_grpc.HealthStub(chan).Check(probe, timeout=10).status
+        assert alive == health_pb2.HealthCheckResponse.SERVING
         while stack.child("worker0").proc is proc:
             assert time.monotonic() - stopped < 2 * STEP_TIMEOUT + 5, "worker0 not restarted"
             time.sleep(0.1)
