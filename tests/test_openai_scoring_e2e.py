@@ -303,3 +303,17 @@ def test_grpc_tokenize_and_detokenize(checkpoint_stack):
     with pytest.raises(grpc.RpcError) as refused:
         stub.Detokenize(gateway_pb2.DetokenizeRequest(token_ids=[9999]), timeout=30)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_chat_prompt_logprobs_in_vllms_top_level_field(checkpoint_stack):
+    reply = client(checkpoint_stack).chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=2,
+        extra_body={"prompt_logprobs": 2},
+    )
+    prompt_logprobs = reply.model_extra["prompt_logprobs"]
+    assert prompt_logprobs[0] is None and len(prompt_logprobs) == reply.usage.prompt_tokens
+    assert all(
+        2 <= len(p) <= 3 and all("decoded_token" in e for e in p.values()) for p in prompt_logprobs[1:]
+    )
