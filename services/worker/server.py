@@ -29,6 +29,7 @@ from fastserve.v1 import worker_pb2 as pb
 from fastserve.v1 import worker_pb2_grpc as pb_grpc
 
 from . import metrics
+from .peer_watch import wait_for_fresh_world, watch_peers
 from .swapper import Swapper
 
 log = logging.getLogger("fastserve.worker")
@@ -149,9 +150,13 @@ class WorkerService(pb_grpc.WorkerServicer):
         spec = resolve_model(args.model)
         parallel = None
         if args.world_size > 1:
+            wait_for_fresh_world(
+                args.rank, args.world_size, args.master_addr, args.master_port, args.peer_timeout
+            )
             parallel = init_distributed(
                 args.rank, args.world_size, args.tp, args.pp, args.master_addr, args.master_port
             )
+            watch_peers(args.rank, args.world_size, args.master_addr, args.master_port, args.peer_timeout)
             log.info(
                 "joined torch.distributed world %d as rank %d (tp=%d, pp=%d) via %s:%d",
                 args.world_size,
@@ -372,6 +377,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser, "--master-addr", default="127.0.0.1", help="rendezvous address of rank 0", env="MASTER_ADDR"
     )
     add_flag(parser, "--master-port", default=29500, help="rendezvous port of rank 0", env="MASTER_PORT")
+    add_flag(
+        parser,
+        "--peer-timeout",
+        default=10.0,
+        help="seconds a peer rank may go silent before this rank exits (status 75) so that restart "
+        "policies re-form the world; 0 = never",
+    )
     add_flag(parser, "--seed", default=0, help="seed for dummy weights and unseeded sampling")
     add_flag(
         parser,
