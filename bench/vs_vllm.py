@@ -472,7 +472,7 @@ def print_report(report: dict) -> None:
             + anchor_table(report["anchor"])
         )
     if report["step"]:
-        print("\nper-iteration decode time (`vllm bench serve`, N prompts at --max-concurrency N):")
+        print("\nper-iteration decode time (N requests of fixed lengths at once, 64 tokens each):")
         print(step_table(report["step"]))
     for row in s["busy_fall"]:
         print(
