@@ -4,10 +4,10 @@ On CUDA, for OPT-like head configurations (OPT-1.3B: 32 heads x 64, OPT-6.7B: 32
 heads divided by ``--tp``), batch sizes and context lengths, it builds a paged KV pool whose
 blocks are shuffled across sequences, checks the kernel against the torch path, and times
 
-* ``triton``: ``services.worker.triton_attention.triton_paged_decode_attention``;
+* ``triton``: ``fastserve.services.worker.triton_attention.triton_paged_decode_attention``;
 * ``torch_sdpa``: gather every sequence's blocks into a dense ``[B, H, L, D]`` K/V
   (``k_cache[block_tables]``), then ``scaled_dot_product_attention`` with a length mask;
-* ``torch_path``: ``services.worker.attention.paged_decode_attention`` when that module exists.
+* ``torch_path``: ``fastserve.services.worker.attention.paged_decode_attention`` when that module exists.
 
 Times are CUDA-event medians over repeats. ``kv_gbps`` is the K/V bytes a sequence's context
 occupies divided by the Triton time: the kernel's effective bandwidth. Results print as a table
@@ -16,8 +16,8 @@ and, with ``--out``, are saved as JSON.
 Without CUDA it says so, runs one correctness check of the kernel under Triton's CPU
 interpreter (in a subprocess with ``TRITON_INTERPRET=1``) and exits 0 if that check passes.
 
-    python -m bench.attention_kernel                       # defaults
-    python -m bench.attention_kernel --models opt-6.7b --batch-sizes 1,32 --context-lens 2048 --out r.json
+    python -m fastserve.bench.attention_kernel                       # defaults
+    python -m fastserve.bench.attention_kernel --models opt-6.7b --batch-sizes 1,32 --context-lens 2048 --out r.json
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def _csv_ints(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m bench.attention_kernel", description=__doc__.split("\n\n")[0], allow_abbrev=False
+        prog="python -m fastserve.bench.attention_kernel",
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
     )
     p.add_argument("--models", default="opt-1.3b,opt-6.7b", help=f"comma list of {sorted(MODELS)}")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: heads per rank = heads / tp")
@@ -119,7 +121,7 @@ def torch_gather_sdpa(q, k_cache, v_cache, block_tables, context_lens, scale):
 
 def _load_torch_path():
     try:
-        from services.worker.attention import paged_decode_attention
+        from fastserve.services.worker.attention import paged_decode_attention
     except ImportError:
         return None
     return paged_decode_attention
@@ -161,7 +163,7 @@ def time_wall(fn, warmup: int, iters: int, repeats: int) -> float:
 
 
 def run_gpu(args, device: torch.device | None = None) -> dict:
-    from services.worker.triton_attention import launch_config, triton_paged_decode_attention
+    from fastserve.services.worker.triton_attention import launch_config, triton_paged_decode_attention
 
     device = device or torch.device("cuda")
     timer = time_cuda if device.type == "cuda" else time_wall
@@ -278,7 +280,7 @@ def _print_row(row: dict) -> None:
 
 def interpreter_check() -> int:
     """One small mixed-length case under the interpreter vs. gather+SDPA in fp32 (in-process)."""
-    from services.worker import triton_attention as ta
+    from fastserve.services.worker import triton_attention as ta
 
     if not ta.TRITON_AVAILABLE:
         print("interpreter check: triton is not installed")
@@ -306,7 +308,7 @@ def _run_interpreter_check_subprocess() -> int:
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.attention_kernel", "--interpreter-check"],
+        [sys.executable, "-m", "fastserve.bench.attention_kernel", "--interpreter-check"],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -325,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         return interpreter_check()
     if not torch.cuda.is_available():
         print(
-            f"bench.attention_kernel needs a CUDA GPU to time the kernel (this is {platform.machine()} "
+            f"fastserve.bench.attention_kernel needs a CUDA GPU to time the kernel (this is {platform.machine()} "
             "without CUDA); running one correctness check under Triton's CPU interpreter instead."
         )
         return _run_interpreter_check_subprocess()

@@ -1,6 +1,6 @@
 """Quantile-calibrate a predicted trace: same ranking, the spread of the true lengths.
 
-    python -m bench.calibrate_predictions docs/results/sharegpt_real_test_predicted.jsonl \\
+    python -m fastserve.bench.calibrate_predictions docs/results/sharegpt_real_test_predicted.jsonl \\
         docs/results/sharegpt_real_test_calibrated.jsonl
 
 The ridge model's predictions are compressed towards the mean (log-std 1.16 against the true
@@ -18,12 +18,14 @@ import sys
 
 import numpy as np
 
-from bench.length_predictor import load
+from fastserve.bench.length_predictor import load
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.calibrate_predictions", description=__doc__)
-    parser.add_argument("trace", help="JSONL with predicted_len (bench.length_predictor --trace)")
+    parser = argparse.ArgumentParser(
+        prog="python -m fastserve.bench.calibrate_predictions", description=__doc__
+    )
+    parser.add_argument("trace", help="JSONL with predicted_len (fastserve.bench.length_predictor --trace)")
     parser.add_argument("out")
     parser.add_argument("--tokenizer", default="sharegpt-bpe")
     parser.add_argument("--pairs", default="first", choices=["first", "human"])

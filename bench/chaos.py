@@ -7,7 +7,7 @@ requests (--concurrency at a time, random prompts and lengths) through the gatew
 the service was down (kill -> its replacement answers) and how long tokens stalled (kill -> the
 first token after the replacement is up). Prints and saves JSON (and a plot with --plot).
 
-    python -m bench.chaos --requests 300 --kill-every 6 --json docs/results/chaos.json --plot docs/results/chaos.png
+    python -m fastserve.bench.chaos --requests 300 --kill-every 6 --json docs/results/chaos.json --plot docs/results/chaos.png
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ FR = common_pb2.FinishReason
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fastserve.bench.chaos", description=__doc__)
     parser.add_argument("--model", default="opt-tiny")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--requests", type=int, default=300)
@@ -170,7 +170,7 @@ def summarize(results: list[dict], kills: list[dict], wall: float, args) -> dict
 
 
 def plot(summary: dict, arrivals: list[float], t0: float, path: str) -> None:
-    from bench.plot import plt
+    from fastserve.bench.plot import plt
 
     fig, ax = plt.subplots(figsize=(9, 3.5))
     times = [t - t0 for t in arrivals]

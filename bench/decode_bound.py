@@ -10,7 +10,7 @@ left zeroed: its values do not change the time, so no prefill is run.
 The peak bandwidth comes from the GPU's name (``GPU_BANDWIDTH_GBS``) or ``--bandwidth-gbs``;
 without either the bound is left out and only the achieved GB/s is reported.
 
-    python -m bench.decode_bound --models opt-1.3b,opt-6.7b --batch-sizes 1,16,64 --context 512 --out out/decode.json
+    python -m fastserve.bench.decode_bound --models opt-1.3b,opt-6.7b --batch-sizes 1,16,64 --context 512 --out out/decode.json
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def time_decode(
     runner, batch: int, context: int, blocks_per_seq: int, warmup: int, steps: int
 ) -> list[float]:
     """Seconds of each of ``steps`` decode steps of ``batch`` sequences starting at ``context``."""
-    from services.worker.runner import SeqWork
+    from fastserve.services.worker.runner import SeqWork
 
     tables = [list(range(b * blocks_per_seq, (b + 1) * blocks_per_seq)) for b in range(batch)]
     tokens = [4] * batch
@@ -85,7 +85,7 @@ def time_decode(
 
 def bench_model(name: str, args: argparse.Namespace, device: str, bandwidth_gbs: float | None) -> list[dict]:
     """One row per batch size for the preset ``name``; a case that fails is a row with its error."""
-    from services.worker.runner import ModelRunner
+    from fastserve.services.worker.runner import ModelRunner
 
     spec = PRESETS[name]
     dtype = (
@@ -161,7 +161,9 @@ def _print_row(row: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m bench.decode_bound", description=__doc__.split("\n\n")[0], allow_abbrev=False
+        prog="python -m fastserve.bench.decode_bound",
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
     )
     add_flag(p, "--models", default="opt-1.3b,opt-6.7b", help=f"comma list of presets ({', '.join(PRESETS)})")
     add_flag(p, "--batch-sizes", default="1,16,64", help="comma list of sequences per step")

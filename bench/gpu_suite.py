@@ -4,12 +4,12 @@ gathered into one JSON file and one plot in one folder.
 Parts (a part that fails or overruns is recorded with why and the others still run; the exit
 status is 1 if any failed):
 
-  attention  bench.attention_kernel: the Triton decode kernel against the torch paths (CUDA only)
-  decode     bench.decode_bound: OPT-1.3B- and 6.7B-shaped decode throughput against the bandwidth bound
-  swap       bench.swap_overlap: exposed / total swap time on the live stack, OPT-6.7B shape
-  live-M     bench.live_ratio: busy wall / worker compute, 64 greedy requests of 64 tokens at once,
+  attention  fastserve.bench.attention_kernel: the Triton decode kernel against the torch paths (CUDA only)
+  decode     fastserve.bench.decode_bound: OPT-1.3B- and 6.7B-shaped decode throughput against the bandwidth bound
+  swap       fastserve.bench.swap_overlap: exposed / total swap time on the live stack, OPT-6.7B shape
+  live-M     fastserve.bench.live_ratio: busy wall / worker compute, 64 greedy requests of 64 tokens at once,
              --max-batch-size 16, one part per model M of --live-models
-  vs-vllm    bench.vs_vllm --device cuda: FastServe and vLLM's CUDA build on one random OPT-125m
+  vs-vllm    fastserve.bench.vs_vllm --device cuda: FastServe and vLLM's CUDA build on one random OPT-125m
              checkpoint (fp16), one after the other: greedy agreement, the ShareGPT trace at
              --vs-vllm-rates, `vllm bench serve` against both, per-iteration decode time at batch
              1/4/16 x context 128/512. Only when --parts names it (it needs vLLM: --vllm-python,
@@ -20,7 +20,7 @@ to opt-tiny and a few requests, so that ``--device cpu --smoke`` checks the suit
 attention part is skipped without CUDA). ``bench/gpu_suite.sh`` prepares the environment and
 runs this; see docs/benchmarks.md, "GPU suite".
 
-    python -m bench.gpu_suite --out out/gpu-suite
+    python -m fastserve.bench.gpu_suite --out out/gpu-suite
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def plan(args: argparse.Namespace, device: str, out: Path) -> list[Part]:
     parts = [
         Part(
             "attention",
-            "bench.attention_kernel",
+            "fastserve.bench.attention_kernel",
             [
                 "--models",
                 "opt-1.3b,opt-6.7b",
@@ -92,7 +92,7 @@ def plan(args: argparse.Namespace, device: str, out: Path) -> list[Part]:
         ),
         Part(
             "decode",
-            "bench.decode_bound",
+            "fastserve.bench.decode_bound",
             [
                 "--models",
                 "opt-tiny" if smoke else args.decode_models,
@@ -113,7 +113,7 @@ def plan(args: argparse.Namespace, device: str, out: Path) -> list[Part]:
         ),
         Part(
             "swap",
-            "bench.swap_overlap",
+            "fastserve.bench.swap_overlap",
             [
                 "--model",
                 "opt-tiny" if smoke else args.swap_model,
@@ -149,7 +149,7 @@ def plan(args: argparse.Namespace, device: str, out: Path) -> list[Part]:
         parts.append(
             Part(
                 f"live-{model}",
-                "bench.live_ratio",
+                "fastserve.bench.live_ratio",
                 ["--requests", requests, "--tokens", requests, "--json", str(result), "--", *up],
                 budgets["live"],
                 result,
@@ -169,7 +169,9 @@ def plan(args: argparse.Namespace, device: str, out: Path) -> list[Part]:
             if args.vllm_python
             else "no vLLM: --vllm-python (bench/gpu_suite.sh --vllm-wheels DIR builds one)"
         )
-        parts.append(Part("vs-vllm", "bench.vs_vllm", vs_args, budgets["vs-vllm"], result, skip=skip))
+        parts.append(
+            Part("vs-vllm", "fastserve.bench.vs_vllm", vs_args, budgets["vs-vllm"], result, skip=skip)
+        )
     return parts
 
 
@@ -291,7 +293,7 @@ def device_info(device: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m bench.gpu_suite",
+        prog="python -m fastserve.bench.gpu_suite",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
@@ -364,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "failed": [name for name, s in sections.items() if s["status"] == "failed"],
     }
     (out / "gpu_suite.json").write_text(json.dumps(report, indent=2) + "\n")
-    from bench.gpu_suite_plot import plot_suite
+    from fastserve.bench.gpu_suite_plot import plot_suite
 
     plot_suite(report, out / "gpu_suite.png")
     print(f"\n=== GPU suite, {info.get('gpu', 'no GPU')}, {report['seconds']:.0f} s ===")

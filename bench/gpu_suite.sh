@@ -10,8 +10,8 @@
 #   bench/gpu_suite.sh [--wheels DIR] [--venv DIR] [SUITE FLAGS]
 #       on the GPU machine, from the repository root of a copy of the tree: makes a venv that
 #       sees the machine's torch and triton (--system-site-packages), installs the project into
-#       it from DIR only (pip --no-index), then runs `python -m bench.gpu_suite SUITE FLAGS`
-#       (--out DIR, default $OUT or out/gpu-suite; `python -m bench.gpu_suite --help` lists them).
+#       it from DIR only (pip --no-index), then runs `python -m fastserve.bench.gpu_suite SUITE FLAGS`
+#       (--out DIR, default $OUT or out/gpu-suite; `python -m fastserve.bench.gpu_suite --help` lists them).
 #   bench/gpu_suite.sh --prepare-vllm-wheels DIR [--vllm-version X.Y.Z] [--python-version X.Y]
 #       where a package index is reachable: puts vLLM's CUDA wheel and every dependency of it
 #       (its own torch included, several GB) in DIR, for the FastServe-vs-vLLM part. Copy DIR along.
@@ -71,7 +71,7 @@ if [ -n "$prepare" ]; then
   platforms=(--platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform manylinux1_x86_64)
   for minor in $(seq "${glibc#2.}" -1 5); do platforms+=(--platform "manylinux_2_${minor}_x86_64"); done
   mkdir -p "$prepare"
-  "$python" -m bench.gpu_wheels > "$prepare/requirements.txt"
+  "$python" -m fastserve.bench.gpu_wheels > "$prepare/requirements.txt"
   echo "downloading wheels for CPython $python_version, Linux x86_64, glibc >= $glibc into $prepare:" >&2
   "$python" -m pip download --dest "$prepare" --only-binary=:all: --implementation cp \
     --python-version "$python_version" "${platforms[@]}" -r "$prepare/requirements.txt"
@@ -110,6 +110,6 @@ if [ -z "${FASTSERVE_VLLM_PYTHON:-}" ]; then
   fi
 fi
 code=0
-"$venv/bin/python" -m bench.gpu_suite ${suite_flags[@]+"${suite_flags[@]}"} || code=$?
+"$venv/bin/python" -m fastserve.bench.gpu_suite ${suite_flags[@]+"${suite_flags[@]}"} || code=$?
 echo "bench/gpu_suite.sh: $(($(date +%s) - started)) s in all, exit status $code" >&2
 exit "$code"

@@ -1,7 +1,7 @@
 """The requirements the GPU suite's wheel folder must satisfy, one a line, read from pyproject.toml:
 the project's build requirements and dependencies, less what the GPU machine brings itself.
 
-    python -m bench.gpu_wheels > requirements.txt    (bench/gpu_suite.sh --prepare-wheels runs this)
+    python -m fastserve.bench.gpu_wheels > requirements.txt    (bench/gpu_suite.sh --prepare-wheels runs this)
 
 It reads the file with tomllib, so the machine that prepares the folder needs Python 3.11+ (the
 folder itself can target another version: --python-version).

@@ -10,7 +10,7 @@ then measures, one after the other:
 - silent: --silent streams whose clients never read -> cancelled, the kvmanager's blocks free again.
 Prints and saves JSON.
 
-    python -m bench.hostile --json docs/results/hostile.json
+    python -m fastserve.bench.hostile --json docs/results/hostile.json
 """
 
 from __future__ import annotations
@@ -287,7 +287,9 @@ def silent(stack: Stack, address: tuple[str, int], count: int, send_timeout: flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.hostile", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fastserve.bench.hostile", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--streams", type=int, default=2000)
     parser.add_argument("--grpc-streams", type=int, default=600)
     parser.add_argument("--settle", type=float, default=12.0, help="seconds after a burst before RSS is read")

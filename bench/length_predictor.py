@@ -1,6 +1,6 @@
 """Train and evaluate the output-length predictor on real ShareGPT, split by conversation.
 
-    python -m bench.length_predictor --json docs/results/length_predictor.json
+    python -m fastserve.bench.length_predictor --json docs/results/length_predictor.json
 
 ShareGPT V3 splits long conversations into chunks whose ids share a stem (`abc_0`, `abc_1`):
 the split hashes that stem, so every chunk of a conversation lands on the same side and no
@@ -32,7 +32,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from bench.sharegpt import (
+from fastserve.bench.sharegpt import (
     DEFAULT_TOKENIZER,
     cache_dir,
     iter_records,
@@ -40,7 +40,7 @@ from bench.sharegpt import (
     open_sharegpt,
     sharegpt_bpe,
 )
-from services.scheduler.length_predictor import LengthPredictor, features, width
+from fastserve.services.scheduler.length_predictor import LengthPredictor, features, width
 
 BUCKETS = (64, 128, 256, 512)  # output-length classes: <64, 64-127, 128-255, 256-511, 512+
 LAMBDAS = (0.03, 0.1, 0.3, 1.0, 3.0)
@@ -315,7 +315,7 @@ def role_counts(dataset: str = "") -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.length_predictor",
+        prog="python -m fastserve.bench.length_predictor",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "--live-trace",
         default="",
         help="write --live-requests test-half requests (shuffled by --seed) as JSONL with their prompt_ids, "
-        "clipped to --max-input-len / --max-output-len, for bench.live_compare",
+        "clipped to --max-input-len / --max-output-len, for fastserve.bench.live_compare",
     )
     parser.add_argument("--live-requests", type=int, default=96)
     parser.add_argument(

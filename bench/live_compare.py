@@ -2,7 +2,7 @@
 
 For each policy: starts `fastserve up --policy P` (no demo) as a subprocess, waits for
 the gateway address it prints, replays the same trace (same workload, rate, seed, clips)
-through `fastserve bench` (bench.load.main), stops the stack with SIGTERM and checks that
+through `fastserve bench` (fastserve.bench.load.main), stops the stack with SIGTERM and checks that
 none of its children are left. Prints a table and writes one JSON with every result.
 
 Where the time went (`control_plane` in each result, a second table): the scheduler's
@@ -27,8 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.load import main as bench_main
-from bench.overhead import scrape
+from fastserve.bench.load import main as bench_main
+from fastserve.bench.overhead import scrape
 from fastserve.procs import free_port, stop_all
 
 UP_LINE = re.compile(r"gateway on (\S+) \(")
@@ -60,7 +60,7 @@ def services(pids: list[int]) -> dict[str, tuple[int, str]]:
         with contextlib.suppress(OSError):
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
             module = argv[argv.index("-m") + 1] if "-m" in argv else ""
-            name = next((n for n in SERVICES if module.startswith(f"services.{n}")), "")
+            name = next((n for n in SERVICES if module.startswith(f"fastserve.services.{n}")), "")
             if name and name not in found:
                 port = argv[argv.index("--metrics-port") + 1] if "--metrics-port" in argv else ""
                 found[name] = (pid, f"127.0.0.1:{port}" if name == "scheduler" and port else "")
@@ -178,7 +178,7 @@ def cost_table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.live_compare",
+        prog="python -m fastserve.bench.live_compare",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,

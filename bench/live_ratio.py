@@ -2,10 +2,10 @@
 
 Starts the stack (embedded Redis, kvmanager, workers, scheduler, gateway) with the given
 `up` flags, sends `--requests` greedy requests of `--tokens` prompt and output tokens at
-once (bench.overhead --burst) and prints busy wall / Δ fastserve:worker_compute_seconds
+once (fastserve.bench.overhead --burst) and prints busy wall / Δ fastserve:worker_compute_seconds
 (read from the scheduler's /metrics) plus the per-iteration breakdown, then stops it.
 
-    python -m bench.live_ratio --requests 64 --tokens 64 -- --model opt-tiny --max-batch-size 16 --num-threads 1
+    python -m fastserve.bench.live_ratio --requests 64 --tokens 64 -- --model opt-tiny --max-batch-size 16 --num-threads 1
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench.overhead import main as overhead_main
+from fastserve.bench.overhead import main as overhead_main
 from fastserve.launcher import Stack, parse_args
 from fastserve.procs import free_port
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.live_ratio", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fastserve.bench.live_ratio", description=__doc__)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--json", default="")

@@ -275,8 +275,8 @@ def trace_prompts(workload: str, n: int) -> list[list[int] | None] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.report import format_summary, summarize
-    from bench.workloads import load_trace
+    from fastserve.bench.report import format_summary, summarize
+    from fastserve.bench.workloads import load_trace
 
     args = parse_args(argv)
     trace = load_trace(

@@ -16,7 +16,7 @@ Weights: a randomly initialised HF model of the preset's shape, saved as a check
 loader reads, so both sides multiply the same numbers; ``agree`` says whether both sides'
 greedy tokens were identical throughout.
 
-    python -m bench.model_vs_hf --model opt-125m --batch-sizes 1,16 --contexts 128,512
+    python -m fastserve.bench.model_vs_hf --model opt-125m --batch-sizes 1,16 --contexts 128,512
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from fastserve.model_spec import PRESETS, resolve_model
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m bench.model_vs_hf", description=__doc__.split("\n\n")[0], allow_abbrev=False
+        prog="python -m fastserve.bench.model_vs_hf", description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
     p.add_argument("--model", default="opt-125m", help=f"preset shape ({', '.join(PRESETS)})")
     p.add_argument("--batch-sizes", default="1,16")
@@ -76,7 +76,7 @@ def make_checkpoint(preset: str, directory: Path) -> Path:
 
 class Ours:
     def __init__(self, checkpoint: Path, batch: int, context: int, steps: int, block_size: int) -> None:
-        from services.worker.runner import ModelRunner
+        from fastserve.services.worker.runner import ModelRunner
 
         self.spec = resolve_model(str(checkpoint))
         self.blocks_per_seq = -(-(context + steps + 1) // block_size)
@@ -89,7 +89,7 @@ class Ours:
         )
 
     def prefill(self, prompts: list[list[int]]) -> list[int]:
-        from services.worker.runner import SeqWork
+        from fastserve.services.worker.runner import SeqWork
 
         self.tables = [
             list(range(i * self.blocks_per_seq, (i + 1) * self.blocks_per_seq)) for i in range(len(prompts))
@@ -99,7 +99,7 @@ class Ours:
         return self.runner.step(work)
 
     def decode(self, tokens: list[int]) -> list[int]:
-        from services.worker.runner import SeqWork
+        from fastserve.services.worker.runner import SeqWork
 
         work = [
             SeqWork(f"r{i}", [tok], self.pos, t)

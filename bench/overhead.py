@@ -22,15 +22,13 @@ import time
 import urllib.request
 from dataclasses import replace
 
-from bench.workloads import synthetic_lengths
+from fastserve.bench.workloads import synthetic_lengths
 from fastserve.embedded_redis import start_redis
-from fastserve.store import JobLog, RequestStore
-from fastserve.v1 import common_pb2, scheduler_pb2, worker_pb2
-from services.kvmanager.block_manager import BlockManager
-from services.kvmanager.server import KVManagerService
-from services.scheduler.core import CoreConfig, SchedulerCore
-from services.scheduler.engine import Engine
-from services.scheduler.policy import (
+from fastserve.services.kvmanager.block_manager import BlockManager
+from fastserve.services.kvmanager.server import KVManagerService
+from fastserve.services.scheduler.core import CoreConfig, SchedulerCore
+from fastserve.services.scheduler.engine import Engine
+from fastserve.services.scheduler.policy import (
     POLICIES,
     BatchLimits,
     CostModel,
@@ -39,6 +37,8 @@ from services.scheduler.policy import (
     form_batch,
     make_policy,
 )
+from fastserve.store import JobLog, RequestStore
+from fastserve.v1 import common_pb2, scheduler_pb2, worker_pb2
 
 
 def make_jobs(queued: int, seed: int = 0) -> list[Job]:
@@ -319,7 +319,7 @@ def live_breakdown(before: dict[str, float], after: dict[str, float]) -> dict[st
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.overhead",
+        prog="python -m fastserve.bench.overhead",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.metrics:
         import asyncio
 
-        from bench.load import replay
+        from fastserve.bench.load import replay
 
         before = scrape(args.metrics)
         if args.burst:

@@ -7,7 +7,7 @@ penalties ("with"). Rounds alternate without / with after a warm-up, so drift on
 machine hits both alike. Reports the plain requests' output tokens per second in each kind
 of round and the ratio with / without (1.0 = the plain requests pay nothing).
 
-python -m bench.penalty_overhead --model opt-125m --json docs/results/penalty_overhead.json
+python -m fastserve.bench.penalty_overhead --model opt-125m --json docs/results/penalty_overhead.json
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def driver_cost(vocab: int, rows: int, steps: int = 50) -> tuple[float, float]:
     all rows plain, then half of them penalised (best of 5)."""
     import torch
 
-    from services.worker.penalties import TokenCounts, process_logits
-    from services.worker.sampling import Sampler, SamplingParams
+    from fastserve.services.worker.penalties import TokenCounts, process_logits
+    from fastserve.services.worker.sampling import Sampler, SamplingParams
 
     counts = TokenCounts(vocab, torch.device("cpu"))
     ids = [f"r{i}" for i in range(rows)]

@@ -1,8 +1,8 @@
 """Policy comparisons over seeds, with 95 % intervals: `run` a grid, `report` what it gave.
 
-    python -m bench.policy_ci run --out docs/results/ci_real.jsonl --workload sharegpt-real-test \\
+    python -m fastserve.bench.policy_ci run --out docs/results/ci_real.jsonl --workload sharegpt-real-test \\
         --policies fcfs,skip-join-mlfq,srpt-oracle,predicted-srpt --rates 3,5 --seeds 0,1,2,3,4
-    python -m bench.policy_ci report docs/results/ci_real.jsonl --json docs/results/ci_real.json \\
+    python -m fastserve.bench.policy_ci report docs/results/ci_real.jsonl --json docs/results/ci_real.json \\
         --plot docs/results/ci_real.png
 
 `run` simulates every (policy, rate, seed, prediction noise) point in turn, one process (the
@@ -29,11 +29,17 @@ import os
 import statistics
 import sys
 
-from bench.report import slo_crossing
-from bench.simulator import SimConfig, parse_args, requests_at, run_point
-from bench.workloads import load_trace, noisy_predictions
-from services.scheduler.policy import BatchLimits, CostModel, PolicyConfig, needs_prediction, swap_policy_of
-from services.scheduler.policy.predicted import DEFAULT_SIGMA
+from fastserve.bench.report import slo_crossing
+from fastserve.bench.simulator import SimConfig, parse_args, requests_at, run_point
+from fastserve.bench.workloads import load_trace, noisy_predictions
+from fastserve.services.scheduler.policy import (
+    BatchLimits,
+    CostModel,
+    PolicyConfig,
+    needs_prediction,
+    swap_policy_of,
+)
+from fastserve.services.scheduler.policy.predicted import DEFAULT_SIGMA
 
 METRICS = ("lat_mean", "lat_p95", "lat_p99", "jct_mean", "ttft_mean", "preemptions", "swap_gb", "recomputes")
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # by df
@@ -414,7 +420,7 @@ def tput_ratios(points: list[dict], a: str, b: str, slo: float = 0.3) -> list[di
 
 
 def report(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.policy_ci report")
+    parser = argparse.ArgumentParser(prog="python -m fastserve.bench.policy_ci report")
     parser.add_argument("points", nargs="+", help="JSONL files written by `run`")
     parser.add_argument("--json", default="")
     parser.add_argument("--plot", default="")

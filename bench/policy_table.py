@@ -1,6 +1,6 @@
 """Markdown tables of a `fastserve simulate --sweep-rates ... --json` result, one row per policy.
 
-    python -m bench.policy_table docs/results/why_sharegpt_real.json --rates 3,5
+    python -m fastserve.bench.policy_table docs/results/why_sharegpt_real.json --rates 3,5
 
 Columns: throughput at the SLO (mean and P95 latency per output token, req/s, interpolated
 over the sweep; `>x`: never crossed up to x), then at each `--rates` load: mean job
@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from bench.report import format_throughput
+from fastserve.bench.report import format_throughput
 
 
 def rows(results: list[dict], rates: list[float]) -> list[str]:
@@ -49,7 +49,7 @@ def rows(results: list[dict], rates: list[float]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.policy_table", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fastserve.bench.policy_table", description=__doc__)
     parser.add_argument("results", help="a simulate --json file")
     parser.add_argument("--rates", default="", help="comma list of loads to show per-run metrics at")
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """How a predictor errs, beside a noisy oracle of about the same Kendall tau (docs/why-mlfq.md, 8.3).
 
-    python -m bench.prediction_errors docs/results/sharegpt_real_test_predicted.jsonl --noise 1.5
+    python -m fastserve.bench.prediction_errors docs/results/sharegpt_real_test_predicted.jsonl --noise 1.5
 
 For a JSONL trace with predicted_len (bench/length_predictor.py --trace) and for the same
 requests with true length x exp(N(0, --noise)) instead: tau, the spread of the predictions
@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from bench.length_predictor import kendall_tau
+from fastserve.bench.length_predictor import kendall_tau
 
 OUTPUT_CLASSES = ((0, 64), (64, 256), (256, 1 << 20))
 PROMPT_BINS = ((0, 16), (16, 64), (64, 256), (256, 1 << 20))
@@ -47,7 +47,7 @@ def describe(prompt: np.ndarray, true: np.ndarray, pred: np.ndarray) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.prediction_errors", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fastserve.bench.prediction_errors", description=__doc__)
     parser.add_argument("trace", help="JSONL with input_len, output_len, predicted_len")
     parser.add_argument("--noise", type=float, default=1.5, help="sigma of the noisy oracle beside it")
     parser.add_argument("--seed", type=int, default=0)

@@ -7,11 +7,11 @@ load a Hugging Face tokenizer (lm-eval's `tokenizer=`) can be pointed at the che
 request) to a running server and compares every prompt token's logprob with
 `OPTForCausalLM`'s log_softmax on the same checkpoint; it prints the largest difference.
 
-python -m bench.scoring_check make /tmp/opt-scoring
+python -m fastserve.bench.scoring_check make /tmp/opt-scoring
 fastserve up --model /tmp/opt-scoring --http-port 24080 &
-python -m bench.scoring_check check /tmp/opt-scoring --base-url http://127.0.0.1:24080/v1
+python -m fastserve.bench.scoring_check check /tmp/opt-scoring --base-url http://127.0.0.1:24080/v1
 lm_eval --model local-completions ... --log_samples --output_path OUT   (docs/benchmarks.md)
-python -m bench.scoring_check lm-eval /tmp/opt-scoring OUT/*/samples_fastserve_mc_*.jsonl
+python -m fastserve.bench.scoring_check lm-eval /tmp/opt-scoring OUT/*/samples_fastserve_mc_*.jsonl
 """
 
 from __future__ import annotations

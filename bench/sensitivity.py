@@ -9,8 +9,8 @@ artifact's (ratio 2, base = one decode iteration, 16 queues, check every 1000
 iterations) with α = --alpha (default: the scheduler's, SLO x mean output = 101 s).
 Each run follows the artifact's protocol: 200 s of Poisson arrivals, at most 400 requests.
 
-    python -m bench.sensitivity --json s.json --plot s.png            # both workloads
-    python -m bench.sensitivity --workload alpaca --alpha 3 --jobs 2
+    python -m fastserve.bench.sensitivity --json s.json --plot s.png            # both workloads
+    python -m fastserve.bench.sensitivity --workload alpaca --alpha 3 --jobs 2
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import argparse
 import json
 import os
 
-from bench.report import format_throughput, sweep_throughput
-from bench.simulator import SimConfig, requests_at, run_points
-from services.scheduler.policy import BatchLimits, CostModel, PolicyConfig
+from fastserve.bench.report import format_throughput, sweep_throughput
+from fastserve.bench.simulator import SimConfig, requests_at, run_points
+from fastserve.services.scheduler.policy import BatchLimits, CostModel, PolicyConfig
 
 # base quantum values are multiples of one decode iteration (batch 1) of the cost model
 KNOBS: dict[str, list[float]] = {
@@ -47,7 +47,7 @@ def label(knob: str, value: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.sensitivity",
+        prog="python -m fastserve.bench.sensitivity",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 indent=2,
             )
     if args.plot:
-        from bench.plot import plot_sensitivity
+        from fastserve.bench.plot import plot_sensitivity
 
         plot_sensitivity(results, args.plot)
     return 0

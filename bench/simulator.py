@@ -39,12 +39,12 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
-from bench.report import summarize, sweep_throughput, throughput_table
-from bench.workloads import Trace, load_trace, noisy_predictions
-from services.kvmanager.block_manager import BlockManager
-from services.kvmanager.planner import SWAP_POLICIES, make_plan
-from services.scheduler.core import CoreConfig, KVPlan, Proposal, SchedulerCore, Step
-from services.scheduler.policy import (
+from fastserve.bench.report import summarize, sweep_throughput, throughput_table
+from fastserve.bench.workloads import Trace, load_trace, noisy_predictions
+from fastserve.services.kvmanager.block_manager import BlockManager
+from fastserve.services.kvmanager.planner import SWAP_POLICIES, make_plan
+from fastserve.services.scheduler.core import CoreConfig, KVPlan, Proposal, SchedulerCore, Step
+from fastserve.services.scheduler.policy import (
     MLFQ,
     POLICIES,
     BatchLimits,
@@ -54,7 +54,7 @@ from services.scheduler.policy import (
     needs_prediction,
     swap_policy_of,
 )
-from services.scheduler.policy.predicted import DEFAULT_SIGMA
+from fastserve.services.scheduler.policy.predicted import DEFAULT_SIGMA
 
 OPT_13B_KV_BYTES_PER_TOKEN = 2 * 40 * 5120 * 2  # K and V, 40 layers, hidden 5120, fp16
 GIB = 2**30
@@ -92,7 +92,7 @@ def simulate(
     """Runs the trace of (arrival, input_len, output_len[, predicted_len]); one record per finished request.
 
     Records carry `arrival`, `first_token`, `finish` (seconds), `output_tokens`,
-    `preemptions`, `demotions`, `promotions` (bench.report.summarize reads them). When
+    `preemptions`, `demotions`, `promotions` (fastserve.bench.report.summarize reads them). When
     `stats` is given it receives run totals: iterations, mean batch size, swapped
     blocks, recomputes, the simulated makespan.
     """
@@ -263,7 +263,7 @@ def run_point(
     progress: bool = False,
     records: list[dict] | None = None,
 ) -> dict:
-    """One (policy, load) point: the metrics of bench.report.summarize plus run totals; `records`,
+    """One (policy, load) point: the metrics of fastserve.bench.report.summarize plus run totals; `records`,
     when given, receives the per-request records (in the order of the sorted trace)."""
     stats: dict = {}
     finished = simulate(trace, config, cost_model, progress, stats)
@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     if args.plot:
-        from bench.plot import plot_latency_vs_rate
+        from fastserve.bench.plot import plot_latency_vs_rate
 
         plot_latency_vs_rate(results, args.slo, args.plot)
     return 0

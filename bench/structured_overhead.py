@@ -12,8 +12,8 @@ batch's output tokens per second in each kind of round and the ratio half / none
 masks, sampling) with no row constrained and with half of them, on a byte vocabulary padded to
 VOCAB: the first number is what an unconstrained batch pays.
 
-python -m bench.scoring_check make /tmp/opt125 --vocab 50272 --layers 12 --hidden 768
-python -m bench.structured_overhead --model /tmp/opt125 --json docs/results/structured_overhead.json
+python -m fastserve.bench.scoring_check make /tmp/opt125 --vocab 50272 --layers 12 --hidden 768
+python -m fastserve.bench.structured_overhead --model /tmp/opt125 --json docs/results/structured_overhead.json
 """
 
 from __future__ import annotations
@@ -74,9 +74,9 @@ def driver_cost(vocab: int, rows: int, steps: int = 30) -> tuple[float, float]:
     import torch
 
     from fastserve import structured
-    from services.worker.runner import SeqWork
-    from services.worker.sampling import Sampler, SamplingParams
-    from services.worker.structured import Grammars
+    from fastserve.services.worker.runner import SeqWork
+    from fastserve.services.worker.sampling import Sampler, SamplingParams
+    from fastserve.services.worker.structured import Grammars
 
     grammars = Grammars("byte", vocab, 2)
     key = structured.key(common_pb2.StructuredOutputs(json=SCHEMA))

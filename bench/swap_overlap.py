@@ -13,9 +13,9 @@ import asyncio
 import json
 import time
 
-from bench.load import replay
-from bench.overhead import scrape
-from bench.workloads import load_trace
+from fastserve.bench.load import replay
+from fastserve.bench.overhead import scrape
+from fastserve.bench.workloads import load_trace
 from fastserve.launcher import Stack
 from fastserve.launcher import parse_args as up_args
 from fastserve.procs import free_port
@@ -23,7 +23,7 @@ from fastserve.procs import free_port
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.swap_overlap", description=__doc__, allow_abbrev=False
+        prog="python -m fastserve.bench.swap_overlap", description=__doc__, allow_abbrev=False
     )
     parser.add_argument("--model", default="opt-tiny")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")

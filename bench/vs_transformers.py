@@ -10,7 +10,7 @@ batching, which does not support OPT), each replayed the same trace with
 `fastserve bench --backend openai --prompt-format text`. Prints a table and appends
 both results to --json.
 
-    python -m bench.vs_transformers --json docs/results/vs_transformers.json
+    python -m fastserve.bench.vs_transformers --json docs/results/vs_transformers.json
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 
 def run_server(name: str, cmd: list[str], port: int, bench_argv: list[str], log: Path, env: dict) -> dict:
-    from bench.load import main as bench_main
+    from fastserve.bench.load import main as bench_main
 
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -136,7 +136,7 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.vs_transformers",
+        prog="python -m fastserve.bench.vs_transformers",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,

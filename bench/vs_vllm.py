@@ -21,7 +21,7 @@ Prints the tables and saves everything in --out: vs_vllm.json (the results, the 
 the versions), vs_vllm.png (throughput, TTFT, TPOT, E2E, P99 latency per output token against
 rate), vllm_step.json (the step part alone), each server's log and each `vllm bench serve` file.
 
-    python -m bench.vs_vllm --out out/vs-vllm
+    python -m fastserve.bench.vs_vllm --out out/vs-vllm
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench import vllm_cpu
-from bench.vs_transformers import wait_http
-from bench.vs_vllm_report import (
+from fastserve.bench import vllm_cpu
+from fastserve.bench.vs_transformers import wait_http
+from fastserve.bench.vs_vllm_report import (
     FASTSERVE,
     VLLM,
     adopt_vllm_results,
@@ -76,7 +76,7 @@ BUSY_LOOP = (
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m bench.vs_vllm",
+        prog="python -m fastserve.bench.vs_vllm",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
@@ -243,7 +243,7 @@ def trace_argv(args: argparse.Namespace, rate: float) -> list[str]:
 
 
 def run_trace(server: Server, args: argparse.Namespace, rate: float, extra: list[str]) -> dict:
-    from bench.load import main as bench_main
+    from fastserve.bench.load import main as bench_main
 
     argv = [*trace_argv(args, rate), "--base-url", server.base_url, "--label", server.name, *extra]
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
@@ -268,8 +268,8 @@ def decode_wave(base_url: str, batch: int, context: int, output_len: int, vocab:
     process, where each `vllm bench serve` start costs tens of seconds of imports)."""
     import httpx
 
-    from bench.load import send_openai
-    from bench.report import stats
+    from fastserve.bench.load import send_openai
+    from fastserve.bench.report import stats
 
     rng = random.Random(context * 1000 + batch)
     prompts = [[rng.randrange(4, vocab) for _ in range(context)] for _ in range(batch)]
@@ -507,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {
         "benchmark": "vs_vllm",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m bench.vs_vllm", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            ["python -m fastserve.bench.vs_vllm", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_before": os.getloadavg()},
         "threads": args.threads,
         "device": args.device,
@@ -527,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vs-vllm-") as tmp:
         checkpoint = args.checkpoint
         if not checkpoint:
-            from bench.random_opt import make_checkpoint
+            from fastserve.bench.random_opt import make_checkpoint
 
             checkpoint = str(
                 make_checkpoint(Path(tmp) / "opt", layers=args.layers, hidden=args.hidden, vocab=args.vocab)

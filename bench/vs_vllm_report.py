@@ -1,4 +1,4 @@
-"""Results of `python -m bench.vs_vllm`: `vllm bench serve` files read into one shape, greedy
+"""Results of `python -m fastserve.bench.vs_vllm`: `vllm bench serve` files read into one shape, greedy
 outputs compared, where vLLM starts to queue, tables and the plot. No server is started here."""
 
 from __future__ import annotations

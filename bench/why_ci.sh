@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # docs/why-mlfq.md, "with confidence": every seeded grid of the note, one process at a time (the
-# machine is shared), each resumable (bench.policy_ci skips points already in its JSONL).
+# machine is shared), each resumable (fastserve.bench.policy_ci skips points already in its JSONL).
 #   nice -n 10 bench/why_ci.sh [grid ...]     grids: real noisy synthetic alpaca human tput blind calibrated
 #                                              (default) and headline mix tput-synthetic (benchmarks.md's headline,
 #                                              section 4's mix, every policy's throughput on the synthetic traces)
@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 R=docs/results
-RUN="$PY -m bench.policy_ci run --num-requests 400 --duration 200 --seeds 0,1,2,3,4"
+RUN="$PY -m fastserve.bench.policy_ci run --num-requests 400 --duration 200 --seeds 0,1,2,3,4"
 PRED=predicted-srpt,predicted-gittins,predicted-skip-join-mlfq,predicted-order-mlfq
 # the trained model's own log-error spread (bench/length_predictor.py: sigma)
 SIG=$($PY -c "import json; print(round(json.load(open('$R/length_predictor.json'))['sigma'], 3))")

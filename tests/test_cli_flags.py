@@ -7,8 +7,8 @@ import importlib
 import pytest
 
 from fastserve.launcher import parse_args, scheduler_flags
-from services.scheduler import server as scheduler
-from services.scheduler.policy import POLICIES
+from fastserve.services.scheduler import server as scheduler
+from fastserve.services.scheduler.policy import POLICIES
 
 
 def test_vllm_names_are_primary_and_old_names_still_work():
@@ -48,7 +48,7 @@ def test_up_binds_loopback_by_default():
 @pytest.mark.parametrize("service", ["gateway", "scheduler", "kvmanager", "worker"])
 def test_every_service_alone_binds_loopback_by_default(service, monkeypatch):
     monkeypatch.delenv(f"FASTSERVE_{service.upper()}_HOST", raising=False)
-    server = importlib.import_module(f"services.{service}.server")
+    server = importlib.import_module(f"fastserve.services.{service}.server")
     assert server.parse_args([]).host == "127.0.0.1"
     assert server.parse_args(["--host", "0.0.0.0"]).host == "0.0.0.0"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from services.kvmanager.block_manager import BlockManager
-from services.kvmanager.planner import make_plan
-from services.scheduler.core import CoreConfig, KVPlan, SchedulerCore
-from services.scheduler.policy import BatchLimits, CostModel, PolicyConfig, make_policy
+from fastserve.services.kvmanager.block_manager import BlockManager
+from fastserve.services.kvmanager.planner import make_plan
+from fastserve.services.scheduler.core import CoreConfig, KVPlan, SchedulerCore
+from fastserve.services.scheduler.policy import BatchLimits, CostModel, PolicyConfig, make_policy
 
 EOS = 2
 

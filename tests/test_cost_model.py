@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.scheduler.policy import CostModel
-from services.scheduler.policy.cost_model import opt_13b_a100
+from fastserve.services.scheduler.policy import CostModel
+from fastserve.services.scheduler.policy.cost_model import opt_13b_a100
 
 
 def test_fit_recovers_coefficients_from_mixed_iterations():
@@ -53,7 +53,7 @@ def test_coefficients_flag_and_errors():
 
 
 def test_iteration_time_of_a_mixed_batch():
-    from services.scheduler.policy import Job
+    from fastserve.services.scheduler.policy import Job
 
     model = CostModel(c0=0.01, c_prefill=1e-4, c_decode=1e-3, c_ctx=1e-6)
     batch = [Job("p", 100, 10, 0.0), Job("d", 50, 10, 0.0, num_generated=5, needs_prefill=False)]

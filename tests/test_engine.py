@@ -6,13 +6,13 @@ import asyncio
 
 import pytest
 
+from fastserve.services.kvmanager.block_manager import BlockManager
+from fastserve.services.kvmanager.server import KVManagerService
+from fastserve.services.scheduler.core import CoreConfig, SchedulerCore
+from fastserve.services.scheduler.engine import Engine
+from fastserve.services.scheduler.policy import BatchLimits, CostModel, PolicyConfig, make_policy
+from fastserve.services.scheduler.workers import WorkerError
 from fastserve.v1 import common_pb2, scheduler_pb2, worker_pb2
-from services.kvmanager.block_manager import BlockManager
-from services.kvmanager.server import KVManagerService
-from services.scheduler.core import CoreConfig, SchedulerCore
-from services.scheduler.engine import Engine
-from services.scheduler.policy import BatchLimits, CostModel, PolicyConfig, make_policy
-from services.scheduler.workers import WorkerError
 
 EOS = 2
 FR = common_pb2.FinishReason

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import gpu_suite
-from bench.decode_bound import bytes_per_step, peak_bandwidth_gbs
-from bench.gpu_wheels import requirements
+from fastserve.bench import gpu_suite
+from fastserve.bench.decode_bound import bytes_per_step, peak_bandwidth_gbs
+from fastserve.bench.gpu_wheels import requirements
 from fastserve.model_spec import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def test_default_parts_fit_in_eight_minutes_with_room_to_set_up(tmp_path):
 
 
 def test_a_failing_part_is_recorded_with_why_and_the_next_still_runs(tmp_path):
-    bad = gpu_suite.Part("bad", "bench.no_such_module", [], 30, tmp_path / "bad.json")
+    bad = gpu_suite.Part("bad", "fastserve.bench.no_such_module", [], 30, tmp_path / "bad.json")
     good = gpu_suite.Part(
         "good",
         "json.tool",
@@ -77,6 +77,9 @@ def test_the_shell_entry_point_explains_itself():
     assert proc.returncode == 0 and "--prepare-wheels DIR" in proc.stdout and "--wheels DIR" in proc.stdout
     assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_suite.sh")]).returncode == 0
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.gpu_suite", "--help"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "fastserve.bench.gpu_suite", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0 and "--smoke" in proc.stdout

@@ -16,7 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_smoke_run_writes_every_section(tmp_path):
     out = tmp_path / "suite"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.gpu_suite", "--device", "cpu", "--smoke", "--bandwidth-gbs", "20"]
+        [
+            sys.executable,
+            "-m",
+            "fastserve.bench.gpu_suite",
+            "--device",
+            "cpu",
+            "--smoke",
+            "--bandwidth-gbs",
+            "20",
+        ]
         + ["--out", str(out)],
         cwd=ROOT,
         capture_output=True,

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from services.gateway.admission import Admission, Overloaded
-from services.gateway.http_limits import MAX_JSON_DEPTH, check_json, depth_exceeds
-from services.gateway.ids import scoped, unscoped
-from services.gateway.openai_protocol import UNSUPPORTED_FIELDS, ChatCompletionRequest, CompletionRequest
-from services.gateway.validation import InvalidRequest, Limits
+from fastserve.services.gateway.admission import Admission, Overloaded
+from fastserve.services.gateway.http_limits import MAX_JSON_DEPTH, check_json, depth_exceeds
+from fastserve.services.gateway.ids import scoped, unscoped
+from fastserve.services.gateway.openai_protocol import (
+    UNSUPPORTED_FIELDS,
+    ChatCompletionRequest,
+    CompletionRequest,
+)
+from fastserve.services.gateway.validation import InvalidRequest, Limits
 
 LIMITS = Limits(
     vocab_size=272,

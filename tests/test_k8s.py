@@ -45,7 +45,7 @@ def container(workload: dict) -> dict:
 def parse(c: dict):
     """The container's args through its service's parse_args, under its literal environment."""
     service = c["args"][0]
-    module = importlib.import_module(f"services.{service}.server")
+    module = importlib.import_module(f"fastserve.services.{service}.server")
     env = {e["name"]: e.get("value", "from-secret") for e in c.get("env", [])}
     env = {k: v.replace("$(REDIS_PASSWORD)", "from-secret") for k, v in env.items()}
     env = {k: ("0" if v == "from-secret" and k == "RANK" else v) for k, v in env.items()}

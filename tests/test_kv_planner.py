@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.kvmanager.block_manager import BlockManager
-from services.kvmanager.planner import make_plan
+from fastserve.services.kvmanager.block_manager import BlockManager
+from fastserve.services.kvmanager.planner import make_plan
 
 
 def full_gpu() -> BlockManager:

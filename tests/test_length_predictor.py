@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from bench.length_predictor import (
+from fastserve.bench.length_predictor import (
     conversation_key,
     design,
     is_test,
@@ -18,7 +18,7 @@ from bench.length_predictor import (
     predict_log,
     ridge,
 )
-from services.scheduler.length_predictor import LENGTH_BINS, LengthPredictor, features, width
+from fastserve.services.scheduler.length_predictor import LENGTH_BINS, LengthPredictor, features, width
 
 
 def test_conversation_key_drops_only_a_numeric_chunk_suffix():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastserve.model_spec import resolve_model
-from services.worker.runner import ModelRunner, SeqWork
+from fastserve.services.worker.runner import ModelRunner, SeqWork
 from tests.helpers_checkpoint import make_tiny_opt_checkpoint
 
 BLOCK = 16
@@ -219,7 +219,7 @@ def test_loader_reads_bin_and_sharded_checkpoints(fmt, tmp_path, pre_ln_checkpoi
 
 def test_a_plain_cuda_device_gets_the_current_index(monkeypatch):
     """torch.cuda.set_device refuses "cuda" without an index, which a single-GPU worker is given."""
-    from services.worker.runner import with_index
+    from fastserve.services.worker.runner import with_index
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert with_index(torch.device("cuda")) == torch.device("cuda", 3)
@@ -257,7 +257,7 @@ def test_decode_graph_buckets_pad_into_a_scratch_block_and_match_the_plain_step(
 
 
 def test_cuda_graph_sizes_parse_and_refuse_nonsense():
-    from services.worker.cuda_graphs import parse_sizes
+    from fastserve.services.worker.cuda_graphs import parse_sizes
 
     assert parse_sizes("8, 1,2,2") == [1, 2, 8] and parse_sizes("") == []
     with pytest.raises(ValueError, match="cuda-graph-sizes"):

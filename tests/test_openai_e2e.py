@@ -151,7 +151,7 @@ def test_client_disconnect_cancels_the_job(checkpoint_stack):
 
 
 def test_bench_replays_one_trace_over_grpc_and_over_openai_http(checkpoint_stack, tmp_path, capsys):
-    from bench.load import main as bench
+    from fastserve.bench.load import main as bench
 
     path = tmp_path / "bench.json"
     trace = ["--num-requests", "6", "--rate", "20", "--max-input-len", "24", "--max-output-len", "6"]

@@ -18,8 +18,8 @@ import torch.multiprocessing as mp
 
 from fastserve.model_spec import resolve_model
 from fastserve.procs import free_port
-from services.worker.runner import ModelRunner, SeqWork
-from services.worker.tp import init_distributed, split_range
+from fastserve.services.worker.runner import ModelRunner, SeqWork
+from fastserve.services.worker.tp import init_distributed, split_range
 from tests.helpers_checkpoint import make_tiny_opt_checkpoint
 
 BLOCK = 16
@@ -178,9 +178,9 @@ def test_a_rank_loads_exactly_its_slices(tp, pp, rank, tmp_path):
     """No process group needed: building and loading a shard are local to the rank."""
     from safetensors.torch import load_file
 
-    from services.worker.loader import load_checkpoint
-    from services.worker.model import OPTShard
-    from services.worker.tp import ParallelContext
+    from fastserve.services.worker.loader import load_checkpoint
+    from fastserve.services.worker.model import OPTShard
+    from fastserve.services.worker.tp import ParallelContext
 
     ckpt = make_tiny_opt_checkpoint(
         tmp_path, layers=3, heads=4, hidden=32, ffn=64, vocab=270, max_positions=32

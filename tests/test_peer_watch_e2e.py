@@ -12,13 +12,13 @@ import time
 import pytest
 
 from fastserve.procs import free_port
-from services.worker.peer_watch import EXIT_STATUS
+from fastserve.services.worker.peer_watch import EXIT_STATUS
 
 RANK = """
 import logging, sys, time
 logging.basicConfig(level=logging.INFO)
-from services.worker.peer_watch import wait_for_fresh_world, watch_peers
-from services.worker.tp import init_distributed
+from fastserve.services.worker.peer_watch import wait_for_fresh_world, watch_peers
+from fastserve.services.worker.tp import init_distributed
 rank, port, timeout = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 wait_for_fresh_world(rank, 2, "127.0.0.1", port, timeout)
 print("joining", flush=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from bench.simulator import SimConfig, simulate
-from services.kvmanager.block_manager import BlockManager
-from services.kvmanager.planner import make_plan
-from services.scheduler.policy import (
+from fastserve.bench.simulator import SimConfig, simulate
+from fastserve.services.kvmanager.block_manager import BlockManager
+from fastserve.services.kvmanager.planner import make_plan
+from fastserve.services.scheduler.policy import (
     POLICIES,
     BatchLimits,
     CostModel,
@@ -17,7 +17,7 @@ from services.scheduler.policy import (
     make_policy,
     swap_policy_of,
 )
-from services.scheduler.policy.gittins import MIN_FINISHED, IndexTable, prior_lengths
+from fastserve.services.scheduler.policy.gittins import MIN_FINISHED, IndexTable, prior_lengths
 
 
 def job(rid: str, arrival: float = 0.0, prompt: int = 10, max_tokens: int = 100, **kw) -> Job:
@@ -150,8 +150,8 @@ def test_new_policies_finish_every_job_in_the_simulator(name):
 
 
 def test_policy_table_reads_a_sweep(tmp_path, capsys):
-    from bench.policy_table import main as table_main
-    from bench.simulator import main as simulate_main
+    from fastserve.bench.policy_table import main as table_main
+    from fastserve.bench.simulator import main as simulate_main
 
     path = tmp_path / "sweep.json"
     argv = ["--workload", "alpaca", "--num-requests", "30", "--sweep-rates", "5,200", "--json", str(path)]

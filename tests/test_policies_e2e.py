@@ -6,9 +6,9 @@ import grpc
 import numpy as np
 import pytest
 
-from bench.length_predictor import design, ridge
+from fastserve.bench.length_predictor import design, ridge
+from fastserve.services.scheduler.length_predictor import LengthPredictor, width
 from fastserve.v1 import gateway_pb2, gateway_pb2_grpc
-from services.scheduler.length_predictor import LengthPredictor, width
 from tests.conftest import start_stack
 from tests.reference import MAX_TOKENS, PROMPTS, generate_concurrently, hf_greedy
 

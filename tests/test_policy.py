@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from services.scheduler.core.enst import EnstEstimator
-from services.scheduler.policy import BatchLimits, CostModel, Job, PolicyConfig, form_batch, make_policy
+from fastserve.services.scheduler.core.enst import EnstEstimator
+from fastserve.services.scheduler.policy import (
+    BatchLimits,
+    CostModel,
+    Job,
+    PolicyConfig,
+    form_batch,
+    make_policy,
+)
 
 
 def job(rid: str, prompt: int = 10, max_tokens: int = 100, arrival: float = 0.0, **kw) -> Job:
@@ -159,7 +166,7 @@ def test_base_quantum_defaults_to_one_decode_iteration_of_the_cost_model():
 
 
 def test_every_policy_is_built_the_same_way():
-    from services.scheduler.policy import POLICIES
+    from fastserve.services.scheduler.policy import POLICIES
 
     for name in POLICIES:
         policy = make_policy(PolicyConfig(name=name), CostModel())
@@ -239,7 +246,7 @@ def test_form_batch_kv_need_is_the_context_in_blocks():
 
 
 def test_form_batch_looks_ahead_a_bounded_number_of_jobs():
-    from services.scheduler.policy.base import LOOKAHEAD
+    from fastserve.services.scheduler.policy.base import LOOKAHEAD
 
     big = [job(f"big{i}", prompt=3000) for i in range(LOOKAHEAD + 1)]
     small = job("small", prompt=10)
@@ -261,7 +268,7 @@ def test_form_batch_draws_lazily_from_the_order():
 
 
 def test_jobs_without_kv_start_only_into_blocks_free_in_either_tier():
-    from services.scheduler.policy.base import LOOKAHEAD
+    from fastserve.services.scheduler.policy.base import LOOKAHEAD
 
     # many new arrivals ahead of one job that holds KV; 3 blocks free across both tiers
     new = [job(f"new{i}", prompt=40) for i in range(LOOKAHEAD + 10)]  # 3 blocks each

@@ -1,4 +1,4 @@
-"""bench.policy_ci: paired gap-closed intervals, throughput at the SLO per seed, noisy-oracle thresholds."""
+"""fastserve.bench.policy_ci: paired gap-closed intervals, throughput at the SLO per seed, noisy-oracle thresholds."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from bench.load import trace_prompts
-from bench.policy_ci import aggregate, kendall_tau, parse_policy, thresholds
+from fastserve.bench.load import trace_prompts
+from fastserve.bench.policy_ci import aggregate, kendall_tau, parse_policy, thresholds
 
 
 def point(policy: str, seed: int, lat: float, rate: float = 3.0, noise: float = -1.0, tau=None) -> dict:

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from bench.simulator import SimConfig, simulate
-from bench.workloads import noisy_predictions
-from services.scheduler.policy import BatchLimits, CostModel, Job, PolicyConfig, make_policy, needs_prediction
-from services.scheduler.policy.predicted import lognormal_quantiles
+from fastserve.bench.simulator import SimConfig, simulate
+from fastserve.bench.workloads import noisy_predictions
+from fastserve.services.scheduler.policy import (
+    BatchLimits,
+    CostModel,
+    Job,
+    PolicyConfig,
+    make_policy,
+    needs_prediction,
+)
+from fastserve.services.scheduler.policy.predicted import lognormal_quantiles
 
 PREDICTED = ["predicted-srpt", "predicted-gittins", "predicted-skip-join-mlfq", "predicted-order-mlfq"]
 COST = CostModel(c0=0.02, c_prefill=1e-4, c_decode=1e-3)  # one decode iteration: 21 ms = q0
@@ -127,7 +134,7 @@ def test_predicted_srpt_with_exact_predictions_schedules_as_the_oracle():
 
 
 def test_the_scheduler_refuses_a_predicted_policy_without_a_length_predictor(capsys):
-    from services.scheduler.server import parse_args
+    from fastserve.services.scheduler.server import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["--policy", "predicted-srpt"])

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from fastserve.services.gateway.request_info import merge
 from fastserve.v1 import gateway_pb2 as pb
-from services.gateway.request_info import merge
 
 
 def completion(i: int, state: str, **fields) -> pb.RequestInfo:

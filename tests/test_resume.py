@@ -7,9 +7,9 @@ import asyncio
 
 import redis
 
+from fastserve.services.scheduler import resume
+from fastserve.services.scheduler.lease import Leases
 from fastserve.store import UNFINISHED, JobLog, RequestStore
-from services.scheduler import resume
-from services.scheduler.lease import Leases
 from tests.test_engine import FakeWorkers, make_engine, request
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from fastserve.model_spec import PRESETS, resolve_model
-from services.worker import attention
-from services.worker.penalties import TokenCounts, process_logits
-from services.worker.runner import ModelRunner, SeqWork
-from services.worker.sampling import Sampler, SamplingParams, derive_seed, logprobs
+from fastserve.services.worker import attention
+from fastserve.services.worker.penalties import TokenCounts, process_logits
+from fastserve.services.worker.runner import ModelRunner, SeqWork
+from fastserve.services.worker.sampling import Sampler, SamplingParams, derive_seed, logprobs
 from tests.helpers_checkpoint import make_tiny_opt_checkpoint
 
 VOCAB = 272
@@ -212,7 +212,7 @@ def test_kv_bytes_per_block_and_pool_shape():
 def test_a_pool_sized_by_a_function_is_sized_after_the_weights_load(monkeypatch):
     """On a GPU the function reads free memory: the weights must already be there (else a 6.7B model
     at --gpu-memory-utilization 0.9 would be given a pool the weights then do not fit beside)."""
-    from services.worker import runner as runner_module
+    from fastserve.services.worker import runner as runner_module
 
     events: list[str] = []
     real_init = runner_module.init_dummy

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from bench import sharegpt
-from bench.workloads import load_trace
+from fastserve.bench import sharegpt
+from fastserve.bench.workloads import load_trace
 
 
 def conversation(i: int, prompt: str, output: str, turns: int = 2) -> dict:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench.report import (
+from fastserve.bench.report import (
     format_throughput,
     slo_crossing,
     summarize,
@@ -14,9 +14,9 @@ from bench.report import (
     throughput_at_slo,
     throughput_table,
 )
-from bench.simulator import OPT_13B_A100_BLOCKS, SimConfig, main, requests_at, run_point, simulate
-from bench.workloads import load_trace
-from services.scheduler.policy import BatchLimits, CostModel, PolicyConfig
+from fastserve.bench.simulator import OPT_13B_A100_BLOCKS, SimConfig, main, requests_at, run_point, simulate
+from fastserve.bench.workloads import load_trace
+from fastserve.services.scheduler.policy import BatchLimits, CostModel, PolicyConfig
 
 COST = CostModel(c0=0.01)  # every iteration takes 10 ms
 

@@ -110,10 +110,10 @@ def test_every_service_and_up_refuse_a_busy_port(checkpoint_stack):
     busy = checkpoint_stack.addresses["gateway"].rsplit(":", 1)[1]  # a real FastServe stack listens there
     sched = checkpoint_stack.addresses["scheduler"]
     for command in [
-        ("services.kvmanager", "--port", busy),
-        ("services.scheduler", "--port", busy, "--metrics-port", "0"),
-        ("services.worker", "--port", busy, "--model", "opt-tiny"),
-        ("services.gateway", "--port", busy, "--scheduler-address", sched, "--metrics-port", "0"),
+        ("fastserve.services.kvmanager", "--port", busy),
+        ("fastserve.services.scheduler", "--port", busy, "--metrics-port", "0"),
+        ("fastserve.services.worker", "--port", busy, "--model", "opt-tiny"),
+        ("fastserve.services.gateway", "--port", busy, "--scheduler-address", sched, "--metrics-port", "0"),
         ("fastserve.cli", "up", "--host", "127.0.0.1", "--port", busy, "--demo", "false"),
     ]:
         done = run(*command, token=checkpoint_stack.token)  # the gateway asks the scheduler first
@@ -124,7 +124,14 @@ def test_every_service_and_up_refuse_a_busy_port(checkpoint_stack):
 def test_a_gateway_without_the_stack_token_exits_saying_why(checkpoint_stack):
     sched = checkpoint_stack.addresses["scheduler"]
     done = run(
-        "services.gateway", "--port", "0", "--scheduler-address", sched, "--metrics-port", "0", token="wrong"
+        "fastserve.services.gateway",
+        "--port",
+        "0",
+        "--scheduler-address",
+        sched,
+        "--metrics-port",
+        "0",
+        token="wrong",
     )
     assert done.returncode != 0
     assert "refused Info: UNAUTHENTICATED" in done.stderr and "Traceback" not in done.stderr, done.stderr[

@@ -11,10 +11,10 @@ import torch
 
 from fastserve import structured
 from fastserve.model_spec import resolve_model
+from fastserve.services.worker.runner import ModelRunner, SeqWork
+from fastserve.services.worker.sampling import SamplingParams
 from fastserve.tokenizer import ByteTokenizer
 from fastserve.v1 import common_pb2
-from services.worker.runner import ModelRunner, SeqWork
-from services.worker.sampling import SamplingParams
 
 SCHEMA = {
     "type": "object",

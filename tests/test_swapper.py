@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from services.worker.kv_cache import KVCache
-from services.worker.swapper import Swapper, finished_seconds, finished_stall_seconds
+from fastserve.services.worker.kv_cache import KVCache
+from fastserve.services.worker.swapper import Swapper, finished_seconds, finished_stall_seconds
 
 
 def filled_cache() -> KVCache:

@@ -147,7 +147,7 @@ def reference_paged_decode_attention(q, k_cache, v_cache, block_tables, context_
 
 
 def _run_cases(cases):
-    from services.worker import triton_attention as ta
+    from fastserve.services.worker import triton_attention as ta
 
     assert ta.TRITON_AVAILABLE, "triton must be installed to run these tests"
     assert ta.interpreter_active(), "TRITON_INTERPRET=1 was not in effect when the kernel was defined"
@@ -244,7 +244,7 @@ def test_import_without_triton_fails_only_when_called():
     code = (
         "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
         "import torch\n"
-        "from services.worker import triton_attention as ta\n"
+        "from fastserve.services.worker import triton_attention as ta\n"
         "assert ta.TRITON_AVAILABLE is False\n"
         "q = torch.zeros(1, 1, 32); kc = torch.zeros(1, 8, 1, 32)\n"
         "try:\n"
@@ -263,7 +263,7 @@ def test_cpu_tensors_without_interpreter_give_clear_error():
     env.pop("TRITON_INTERPRET", None)
     code = (
         "import torch\n"
-        "from services.worker import triton_attention as ta\n"
+        "from fastserve.services.worker import triton_attention as ta\n"
         "assert ta.TRITON_AVAILABLE and not ta.interpreter_active()\n"
         "q = torch.zeros(1, 1, 32); kc = torch.zeros(1, 8, 1, 32)\n"
         "try:\n"
@@ -298,7 +298,7 @@ try:
 except ImportError as exc:
     print(f"triton internals unavailable: {exc!r}")
     sys.exit(3)
-from services.worker import triton_attention as ta
+from fastserve.services.worker import triton_attention as ta
 
 assert ta.TRITON_AVAILABLE and not ta.interpreter_active()
 kernel = ta._paged_decode_attention_kernel
@@ -359,7 +359,7 @@ def test_kernel_compiles_for_sm80_and_sm90():
 )
 def test_input_validation(mutate, exc, match):
     # Validation happens before any launch, so this runs in-process whatever mode triton is in.
-    from services.worker.triton_attention import triton_paged_decode_attention
+    from fastserve.services.worker.triton_attention import triton_paged_decode_attention
 
     args = {
         "q": torch.zeros(2, 2, 32),

@@ -7,11 +7,17 @@ import argparse
 import pytest
 
 from fastserve.flags import add_flag
+from fastserve.services.gateway.text_stream import TextStream
+from fastserve.services.gateway.validation import (
+    InvalidRequest,
+    Limits,
+    check_envelope,
+    check_length,
+    resolve_sampling,
+)
+from fastserve.services.kvmanager.block_manager import BlockManager
 from fastserve.tokenizer import ByteTokenizer, IncrementalDetokenizer
 from fastserve.v1 import common_pb2, gateway_pb2
-from services.gateway.text_stream import TextStream
-from services.gateway.validation import InvalidRequest, Limits, check_envelope, check_length, resolve_sampling
-from services.kvmanager.block_manager import BlockManager
 
 LIMITS = Limits(
     vocab_size=272, max_model_len=256, max_tokens_limit=128, max_request_bytes=1024, max_stop_strings=2
@@ -179,7 +185,7 @@ def test_bad_kv_configuration_is_refused_at_start():
     import subprocess
     import sys
 
-    from services.worker.server import host_block_budget
+    from fastserve.services.worker.server import host_block_budget
 
     with pytest.raises(SystemExit, match="larger than this machine's memory"):
         host_block_budget(10**6, 65536)
@@ -190,7 +196,7 @@ def test_bad_kv_configuration_is_refused_at_start():
         (["--swap-space", "100000"], "swap-space"),
     ):
         proc = subprocess.run(
-            [sys.executable, "-m", "services.worker", "--port", "0", *flags],
+            [sys.executable, "-m", "fastserve.services.worker", "--port", "0", *flags],
             capture_output=True,
             text=True,
             timeout=120,
@@ -200,8 +206,8 @@ def test_bad_kv_configuration_is_refused_at_start():
 
 def test_up_passes_mlfq_knobs_to_the_scheduler_and_threads_to_workers_only_when_given(monkeypatch):
     from fastserve.launcher import knob_flags, parse_args
-    from services.scheduler.server import parse_args as scheduler_args
-    from services.worker.server import parse_args as worker_args
+    from fastserve.services.scheduler.server import parse_args as scheduler_args
+    from fastserve.services.worker.server import parse_args as worker_args
 
     monkeypatch.delenv("FASTSERVE_STARVATION_THRESHOLD", raising=False)
     monkeypatch.delenv("FASTSERVE_ENFORCE_EAGER", raising=False)
@@ -242,7 +248,7 @@ def test_free_ports_come_from_outside_the_ephemeral_range_and_never_repeat():
 def test_onednn_linear_matches_f_linear_and_refuses_what_it_cannot_serve():
     import torch
 
-    from services.worker import cpu_linear
+    from fastserve.services.worker import cpu_linear
 
     w, b, x = torch.randn(48, 32), torch.randn(48), torch.randn(5, 32)
     packed = cpu_linear.pack(w)

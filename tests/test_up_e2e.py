@@ -129,10 +129,10 @@ def test_up_serves_reflection_client_and_sigterm_leaves_no_child():
         names = " ".join(" ".join(c.cmdline()) for c in children)
         for part in (
             "redis-server",
-            "services.kvmanager",
-            "services.worker",
-            "services.scheduler",
-            "services.gateway",
+            "fastserve.services.kvmanager",
+            "fastserve.services.worker",
+            "fastserve.services.scheduler",
+            "fastserve.services.gateway",
         ):
             assert part in names, f"{part} is not running under fastserve up"
 

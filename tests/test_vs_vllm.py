@@ -1,4 +1,4 @@
-"""bench.vs_vllm without vLLM: its flags, the commands it builds, how it reads `vllm bench serve`
+"""fastserve.bench.vs_vllm without vLLM: its flags, the commands it builds, how it reads `vllm bench serve`
 files and its own runs, the greedy check, where vLLM queues, the tables and the plot."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import vllm_cpu, vs_vllm
-from bench.vs_vllm_report import (
+from fastserve.bench import vllm_cpu, vs_vllm
+from fastserve.bench.vs_vllm_report import (
     FASTSERVE,
     VLLM,
     adopt_vllm_results,
@@ -224,7 +224,7 @@ def test_the_wrapper_answers_vllms_version_question_with_vllm_cpus(tmp_path, mon
 
 
 def test_the_gpu_suite_runs_vs_vllm_only_when_named_and_skips_it_without_vllm(tmp_path):
-    from bench import gpu_suite
+    from fastserve.bench import gpu_suite
 
     parse = gpu_suite.build_parser().parse_args
     assert "vs-vllm" not in [p.name for p in gpu_suite.plan(parse([]), "cuda", tmp_path)]
@@ -235,7 +235,7 @@ def test_the_gpu_suite_runs_vs_vllm_only_when_named_and_skips_it_without_vllm(tm
     named = parse(["--parts", "vs-vllm", "--vllm-python", "/opt/vllm/bin/python"])
     (part,) = [p for p in gpu_suite.plan(named, "cuda", tmp_path) if p.name == "vs-vllm"]
     assert not part.skip and part.result == tmp_path / "vs-vllm" / "vs_vllm.json"
-    args = vs_vllm.build_parser().parse_args(part.args)  # the part's flags are bench.vs_vllm's
+    args = vs_vllm.build_parser().parse_args(part.args)  # the part's flags are fastserve.bench.vs_vllm's
     vs_vllm.check_args(args)
     assert args.device == "cuda" and args.vllm_python == "/opt/vllm/bin/python" and args.rates == "4,16,64"
 
@@ -249,7 +249,7 @@ def test_a_rerun_takes_vllms_results_from_an_earlier_run_with_the_same_trace():
     )
     previous = {
         "date": "d",
-        "command": "python -m bench.vs_vllm",
+        "command": "python -m fastserve.bench.vs_vllm",
         "greedy": {VLLM: [{"tokens": ["t5"], "logprobs": [-1.0]}]},
         "trace": [{**run(VLLM, r, 100, 1), "command": command} for r in (1, 3, 8, 16)]
         + [{**run(FASTSERVE, 1, 50, 1), "command": command}],

@@ -1,10 +1,10 @@
-"""bench.worker_step end to end on the tiny model: both paths run, agree, and the JSON says so."""
+"""fastserve.bench.worker_step end to end on the tiny model: both paths run, agree, and the JSON says so."""
 
 from __future__ import annotations
 
 import json
 
-from bench import worker_step
+from fastserve.bench import worker_step
 
 
 def test_worker_step_bench_times_both_paths_and_saves_json(tmp_path):

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from bench.workloads import (
+from fastserve.bench.workloads import (
     MAX_INPUT,
     MAX_TOTAL,
     arrivals,

@@ -119,7 +119,7 @@ class Engine:
         self._step_ids = itertools.count(1)  # worker step ids (swap-only steps have one too)
         # prompt token ids -> predicted output tokens (--length-predictor), for the predicted-* policies
         self.predictor: Callable[[list[int]], int] | None = None
-        self.clock = clock  # scheduling time (bench.overhead runs the Engine on a simulated one)
+        self.clock = clock  # scheduling time (fastserve.bench.overhead runs the Engine on a simulated one)
 
     def _freed(self, free_gpu_blocks: int, free_host_blocks: int) -> None:
         self.core.observe_free(free_gpu_blocks, free_host_blocks)

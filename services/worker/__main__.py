@@ -1,4 +1,4 @@
-"""``python -m services.worker``.
+"""``python -m fastserve.services.worker``.
 
 OpenMP reads its wait policy once, when torch loads it, so it is set here, before the import.
 Its default has every thread spin for a while after each parallel region; when the cores are

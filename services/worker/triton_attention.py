@@ -19,7 +19,7 @@ On a machine without a GPU the kernel still runs under Triton's interpreter: set
 tensors. Importing this module never fails when Triton is missing; calling the kernel
 then raises a clear error. ``TRITON_AVAILABLE`` says which case applies.
 
-The torch path with the same signature is ``services.worker.attention.paged_decode_attention``.
+The torch path with the same signature is ``fastserve.services.worker.attention.paged_decode_attention``.
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def triton_paged_decode_attention(
         raise RuntimeError(
             "triton_paged_decode_attention needs the `triton` package, which could not be imported "
             f"({_TRITON_IMPORT_ERROR!r}); install triton or use "
-            "services.worker.attention.paged_decode_attention"
+            "fastserve.services.worker.attention.paged_decode_attention"
         )
     if q.dim() != 3:
         raise ValueError(f"q must be [B, H, D], got shape {tuple(q.shape)}")
@@ -256,8 +256,8 @@ def triton_paged_decode_attention(
     if device.type == "cpu" and not interpret:
         raise RuntimeError(
             "triton_paged_decode_attention got CPU tensors but the kernel was compiled for a GPU; "
-            "set TRITON_INTERPRET=1 before importing services.worker.triton_attention to run it on "
-            "CPU (slow, for tests), or use services.worker.attention.paged_decode_attention"
+            "set TRITON_INTERPRET=1 before importing fastserve.services.worker.triton_attention to run it on "
+            "CPU (slow, for tests), or use fastserve.services.worker.attention.paged_decode_attention"
         )
 
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
