@@ -42,6 +42,8 @@ from fastserve.flags import env_name
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose"
 FILES = ("docker-compose.yml", "docker-compose.multinode.yml", "docker-compose.cpu.yml")
+# override files, each with the file it overrides (tests/test_compose_e2e.py runs them)
+OVERRIDES = {"docker-compose.multinode.cpu.yml": "compose/docker-compose.multinode.yml"}
 # the files without GPUs: workers on --device cpu (a gloo world), run for real by tests/test_compose_e2e.py
 CPU_FILES = {"docker-compose.cpu.yml"}
 SERVICES = ("gateway", "scheduler", "kvmanager", "worker")
@@ -590,10 +592,12 @@ def check_compose_command(words: list[str]) -> None:
     assert files, f"`docker compose {' '.join(positionals)}`: name the file with -f compose/..."
     services: dict[str, dict] = {}
     for file in files:
-        assert file.startswith("compose/") and file[len("compose/") :] in FILES, (
-            f"unknown compose file {file}"
+        name = file[len("compose/") :]
+        assert file.startswith("compose/") and (name in FILES or OVERRIDES.get(name) in files), (
+            f"unknown compose file {file} (or an override without its base)"
         )
-        services |= services_of(file[len("compose/") :])
+        if name in FILES:
+            services |= services_of(name)
     known_profiles = {p for svc in services.values() for p in svc.get("profiles", [])}
     assert set(profiles) <= known_profiles, f"unknown profile in {profiles}"
     if positionals and positionals[0] in TAKES_SERVICES:
@@ -604,3 +608,30 @@ def check_compose_command(words: list[str]) -> None:
             assert not profiles or set(services[name].get("profiles", [])) & set(profiles), (
                 f"{name} is not in profile {profiles}"
             )
+
+
+def test_cpu_override_changes_only_what_gpus_need():
+    """docker-compose.multinode.cpu.yml: the two-node walk-through with only the device changed."""
+
+    class Tagged(yaml.SafeLoader):
+        pass
+
+    def tagged(loader, tag, node):
+        if isinstance(node, yaml.MappingNode):
+            return ("!" + tag, loader.construct_mapping(node, deep=True))
+        return ("!" + tag, loader.construct_sequence(node, deep=True))
+
+    Tagged.add_multi_constructor("!", tagged)
+    override = yaml.load((COMPOSE / "docker-compose.multinode.cpu.yml").read_text(), Loader=Tagged)
+    base = services_of("docker-compose.multinode.yml")
+    for name, changes in override["services"].items():
+        assert name in base, name
+        if base[name].get("command", [None])[0] == "worker":
+            assert changes == {"deploy": ("!reset", {}), "ulimits": ("!reset", {})}, name
+            assert "${DEVICE:-cuda}" in raw("docker-compose.multinode.yml")["services"][name]["command"]
+        elif name in ("jaeger", "otel-collector"):
+            assert changes == {"profiles": ("!override", ["tracing"])}, name
+        else:
+            assert changes == {"depends_on": ("!reset", {})} and set(base[name]["depends_on"]) == {
+                "otel-collector"
+            }

@@ -7,6 +7,8 @@ a local Redis image), builds compose/Dockerfile's CPU image, brings the stack up
 an HTTP generation from the host (greedy, equal to transformers), then kills the worker rank 0
 service and then the scheduler service while 8 greedy streams run: the restart policies and health
 checks bring each back and every stream completes, token for token equal to transformers.
+Then docs/deploy.md's two-node walk-through with DEVICE=cpu: two compose projects ("nodes") of
+compose/docker-compose.multinode.yml (+ its CPU override), PP=2 across them over gloo, greedy-equal.
 
 Killing: `docker kill` counts as a manual stop in Docker, and no restart policy (not even `always`)
 restarts a container stopped so. A crash does not: the test SIGKILLs the service's process inside
@@ -37,22 +39,25 @@ from tests.reference import PROMPTS, collect, greedy, hf_greedy
 FR = common_pb2.FinishReason
 TOKENS = 100
 COMPOSE_FILE = "compose/docker-compose.cpu.yml"
+IMAGE = "fsci-fastserve:e2e"
 pytestmark = pytest.mark.timeout(3600)
 
 
 class Stack:
     """One compose project of compose/docker-compose.cpu.yml on the private daemon."""
 
-    def __init__(self, docker: Docker, env_file: Path, project: str) -> None:
+    def __init__(
+        self, docker: Docker, env_file: Path, project: str, files=(COMPOSE_FILE,), profile=""
+    ) -> None:
         self.docker, self.env_file, self.project = docker, env_file, project
+        self.options = [w for f in files for w in ("-f", f)] + (["--profile", profile] if profile else [])
 
     def compose(self, *args: str, **kw):
         return self.docker.docker(
             "compose",
             "-p",
             self.project,
-            "-f",
-            COMPOSE_FILE,
+            *self.options,
             "--env-file",
             str(self.env_file),
             *args,
@@ -81,66 +86,88 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
+def images(tmp_path_factory):
+    """The private daemon with the base, Redis and CPU FastServe images, and the tiny checkpoint."""
     from tests.helpers_checkpoint import make_tiny_opt_checkpoint
 
     docker = Docker()
-    stack = None
     try:
         try:
             docker.install()
             docker.start()
             base = docker.base_image()
             redis_image = docker.redis_image(base)
-            image = "fsci-fastserve:e2e"
-            size = docker.fastserve_image(base, image)
+            size = docker.fastserve_image(base, IMAGE)
         except Unavailable as exc:
             pytest.skip(f"no Docker here: {exc}")
         models = tmp_path_factory.mktemp("models")
         checkpoint = make_tiny_opt_checkpoint(models / "tiny-opt", layers=4, heads=4, hidden=64)
         for path in [models, *models.rglob("*")]:  # the containers' user (uid 10001) reads it
             path.chmod(0o755 if path.is_dir() else 0o644)
-        grpc_port, http_port = free_ports(2)
-        env_file = tmp_path_factory.mktemp("compose") / "test.env"
-        env_file.write_text(
-            "\n".join(
-                [
-                    f"REDIS_PASSWORD={os.urandom(16).hex()}",
-                    f"INTERNAL_TOKEN={os.urandom(16).hex()}",
-                    "MODEL=/models/tiny-opt",
-                    f"MODELS_DIR={models}",
-                    f"IMAGE_CPU={image}",
-                    f"REDIS_IMAGE={redis_image}",
-                    f"GATEWAY_PORT={grpc_port}",
-                    f"HTTP_PORT={http_port}",
-                    "LOG_LEVEL=INFO",
-                ]
-            )
-            + "\n"
+        docker.redis, docker.image_size, docker.models, docker.checkpoint = (
+            redis_image,
+            size,
+            models,
+            str(checkpoint),
         )
-        stack = Stack(docker, env_file, f"fsci-{os.getpid()}")
-        started = time.monotonic()
-        stack.compose("up", "-d", "--no-build", "--wait", "--wait-timeout", "900")
-        docker.timed("up", started)
-        stack.grpc, stack.http = f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
-        stack.checkpoint, stack.image_size = str(checkpoint), size
-        yield stack
+        yield docker
     finally:
         started = time.monotonic()
-        if stack is not None:
-            if not stack.healthy():
-                print(stack.compose("logs", "--tail", "60", capture_output=True, check=False).stdout[-20000:])
-            stack.compose("down", "-v", "-t", "10", check=False)
-            docker.docker("rmi", "fsci-fastserve:e2e", check=False, capture_output=True)
+        docker.docker("rmi", IMAGE, check=False, capture_output=True)
         docker.stop()
         docker.timed("down", started)
         print("\ncompose e2e phases (s):", {k: round(v, 1) for k, v in docker.phases.items()}, flush=True)
 
 
+def env_file(docker: Docker, path: Path, **extra: str) -> Path:
+    settings = {
+        "REDIS_PASSWORD": os.urandom(16).hex(),
+        "INTERNAL_TOKEN": os.urandom(16).hex(),
+        "MODEL": "/models/tiny-opt",
+        "MODELS_DIR": str(docker.models),
+        "IMAGE_CPU": IMAGE,
+        "IMAGE": IMAGE,
+        "REDIS_IMAGE": docker.redis,
+        "LOG_LEVEL": "INFO",
+        **extra,
+    }
+    path.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
+    return path
+
+
+def take_down(stack: Stack, logs_if_unhealthy: bool = True) -> None:
+    started = time.monotonic()
+    if logs_if_unhealthy and not stack.healthy():
+        print(stack.compose("logs", "--tail", "60", capture_output=True, check=False).stdout[-20000:])
+    stack.compose("down", "-v", "-t", "10", check=False)
+    stack.docker.timed("down", started)
+
+
 @pytest.fixture(scope="module")
-def references(deployment):
+def deployment(images, tmp_path_factory):
+    grpc_port, http_port = free_ports(2)
+    env = env_file(
+        images,
+        tmp_path_factory.mktemp("compose") / "test.env",
+        GATEWAY_PORT=str(grpc_port),
+        HTTP_PORT=str(http_port),
+    )
+    stack = Stack(images, env, f"fsci-{os.getpid()}")
+    try:
+        started = time.monotonic()
+        stack.compose("up", "-d", "--no-build", "--wait", "--wait-timeout", "900")
+        images.timed("up", started)
+        stack.grpc, stack.http = f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
+        stack.checkpoint, stack.image_size = images.checkpoint, images.image_size
+        yield stack
+    finally:
+        take_down(stack)
+
+
+@pytest.fixture(scope="module")
+def references(images):
     for prompt in PROMPTS:
-        hf_greedy(deployment.checkpoint, tuple(prompt), TOKENS)
+        hf_greedy(images.checkpoint, tuple(prompt), TOKENS)
 
 
 def test_image_size_and_health(deployment):
@@ -224,3 +251,63 @@ def test_crash_mid_generation_loses_nothing(deployment, references, service):
         f"first token after the kill in {RECOVERY[service]:.1f}s, all healthy after {back - killed:.1f}s",
         flush=True,
     )
+
+
+MULTINODE = ("compose/docker-compose.multinode.yml", "compose/docker-compose.multinode.cpu.yml")
+
+
+def host_address() -> tuple[str, str]:
+    """This machine's first non-loopback, non-Docker IPv4 address and its interface (the "nodes'" network)."""
+    import subprocess
+
+    for line in subprocess.run(
+        ["ip", "-o", "-4", "addr"], capture_output=True, text=True, check=True
+    ).stdout.splitlines():
+        words = line.split()
+        name, address = words[1], words[3].split("/")[0]
+        if name != "lo" and not name.startswith(("docker", "br-", "veth")):
+            return address, name
+    pytest.skip("no non-loopback IPv4 address for the two nodes")
+
+
+def test_two_nodes_pp_across_them_is_greedy_equal(images, tmp_path_factory, references):
+    """docs/deploy.md's two-node walk-through with DEVICE=cpu: node A (control plane + stage 0, ranks
+    0-1) and node B (stage 1, ranks 2-3) as two compose projects; PP=2 spans them over gloo."""
+    started = time.monotonic()
+    address, ifname = host_address()
+    grpc_port, http_port, master_port = free_ports(3)
+    env = env_file(
+        images,
+        tmp_path_factory.mktemp("two-nodes") / "test.env",
+        DEVICE="cpu",
+        NODE_A_ADDR=address,
+        NODE_B_ADDR=address,
+        NODE_A_IFNAME=ifname,
+        NODE_B_IFNAME=ifname,
+        MASTER_PORT=str(master_port),
+        GATEWAY_PORT=str(grpc_port),
+        HTTP_PORT=str(http_port),
+    )
+    node_b = Stack(images, env, f"fsci-{os.getpid()}-node-b", MULTINODE, "node-b")
+    node_a = Stack(images, env, f"fsci-{os.getpid()}-node-a", MULTINODE, "node-a")
+    passed = False
+    try:
+        node_b.compose("up", "-d", "--no-build")
+        node_a.compose("up", "-d", "--no-build", "--wait", "--wait-timeout", "900")
+        stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
+        for i in (0, 3):
+            tokens, last = collect(stub, greedy(PROMPTS[i], TOKENS))
+            assert tokens == hf_greedy(images.checkpoint, tuple(PROMPTS[i]), TOKENS), f"prompt {i}"
+        placement = []
+        for stack in (node_a, node_b):
+            for name in stack.compose("ps", "--format", "{{.Name}}", capture_output=True).stdout.split():
+                top = images.docker("top", name, "-o", "pid,args", capture_output=True).stdout.splitlines()[
+                    1:
+                ]
+                placement.append(f"{name}: {' | '.join(p.split(None, 1)[1][:90] for p in top)}")
+        print("\ntwo nodes, greedy-equal; processes by container:\n  " + "\n  ".join(placement), flush=True)
+        passed = True
+    finally:
+        for stack in (node_a, node_b):  # node B's ranks leave (exit 75) once node A is gone: no logs then
+            take_down(stack, logs_if_unhealthy=not passed)
+        images.timed("two nodes", started)
