@@ -536,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         port = args.port or free_port()
         commands = server_commands(args, checkpoint, vllm_cli, port)
+        vllm_env = commands[VLLM][1]
+        report["vllm_env"] = {k: v for k, v in vllm_env.items() if k.startswith("VLLM_") or k == "LD_PRELOAD"}
+        if args.device == "cpu" and "libtcmalloc" not in vllm_env.get("LD_PRELOAD", ""):
+            print("no tcmalloc to preload for vLLM (apt-get install libtcmalloc-minimal4)", flush=True)
         wanted = {"vllm": VLLM, "fastserve": FASTSERVE}
         for name in [wanted[s] for s in ("vllm", "fastserve") if s in servers]:
             cmd, env = commands[name]
