@@ -130,6 +130,10 @@ class Docker:
             except subprocess.TimeoutExpired:
                 os.killpg(self.daemon.pid, signal.SIGKILL)
                 self.daemon.wait(10)
+        # dockerd leaves its default network namespace bind-mounted under the exec root
+        mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+        for mount in sorted((m for m in mounts if m.startswith(f"{self.tmp}/")), reverse=True):
+            run(["umount", mount], check=False)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # ------------------------------------------------------------------ the CLI
