@@ -73,11 +73,38 @@ def wait_for_fresh_world(
         time.sleep(BEAT_S)
 
 
+class Silence:
+    """The watch's judgement, pass by pass: whether a peer stalled or was restarted.
+
+    A peer's silence clock starts when this rank first observes it, so a peer that died before
+    its first beat (its key missing: b"") is declared silent after the timeout too.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._seen: dict[int, tuple[bytes, float]] = {}  # peer -> (its last beat, when it changed)
+        self._first: dict[int, bytes] = {}  # peer -> the incarnation it had when first seen
+
+    def why_leave(self, beats: dict[int, bytes], now: float) -> str | None:
+        """The reason to leave the world given the peers' current beats (b"": none yet), or None."""
+        for peer, value in beats.items():
+            last, since = self._seen.setdefault(peer, (value, now))
+            if value != last:
+                self._seen[peer] = (value, now)
+            elif now - since > self.timeout_s:
+                return (
+                    f"rank {peer} has not beaten for {now - since:.1f}s (--peer-timeout {self.timeout_s:g})"
+                )
+            born = value.partition(b":")[0]
+            if born and self._first.setdefault(peer, born) != born:
+                return f"rank {peer} was restarted: the world must re-form"
+        return None
+
+
 def _run(store: dist.Store, rank: int, world_size: int, timeout_s: float) -> None:
     incarnation = uuid.uuid4().hex
     peers = [peer for peer in range(world_size) if peer != rank]
-    seen: dict[int, tuple[bytes, float]] = {}  # peer -> (its last beat, when it changed)
-    first: dict[int, bytes] = {}  # peer -> the incarnation it had when first seen
+    silence = Silence(timeout_s)
     beat = 0
     while True:
         now = time.monotonic()
@@ -87,17 +114,9 @@ def _run(store: dist.Store, rank: int, world_size: int, timeout_s: float) -> Non
             beats = {peer: store.get(key(peer)) if store.check([key(peer)]) else b"" for peer in peers}
         except Exception as exc:  # the store's host (rank 0) is gone: so is the world
             _leave(rank, f"the world's store at rank 0 stopped answering ({type(exc).__name__}: {exc})")
-        for peer, value in beats.items():
-            last, since = seen.get(peer, (b"", now))
-            if value != last:
-                seen[peer] = (value, now)
-            elif now - since > timeout_s:
-                _leave(
-                    rank, f"rank {peer} has not beaten for {now - since:.1f}s (--peer-timeout {timeout_s:g})"
-                )
-            born = value.partition(b":")[0]
-            if born and first.setdefault(peer, born) != born:
-                _leave(rank, f"rank {peer} was restarted: the world must re-form")
+        why = silence.why_leave(beats, now)
+        if why is not None:
+            _leave(rank, why)
         time.sleep(BEAT_S)
 
 
