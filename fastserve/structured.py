@@ -23,6 +23,7 @@ JSON_OBJECT_SCHEMA = '{"type": "object"}'
 # forbids both, json.loads refuses them. Its converted grammar is patched to this class.
 LENIENT_STRING_CHARS = (r"[^\0-\x1f\"\\\r\n]", r"[^\"\\\r\n]")
 STRICT_STRING_CHAR = r"[^\0-\x1f\"\\\uD800-\uDFFF]"
+CACHE_SIZE = 256  # distinct constraints remembered: parsed by the gateway, compiled by a worker
 
 
 class InvalidConstraint(ValueError):
@@ -81,7 +82,7 @@ def check(spec: common_pb2.StructuredOutputs) -> None:
     _parses(*key(spec))
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=CACHE_SIZE)
 def _parses(kind: str, text: str) -> bool:
     """`grammar` remembered for the constraints that parse (a client repeats its schema)."""
     grammar(kind, text)

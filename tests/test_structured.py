@@ -13,6 +13,7 @@ from fastserve import structured
 from fastserve.model_spec import resolve_model
 from fastserve.services.worker.runner import ModelRunner, SeqWork
 from fastserve.services.worker.sampling import SamplingParams
+from fastserve.services.worker.structured import Grammars
 from fastserve.tokenizer import ByteTokenizer
 from fastserve.v1 import common_pb2
 
@@ -133,3 +134,19 @@ def test_unconstrained_rows_beside_a_constrained_one_are_untouched(runner):
         ]
     )
     assert mixed[1] == alone[0] and mixed[0] == 4 + ord("a")
+
+
+def test_the_worker_keeps_the_last_cache_size_compiled_grammars(runner):
+    spec = runner.spec
+    grammars = Grammars(spec.tokenizer, spec.vocab_size, spec.eos_token_id)
+    assert grammars.cache_size == structured.CACHE_SIZE == 256
+    grammars.cache_size = 2
+    a, b, c = ("regex", "a+"), ("regex", "b+"), ("regex", "c+")
+    first_a = grammars.compile(a)
+    grammars.compile(b)
+    assert grammars.compile(a) is first_a  # a hit, and `a` becomes the most recently used
+    grammars.compile(c)  # evicts `b`, the least recently used
+    assert list(grammars._compiled) == [a, c]
+    assert grammars.compile(b) is not None and list(grammars._compiled) == [c, b]
+    assert grammars.compile(a) is not first_a  # evicted, compiled again
+    assert grammars.compile(a).result() is not None

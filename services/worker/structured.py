@@ -4,8 +4,9 @@ A job's matcher is (re)built from the tokens it generated so far whenever the st
 whole context (its first prefill, and every recompute: after a preemption that dropped its KV,
 a worker restart or a scheduler restart), so its state never depends on what this process
 remembers; otherwise it advances by the token sampled for the job. Swapping moves only KV
-blocks, so a swapped job keeps its matcher. Grammars compile once per distinct constraint
-(cached), on a thread of their own: a step waits only for a constraint it has never seen.
+blocks, so a swapped job keeps its matcher. Grammars compile once per distinct constraint (the
+last CACHE_SIZE used stay cached), on a thread of their own: a step waits only for a constraint it
+has not seen lately.
 
 A step with no constrained row costs one attribute test per row.
 """
@@ -13,6 +14,7 @@ A step with no constrained row costs one attribute test per row.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -48,7 +50,8 @@ def tokenizer_info(tokenizer_name: str, vocab_size: int, eos_token_id: int):
 
 
 class Grammars:
-    """Compiled grammars (cached by constraint) and the matchers of the constrained jobs."""
+    """Compiled grammars (the last `cache_size` constraints used, as the gateway's parse cache)
+    and the matchers of the constrained jobs."""
 
     def __init__(self, tokenizer_name: str, vocab_size: int, eos_token_id: int) -> None:
         self.tokenizer_name = tokenizer_name
@@ -56,7 +59,8 @@ class Grammars:
         self.eos_token_id = eos_token_id
         self._compiler = None
         self._compiling = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
-        self._compiled: dict[tuple[str, str], Future] = {}
+        self._compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()  # least recently used first
+        self.cache_size = structured.CACHE_SIZE
         self.matchers: dict[str, object] = {}
 
     def compile(self, key: tuple[str, str]) -> Future:
@@ -64,6 +68,10 @@ class Grammars:
         future = self._compiled.get(key)
         if future is None:
             future = self._compiled[key] = self._compiling.submit(self._compile, key)
+            while len(self._compiled) > self.cache_size:  # a job's matcher keeps its own grammar
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(key)
         return future
 
     def _compile(self, key: tuple[str, str]):
