@@ -8,11 +8,13 @@ from collections import Counter
 import pytest
 import torch
 
+from fastserve import structured
 from fastserve.model_spec import PRESETS, resolve_model
 from fastserve.services.worker import attention
 from fastserve.services.worker.penalties import TokenCounts, process_logits
 from fastserve.services.worker.runner import ModelRunner, SeqWork
 from fastserve.services.worker.sampling import Sampler, SamplingParams, derive_seed, logprobs
+from fastserve.v1 import common_pb2
 from tests.helpers_checkpoint import make_tiny_opt_checkpoint
 
 VOCAB = 272
@@ -194,6 +196,22 @@ def test_seeded_sampling_through_the_runner_ignores_batch_composition():
     greedy = runner.step([SeqWork("a", a.token_ids, 0, [0])])
     top1 = runner.step([SeqWork("a", a.token_ids, 0, [0], SamplingParams(temperature=1.5, top_k=1, seed=4))])
     assert top1 == greedy
+
+
+def test_forget_all_drops_every_jobs_counts_matcher_and_last_token():
+    runner = ModelRunner(resolve_model("opt-tiny"), dtype=torch.float32, device="cpu", num_gpu_blocks=16)
+    regex = structured.key(common_pb2.StructuredOutputs(regex="[a-z]+"))
+    runner.step(
+        [
+            SeqWork("p", [2, 10, 20], 0, [0], SamplingParams(temperature=0.0, presence_penalty=0.5)),
+            SeqWork("g", [2, 30], 0, [1], SamplingParams(temperature=0.0, structured=regex)),
+        ]
+    )
+    assert "p" in runner.token_counts and "g" in runner.grammars.matchers
+    assert set(runner.last_tokens) == {"p", "g"}
+    runner.last_tokens.clear()  # as on a PP driver, which keeps no last tokens
+    runner.forget_all()
+    assert not runner.token_counts.slots and not runner.grammars.matchers and not runner.last_tokens
 
 
 def test_kv_bytes_per_block_and_pool_shape():

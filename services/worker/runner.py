@@ -174,6 +174,15 @@ class ModelRunner:
         for rid in request_ids:
             self.last_tokens.pop(rid, None)
 
+    def forget_all(self) -> None:
+        """Drops what this rank keeps for every job (a new step stream sends every job in full again);
+        with PP the driver keeps no last tokens, so they cannot name the jobs to forget."""
+        if self.token_counts is not None:
+            self.token_counts.forget(list(self.token_counts.slots))
+        if self.grammars is not None:
+            self.grammars.forget(list(self.grammars.matchers))
+        self.last_tokens.clear()
+
     @torch.inference_mode()
     def run(self, seqs: list[SeqWork]) -> StepOutput | None:
         """Runs one iteration; on the driver the sampled tokens and the logprobs asked for, else None."""

@@ -317,7 +317,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         log.info("scheduler opened a step stream from %s", context.peer())
         self.kept.clear()  # a new scheduler (or a reconnect) sends every job in full again
         if self.runner is not None:
-            self.runner.forget(list(self.runner.last_tokens))
+            self.runner.forget_all()
         # steps go to the (single) step thread as they arrive, so one queued behind the running one
         # starts the moment it ends; answers go back in order
         queued: asyncio.Queue = asyncio.Queue()
