@@ -232,6 +232,18 @@ def test_up_passes_mlfq_knobs_to_the_scheduler_and_threads_to_workers_only_when_
     assert not worker_args([]).enforce_eager
 
 
+def test_worker_refuses_bad_cuda_graph_sizes_at_start_on_any_device(capsys, monkeypatch):
+    from fastserve.services.worker.server import parse_args as worker_args
+
+    monkeypatch.delenv("FASTSERVE_CUDA_GRAPH_SIZES", raising=False)
+    assert worker_args([]).cuda_graph_sizes == [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    assert worker_args(["--cuda-graph-sizes", "8,2"]).cuda_graph_sizes == [2, 8]
+    assert worker_args(["--cuda-graph-sizes", ""]).cuda_graph_sizes == []
+    with pytest.raises(SystemExit):
+        worker_args(["--device", "cpu", "--cuda-graph-sizes", "0,4"])
+    assert "--cuda-graph-sizes must be comma-separated batch sizes >= 1, got '0,4'" in capsys.readouterr().err
+
+
 def test_free_ports_come_from_outside_the_ephemeral_range_and_never_repeat():
     """An outgoing connection takes its port from the ephemeral range: a port handed out for a
     service that binds it seconds later must not come from there (a CI run lost a gateway to that)."""

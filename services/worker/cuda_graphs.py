@@ -22,6 +22,7 @@ and how the bucketing and padding are tested on a machine without a GPU.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from collections.abc import Sequence
@@ -38,10 +39,12 @@ log = logging.getLogger("fastserve.worker.cuda_graphs")
 
 def parse_sizes(text: str) -> list[int]:
     """``--cuda-graph-sizes``: comma-separated batch sizes >= 1; empty = no graphs."""
-    sizes = sorted({int(part) for part in text.split(",") if part.strip()})
-    if any(size < 1 for size in sizes):
-        raise ValueError(f"--cuda-graph-sizes must be batch sizes >= 1, got {text!r}")
-    return sizes
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not all(part.isascii() and part.isdigit() and int(part) >= 1 for part in parts):
+        raise argparse.ArgumentTypeError(
+            f"--cuda-graph-sizes must be comma-separated batch sizes >= 1, got {text!r}"
+        )
+    return sorted({int(part) for part in parts})
 
 
 class DecodeGraphs:
@@ -69,10 +72,6 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if capture:
             self._capture_all()
-
-    @property
-    def max_batch(self) -> int:
-        return self.sizes[-1]
 
     def bucket(self, batch: int) -> int | None:
         """The smallest size that holds ``batch`` decodes, or None above the largest."""

@@ -29,6 +29,7 @@ from fastserve.v1 import worker_pb2 as pb
 from fastserve.v1 import worker_pb2_grpc as pb_grpc
 
 from . import metrics
+from .cuda_graphs import parse_sizes
 from .peer_watch import wait_for_fresh_world, watch_peers
 from .swapper import Swapper
 
@@ -136,7 +137,6 @@ class WorkerService(pb_grpc.WorkerServicer):
         """Joins the torch.distributed world (when there is one), loads the shard and allocates the KV pool."""
         import torch
 
-        from .cuda_graphs import parse_sizes
         from .runner import ModelRunner
         from .tp import init_distributed
 
@@ -181,7 +181,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             seed=args.seed,
             enforce_eager=args.enforce_eager,
             # on CPU a padded step only costs: graphs are for CUDA
-            cuda_graph_sizes=parse_sizes(args.cuda_graph_sizes) if device.startswith("cuda") else (),
+            cuda_graph_sizes=args.cuda_graph_sizes if device.startswith("cuda") else (),
         )
         log.info(
             "loaded %s (%s, %s) in %.1fs; KV pool %d blocks of %d tokens",
@@ -403,6 +403,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser,
         "--cuda-graph-sizes",
         default="1,2,4,8,16,24,32,48,64",
+        type=parse_sizes,
         help="decode batch sizes captured as CUDA graphs (a batch replays the smallest that holds it; "
         "larger batches and prefills run eagerly); empty = none. GPU, tp = pp = 1 only",
     )
