@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -89,9 +90,14 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args[:4]} exited with status {proc.returncode}")
-        with contextlib.suppress(OSError):
+        try:
             urllib.request.urlopen(url, timeout=2).read()
             return
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):  # it answers, and wants an API key: it is up
+                return
+        except OSError:  # not listening yet
+            pass
         time.sleep(0.5)
     raise RuntimeError(f"{url} did not answer in {timeout:.0f}s")
 

@@ -180,7 +180,11 @@ class Server:
             self.proc = subprocess.Popen(
                 self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
             )
-        wait_http(f"{self.base_url}/v1/models", self.proc, 900)
+        try:
+            wait_http(f"{self.base_url}/v1/models", self.proc, 900)
+        except BaseException:  # a timeout or Ctrl-C: stop its process group all the same
+            self.__exit__(None, None, None)
+            raise
         self.start_seconds = time.monotonic() - started
         print(f"[{self.name}] serving on {self.base_url} after {self.start_seconds:.0f} s", flush=True)
         return self

@@ -265,3 +265,46 @@ def test_a_rerun_takes_vllms_results_from_an_earlier_run_with_the_same_trace():
     report = {"trace_settings": trace_settings(vs_vllm.trace_argv(other, 0))}
     with pytest.raises(SystemExit, match="is not this run's"):
         adopt_vllm_results(report, previous)
+
+
+def test_a_server_that_asks_for_an_api_key_is_up():
+    import http.server
+    import subprocess
+    import sys
+    import threading
+
+    from fastserve.bench.vs_transformers import wait_http
+
+    class AskForKey(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), AskForKey)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        wait_http(f"http://127.0.0.1:{httpd.server_port}/v1/models", proc, 60)
+    finally:
+        proc.kill()
+        proc.wait()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_server_that_never_comes_up_is_stopped(tmp_path, monkeypatch):
+    import sys
+
+    def interrupted(*args) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vs_vllm, "wait_http", interrupted)
+    server = vs_vllm.Server(
+        "x", [sys.executable, "-c", "import time; time.sleep(120)"], dict(os.environ), 1, tmp_path / "log"
+    )
+    with pytest.raises(KeyboardInterrupt):
+        server.__enter__()
+    assert server.proc is not None and server.proc.poll() is not None
