@@ -23,6 +23,7 @@ from itertools import chain
 
 from .base import Job, Policy, PolicyConfig, Transition
 from .cost_model import CostModel
+from .starvation import starvation_threshold, starved
 
 
 class MLFQ(Policy):
@@ -36,15 +37,13 @@ class MLFQ(Policy):
             raise ValueError(f"--num-queues must be >= 1, got {config.num_queues}")
         if config.quantum_ratio < 1:
             raise ValueError(f"--quantum-ratio must be >= 1, got {config.quantum_ratio}")
-        if config.starvation_threshold <= 0:
-            raise ValueError(f"--starvation-threshold must be > 0, got {config.starvation_threshold}")
         self.cost_model = cost_model or CostModel()
         self.base = config.base_quantum if config.base_quantum else self.cost_model.decode_time(1)
         if self.base <= 0:
             raise ValueError(f"--base-quantum must be > 0, got {self.base}")
         self.ratio = config.quantum_ratio
         self.quanta = [self.base * self.ratio**i for i in range(config.num_queues)]
-        self.starvation_threshold = config.starvation_threshold
+        self.starvation_threshold = starvation_threshold(config)
         self.starvation_period = max(config.starvation_period, 1)
         self.queues: list[OrderedDict[str, Job]] = [OrderedDict() for _ in range(config.num_queues)]
         # every live job, ordered by when it last ran (or arrived): the starved ones are a prefix
@@ -112,20 +111,9 @@ class MLFQ(Policy):
             transitions += self.promote_starved(now)
         return transitions
 
-    def starved(self, now: float) -> list[Job]:
-        """Jobs that have not run for α seconds, longest-waiting first."""
-        deadline = now - self.starvation_threshold
-        out = []
-        for job in self.idle.values():
-            since = job.last_run_time if job.last_run_time is not None else job.arrival_time
-            if since > deadline:
-                break
-            out.append(job)
-        return out
-
     def promote_starved(self, now: float) -> list[Transition]:
         transitions = []
-        for job in self.starved(now):
+        for job in starved(self.idle.values(), now, self.starvation_threshold):
             if job.level == 0:
                 continue
             transitions.append(Transition("promoted", job.request_id, job.level, 0))

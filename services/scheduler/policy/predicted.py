@@ -35,6 +35,7 @@ from .cost_model import CostModel
 from .gittins import IndexTable
 from .mlfq import SkipJoinMLFQ
 from .sorted_policy import Key, SortedPolicy
+from .starvation import starvation_threshold, starved
 
 DEFAULT_SIGMA = 0.8  # log-error spread when the predictor does not say (about the ShareGPT model's)
 QUANTILES = 32
@@ -60,10 +61,8 @@ class GuardedSortedPolicy(SortedPolicy):
     def __init__(self, config: PolicyConfig | None = None, cost_model: CostModel | None = None) -> None:
         super().__init__(config, cost_model)
         config = config or PolicyConfig(name=self.name)
-        if config.starvation_threshold <= 0:
-            raise ValueError(f"--starvation-threshold must be > 0, got {config.starvation_threshold}")
         self.boost_quantum = config.base_quantum or (cost_model or CostModel()).decode_time(1)
-        self.starvation_threshold = config.starvation_threshold
+        self.starvation_threshold = starvation_threshold(config)
         self.starvation_period = max(config.starvation_period, 1)
         self.sigma = float(config.extra.get("prediction_sigma", DEFAULT_SIGMA))
         self.idle: OrderedDict[str, Job] = OrderedDict()  # by when each last ran (or arrived)
@@ -101,11 +100,8 @@ class GuardedSortedPolicy(SortedPolicy):
         if self.iterations % self.starvation_period:
             return []
         transitions = []
-        deadline = now - self.starvation_threshold
-        for rid, job in list(self.idle.items()):
-            since = job.last_run_time if job.last_run_time is not None else job.arrival_time
-            if since > deadline:
-                break
+        for job in starved(self.idle.values(), now, self.starvation_threshold):
+            rid = job.request_id
             if rid in self.boost:
                 continue
             self._unlink(rid)
