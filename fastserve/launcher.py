@@ -216,6 +216,7 @@ SERVICE_KNOBS = {  # flag of `up` -> (the service it goes to when given, type, w
     ),
     "--max-num-waiting": ("gateway", int, "admission: most requests waiting for a first token (then 429)"),
     "--max-concurrent-requests": ("gateway", int, "admission: most requests one gateway streams (then 429)"),
+    "--max-request-bytes": ("gateway", int, "largest parsed GenerateRequest (HTTP 400, INVALID_ARGUMENT)"),
     "--max-request-body-bytes": ("gateway", int, "largest request body (HTTP 413, gRPC RESOURCE_EXHAUSTED)"),
     "--max-prompt-chars": ("gateway", int, "longest prompt in characters, refused before tokenizing"),
     "--max-prompts-per-request": ("gateway", int, "most prompts in one /v1/completions request"),

@@ -70,6 +70,13 @@ def test_every_error_is_in_openai_shape_with_its_status_naming_field_and_value(s
     post = f"{base}/v1/completions"
     with httpx.Client(timeout=60) as http:
         assert_openai_error(http.post(post, json={"prompt": "hi"}), 401)
+        # every route but the probes needs the key, vLLM's extra routes too
+        assert_openai_error(http.post(f"{base}/tokenize", json={"prompt": "hi"}), 401)
+        assert_openai_error(http.post(f"{base}/detokenize", json={"tokens": [5]}), 401)
+        assert_openai_error(http.get(f"{base}/tokenizer_info"), 401)
+        for path in ("/health", "/ping", "/metrics", "/version"):
+            assert http.get(f"{base}{path}").status_code == 200, path
+        assert http.post(f"{base}/tokenize", json={"prompt": "hi"}, headers=auth()).status_code == 200
         assert_openai_error(http.get(f"{base}/v1/nothing-here", headers=auth()), 404)
         assert_openai_error(http.get(post, headers=auth()), 405)
         bad = assert_openai_error(http.post(post, content=b'{"prompt": "hi",', headers=auth()), 400)
@@ -101,6 +108,12 @@ def test_every_error_is_in_openai_shape_with_its_status_naming_field_and_value(s
                 http.post(post, json={"prompt": "hi", field: value}, headers=auth()), 400
             )
             assert refused["param"] == field
+        for prompt, field in (
+            ([5, 2**32], "prompt_token_ids[1]"),
+            ([[5], [-1]], "prompt[1].prompt_token_ids[0]"),
+        ):
+            outside = assert_openai_error(http.post(post, json={"prompt": prompt}, headers=auth()), 400)
+            assert outside["param"] == field and "is outside the vocabulary" in outside["message"], outside
         missing = assert_openai_error(http.post(f"{base}/v1/chat/completions", json={}, headers=auth()), 400)
         assert missing["param"] == "messages"
         metrics = http.get(f"{base}/metrics").text

@@ -91,3 +91,20 @@ def test_size_checks_name_the_value_sent_before_any_tokenizing():
         CompletionRequest(prompt="hi", stop=["s" * 2000]).check_sizes(LIMITS)
     with pytest.raises(InvalidRequest, match="sampling.n: 4294967296"):
         CompletionRequest(prompt="hi", n=2**32).check_sizes(LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "refusal"),
+    [
+        ([5, 2**32], r"^prompt_token_ids\[1\]: 4294967296 is outside the vocabulary \[0, 272\)$"),
+        ([5, -1], r"^prompt_token_ids\[1\]: -1 is outside"),
+        ([[5], [6, 272]], r"^prompt\[1\]\.prompt_token_ids\[1\]: 272 is outside"),
+        ([[5], [2**40]], r"^prompt\[1\]\.prompt_token_ids\[0\]: 1099511627776 is outside"),
+    ],
+)
+def test_prompt_token_ids_outside_the_vocabulary_are_refused_naming_index_and_value(prompt, refusal):
+    """Before they reach the GenerateRequest, whose uint32 field raises a bare ValueError (a 500);
+    a single prompt's message is the gRPC validator's, word for word."""
+    with pytest.raises(InvalidRequest, match=refusal):
+        CompletionRequest(prompt=prompt).check_sizes(LIMITS)
+    CompletionRequest(prompt=[[5], [6, 271]]).check_sizes(LIMITS)

@@ -215,12 +215,15 @@ def test_vllm_tokenizer_and_info_routes(checkpoint_stack):
         chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
         assert chat["count"] > 2
         assert http.post("/detokenize", json={"tokens": tokens["tokens"]}).json() == {"prompt": "Hi!"}
-        refused = http.post("/detokenize", json={"tokens": [1 << 20]})
-        assert refused.status_code == 400 and "outside the vocabulary" in refused.json()["error"]["message"]
+        refused = http.post("/detokenize", json={"tokens": [5, 1 << 20]}).json()["error"]
+        assert refused["code"] == 400 and refused["param"] == "tokens[1]"
+        assert refused["message"] == "tokens[1]: 1048576 is outside the vocabulary [0, 272)"
         assert http.post("/tokenize", json={"prompt": "x", "model": "other"}).status_code == 404
         assert http.get("/tokenizer_info").json()["eos_token_id"] == 2
-        assert http.get("/version").json()["version"]
+        version = http.get("/version").json()["version"]
         assert http.get("/ping").status_code == 200 and http.post("/ping").status_code == 200
+    stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(checkpoint_stack.addresses["gateway"]))
+    assert stub.ServerInfo(gateway_pb2.ServerInfoRequest(), timeout=30).version == version  # one owner
     card = client(checkpoint_stack).models.retrieve(MODEL)
     assert (card.id, card.owned_by) == (MODEL, "fastserve")
     with pytest.raises(openai.NotFoundError):
@@ -303,6 +306,7 @@ def test_grpc_tokenize_and_detokenize(checkpoint_stack):
     with pytest.raises(grpc.RpcError) as refused:
         stub.Detokenize(gateway_pb2.DetokenizeRequest(token_ids=[9999]), timeout=30)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == "token_ids[0]: 9999 is outside the vocabulary [0, 272)"
 
 
 def test_chat_prompt_logprobs_in_vllms_top_level_field(checkpoint_stack):

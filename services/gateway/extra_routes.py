@@ -14,9 +14,9 @@ from pydantic import BaseModel, ConfigDict
 
 from .chat import chat_prompt_ids
 from .generation import Generations
-from .http_errors import error
+from .http_errors import error, invalid
 from .openai_protocol import ChatMessage
-from .validation import InvalidRequest, check_prompt_chars
+from .validation import InvalidRequest, check_prompt_chars, check_token
 
 
 class TokenizeRequest(BaseModel):
@@ -104,7 +104,7 @@ def extra_routes(
                 check_prompt_chars("messages", sum(len(text) for _, text in messages), generations.limits)
                 ids = chat_prompt_ids(tokenizer, messages, body.add_generation_prompt)
         except InvalidRequest as exc:
-            return error(400, str(exc), str(exc).split(":", 1)[0])
+            return invalid(exc)
         return JSONResponse(
             {
                 "count": len(ids),
@@ -118,10 +118,11 @@ def extra_routes(
     async def detokenize(body: DetokenizeRequest) -> Response:
         if refused := wrong_model(body.model):
             return refused
-        vocab = generations.limits.vocab_size
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
-        if bad:
-            return error(400, f"tokens: {bad[0]} is outside the vocabulary [0, {vocab})", "tokens")
+        try:
+            for i, token in enumerate(body.tokens):
+                check_token(f"tokens[{i}]", token, generations.limits)
+        except InvalidRequest as exc:
+            return invalid(exc)
         return JSONResponse({"prompt": tokenizer.decode(body.tokens)})
 
     @router.get("/tokenizer_info")

@@ -1,6 +1,7 @@
 """Limits of the HTTP front that act before any work: body size, JSON shape, slow and silent clients.
 
-- `BodyLimit` (ASGI middleware, outermost): a body larger than --max-request-body-bytes is refused
+- `BodyLimit` (ASGI middleware, just inside openai_api's RequireKey, so a caller without a key is
+  refused before any body is read): a body larger than --max-request-body-bytes is refused
   with 413 while it is read (at once from Content-Length, else as soon as the bytes read pass the
   limit), and never held whole; a body that takes longer than the header timeout to arrive gets 408;
   a JSON body must be UTF-8, parse, and nest at most MAX_JSON_DEPTH deep, all before FastAPI and
@@ -30,8 +31,8 @@ from .http_errors import error
 
 log = logging.getLogger("fastserve.gateway.http")
 SEND_BUFFER_BYTES = 64 << 10  # per connection, in uvicorn's write buffer and in the kernel
-MAX_JSON_DEPTH = 32
-ABORT = "fastserve.abort"  # scope key: drops the connection at once (set by guarded_h11)  # OpenAI bodies nest 4-5 deep (tools' JSON schemas more); 100 000 deep is an attack
+MAX_JSON_DEPTH = 32  # OpenAI bodies nest 4-5 deep (tools' JSON schemas more); 100 000 deep is an attack
+ABORT = "fastserve.abort"  # scope key: drops the connection at once (set by guarded_h11)
 
 
 class BodyLimit:

@@ -45,14 +45,18 @@ def create_app(
     return app
 
 
+OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})  # probes and scrapers: no key
+
+
 class RequireKey:
-    """401 on /v1/ unless `Authorization: Bearer KEY` names a configured key."""
+    """401 on every path but OPEN_PATHS unless `Authorization: Bearer KEY` names a configured key
+    (an unknown path too: a caller without a key learns nothing of the routes)."""
 
     def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
         self.app, self.keys = app, keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not self.keys.allows(authorization):
                 refusal = error(401, "invalid or missing API key: send 'Authorization: Bearer <key>'")

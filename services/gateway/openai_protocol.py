@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fastserve.v1 import common_pb2, gateway_pb2
 
-from .validation import InvalidRequest, Limits, check_prompt_chars, check_stop
+from .validation import InvalidRequest, Limits, check_prompt_chars, check_stop, check_token
 
 # Request fields that change what is generated and that this server does not implement: a body
 # carrying one (with a value other than its neutral one) is refused with 400 naming it, never
@@ -211,6 +211,14 @@ class CompletionRequest(SamplingBody):
             check_prompt_chars("prompt", len(self.prompt), limits)
         elif self.prompt and isinstance(self.prompt[0], str):
             check_prompt_chars("prompt", sum(len(p) for p in self.prompt), limits)  # type: ignore[arg-type]
+        # token ids are checked here: JSON allows any integer, a GenerateRequest only uint32s
+        elif self.prompt and isinstance(self.prompt[0], int):  # one prompt: gRPC's message
+            for i, token in enumerate(self.prompt):
+                check_token(f"prompt_token_ids[{i}]", token, limits)  # type: ignore[arg-type]
+        else:
+            for k, ids in enumerate(self.prompt):
+                for i, token in enumerate(ids):  # type: ignore[union-attr,arg-type]
+                    check_token(f"prompt[{k}].prompt_token_ids[{i}]", token, limits)
 
 
 class TextPart(BaseModel):
@@ -302,8 +310,6 @@ def to_generate_request(
     request = gateway_pb2.GenerateRequest(request_id=request_id, sampling=sampling)
     if isinstance(prompt, str):
         request.prompt = prompt
-    else:
-        if any(token < 0 for token in prompt):
-            raise InvalidRequest("prompt: token ids must be >= 0")
+    else:  # ids a client sent were checked against the vocabulary by check_sizes
         request.prompt_token_ids.extend(prompt)
     return request

@@ -26,7 +26,7 @@ from .api_keys import ApiKeys
 from .chat import chat_prompt_ids
 from .extra_routes import model_card
 from .generation import Generations, Prepared, SchedulerUnavailable
-from .http_errors import ERROR_TYPES, error, invalid
+from .http_errors import error, error_body, invalid
 from .http_limits import BoundedStream
 from .openai_protocol import (
     ChatCompletionRequest,
@@ -252,16 +252,7 @@ async def sse(stream: AsyncIterator[pb.GenerateResponse], shape, include_usage: 
                 if reply.finish_reason == FR.FINISH_REASON_ERROR:
                     if reply.text:
                         yield event(shape.chunk(reply, None, first))
-                    yield event(
-                        {
-                            "error": {
-                                "message": reply.error,
-                                "type": ERROR_TYPES[500],
-                                "param": None,
-                                "code": 500,
-                            }
-                        }
-                    )
+                    yield event(error_body(500, reply.error))
                     break
                 reason = FINISH.get(reply.finish_reason)
                 # vLLM's rule: every step that produced tokens is a chunk, even when its text is
@@ -274,11 +265,7 @@ async def sse(stream: AsyncIterator[pb.GenerateResponse], shape, include_usage: 
             if include_usage and finals:
                 yield event(shape.usage_chunk(usage(finals, shape.n)))
         except InvalidRequest as exc:
-            yield event(
-                {"error": {"message": str(exc), "type": ERROR_TYPES[400], "param": None, "code": 400}}
-            )
+            yield event(error_body(400, str(exc)))
         except SchedulerUnavailable as exc:
-            yield event(
-                {"error": {"message": str(exc), "type": ERROR_TYPES[503], "param": None, "code": 503}}
-            )
+            yield event(error_body(503, str(exc)))
         yield "data: [DONE]\n\n"

@@ -27,7 +27,7 @@ from fastserve.v1 import gateway_pb2_grpc as pb_grpc
 from . import metrics
 from .admission import Admission, Overloaded
 from .api_keys import ApiKeyInterceptor, ApiKeys, authorization, parse_keys
-from .extra_routes import encode
+from .extra_routes import encode, fastserve_version
 from .generation import Generations, SchedulerUnavailable
 from .http_limits import guarded_h11
 from .ids import scoped, unscoped
@@ -35,11 +35,10 @@ from .memory import release_memory_periodically
 from .openai_api import HttpSettings, create_app
 from .request_info import read_request
 from .scheduler_link import SchedulerLink
-from .validation import InvalidRequest, Limits, check_prompt_chars
+from .validation import InvalidRequest, Limits, check_prompt_chars, check_token
 
 log = logging.getLogger("fastserve.gateway")
 FR = common_pb2.FinishReason
-VERSION = "0.1.0"
 
 
 class GatewayService(pb_grpc.GatewayServicer):
@@ -153,7 +152,7 @@ class GatewayService(pb_grpc.GatewayServicer):
             num_gpu_blocks=i.num_gpu_blocks,
             num_host_blocks=i.num_host_blocks,
             swap_policy=i.swap_policy,
-            version=VERSION,
+            version=fastserve_version(),
         )
 
     async def Tokenize(
@@ -171,13 +170,11 @@ class GatewayService(pb_grpc.GatewayServicer):
     async def Detokenize(
         self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.DetokenizeResponse:
-        vocab = self.generations.limits.vocab_size
-        for i, token in enumerate(request.token_ids):
-            if token >= vocab:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"token_ids[{i}]: {token} is outside the vocabulary [0, {vocab})",
-                )
+        try:
+            for i, token in enumerate(request.token_ids):
+                check_token(f"token_ids[{i}]", token, self.generations.limits)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return pb.DetokenizeResponse(text=self.generations.tokenizer.decode(list(request.token_ids)))
 
 
@@ -214,7 +211,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_flag(parser, "--max-tokens-limit", default=2048, help="largest sampling.max_tokens accepted")
     add_flag(
-        parser, "--max-request-bytes", default=1 << 20, help="largest GenerateRequest accepted, in bytes"
+        parser,
+        "--max-request-bytes",
+        default=1 << 20,
+        help="largest GenerateRequest (each prompt of an HTTP request is one) accepted once parsed, in bytes: "
+        "gRPC INVALID_ARGUMENT, HTTP 400; --max-request-body-bytes bounds what is read before it",
     )
     add_flag(
         parser,

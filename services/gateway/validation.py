@@ -99,10 +99,7 @@ def check_envelope(request: gateway_pb2.GenerateRequest, limits: Limits) -> None
         )
     check_stop(list(request.sampling.stop), limits)
     for i, token in enumerate(request.prompt_token_ids):
-        if token >= limits.vocab_size:
-            raise InvalidRequest(
-                f"prompt_token_ids[{i}]: {token} is outside the vocabulary [0, {limits.vocab_size})"
-            )
+        check_token(f"prompt_token_ids[{i}]", token, limits)
 
 
 def resolve_sampling(request: gateway_pb2.GenerateRequest, limits: Limits) -> Sampling:
@@ -148,9 +145,9 @@ def resolve_sampling(request: gateway_pb2.GenerateRequest, limits: Limits) -> Sa
     if any(not text for text in s.stop):
         raise InvalidRequest("sampling.stop: stop strings must not be empty")
     for i, token in enumerate(s.stop_token_ids):
-        _check_token(f"sampling.stop_token_ids[{i}]", token, limits)
+        check_token(f"sampling.stop_token_ids[{i}]", token, limits)
     for token, bias in s.logit_bias.items():
-        _check_token("sampling.logit_bias", token, limits)
+        check_token("sampling.logit_bias", token, limits)
         if not (math.isfinite(bias) and -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE):
             raise InvalidRequest(
                 f"sampling.logit_bias[{token}]: {bias} is outside [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}]"
@@ -215,8 +212,9 @@ def check_stop(stop: list[str], limits: Limits) -> None:
             )
 
 
-def _check_token(field: str, token: int, limits: Limits) -> None:
-    if token >= limits.vocab_size:
+def check_token(field: str, token: int, limits: Limits) -> None:
+    """A token id a client sent (over HTTP any integer, over gRPC a uint32) lies in the vocabulary."""
+    if not 0 <= token < limits.vocab_size:
         raise InvalidRequest(f"{field}: {token} is outside the vocabulary [0, {limits.vocab_size})")
 
 
