@@ -13,54 +13,21 @@ python -m fastserve.bench.penalty_overhead --model opt-125m --json docs/results/
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import random
 import statistics
 import time
 
-import grpc
-
-from fastserve.launcher import Stack
-from fastserve.launcher import parse_args as up_args
-from fastserve.procs import free_port
-from fastserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from fastserve.bench.companion_rounds import add_live_args, run_rounds
+from fastserve.v1 import common_pb2
 
 PENALTIES = {"repetition_penalty": 1.2, "frequency_penalty": 0.5, "presence_penalty": 0.5}
 
 
-async def one(stub, prompt: list[int], max_tokens: int, penalised: bool) -> int:
-    sampling = common_pb2.SamplingParams(
+def sampling(max_tokens: int, penalised: bool) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(
         max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **(PENALTIES if penalised else {})
     )
-    tokens = 0
-    async for reply in stub.Generate(gateway_pb2.GenerateRequest(prompt_token_ids=prompt, sampling=sampling)):
-        tokens += len(reply.token_ids)
-    return tokens
-
-
-async def round_(stub, prompts: list[list[int]], max_tokens: int, with_penalties: bool) -> float:
-    """One round; the plain requests' output tokens per second."""
-    n = len(prompts) // 2
-    started = time.perf_counter()
-    plain = [one(stub, p, max_tokens, False) for p in prompts[:n]]
-    companions = [one(stub, p, max_tokens, with_penalties) for p in prompts[n:]]
-    counts = await asyncio.gather(*plain, *companions)
-    return sum(counts[:n]) / (time.perf_counter() - started)
-
-
-async def measure(address: str, args: argparse.Namespace, vocab: int) -> dict[str, list[float]]:
-    rng = random.Random(args.seed)
-    prompts = [[2, *(rng.randrange(4, vocab) for _ in range(args.prompt_len - 1))] for _ in range(2 * args.n)]
-    async with grpc.aio.insecure_channel(address) as chan:
-        stub = gateway_pb2_grpc.GatewayStub(chan)
-        await round_(stub, prompts, args.max_tokens, True)  # warm-up
-        out: dict[str, list[float]] = {"without": [], "with": []}
-        for _ in range(args.rounds):
-            for kind in ("without", "with"):
-                out[kind].append(await round_(stub, prompts, args.max_tokens, kind == "with"))
-        return out
 
 
 def driver_cost(vocab: int, rows: int, steps: int = 50) -> tuple[float, float]:
@@ -102,12 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model", default="opt-125m", help="preset or checkpoint (its vocabulary sets the cost)"
     )
-    parser.add_argument("--n", type=int, default=8, help="plain requests per round (and as many companions)")
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of each kind, alternating")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default="", help="write the result here")
+    add_live_args(parser, n=8)
     parser.add_argument(
         "--driver-only", type=int, default=0, help="VOCAB: time only the driver's sampling work in process"
     )
@@ -119,17 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{plain * 1e3:.1f} ms, half penalised {mixed * 1e3:.1f} ms (+{(mixed - plain) * 1e3:.1f} ms)"
         )
         return 0
-    flags = ["--host", "127.0.0.1", "--port", str(free_port()), "--model", args.model, "--demo", "false"]
-    flags += ["--policy", "fcfs", "--max-batch-size", str(2 * args.n), "--log-level", "WARNING"]
-    stack = Stack(up_args(flags))
-    try:
-        address = stack.start()
-        info = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(address)).ServerInfo(
-            gateway_pb2.ServerInfoRequest()
-        )
-        rates = asyncio.run(measure(address, args, info.vocab_size))
-    finally:
-        stack.stop()
+    info, rates = run_rounds(args, sampling, ("without", "with"), whole_batch=False)
     without, with_ = statistics.mean(rates["without"]), statistics.mean(rates["with"])
     result = {
         "model": args.model,

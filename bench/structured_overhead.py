@@ -19,54 +19,22 @@ python -m fastserve.bench.structured_overhead --model /tmp/opt125 --json docs/re
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import random
 import statistics
 import time
 
-import grpc
-
-from fastserve.launcher import Stack
-from fastserve.launcher import parse_args as up_args
-from fastserve.procs import free_port
-from fastserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from fastserve.bench.companion_rounds import add_live_args, run_rounds
+from fastserve.v1 import common_pb2
 
 SCHEMA = json.dumps({"type": "array", "items": {"type": "string"}})  # never has to end
 
 
-async def one(stub, prompt: list[int], max_tokens: int, constrained: bool) -> int:
-    sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=1, ignore_eos=True)
+def sampling(max_tokens: int, constrained: bool) -> common_pb2.SamplingParams:
+    params = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=1, ignore_eos=True)
     if constrained:
-        sampling.structured_outputs.json = SCHEMA
-    tokens = 0
-    async for reply in stub.Generate(gateway_pb2.GenerateRequest(prompt_token_ids=prompt, sampling=sampling)):
-        tokens += len(reply.token_ids)
-    return tokens
-
-
-async def round_(stub, prompts: list[list[int]], max_tokens: int, half: bool) -> float:
-    """One round; the whole batch's output tokens per second."""
-    n = len(prompts) // 2
-    started = time.perf_counter()
-    plain = [one(stub, p, max_tokens, False) for p in prompts[:n]]
-    companions = [one(stub, p, max_tokens, half) for p in prompts[n:]]
-    counts = await asyncio.gather(*plain, *companions)
-    return sum(counts) / (time.perf_counter() - started)
-
-
-async def measure(address: str, args: argparse.Namespace, vocab: int) -> dict[str, list[float]]:
-    rng = random.Random(args.seed)
-    prompts = [[2, *(rng.randrange(4, vocab) for _ in range(args.prompt_len - 1))] for _ in range(2 * args.n)]
-    async with grpc.aio.insecure_channel(address) as chan:
-        stub = gateway_pb2_grpc.GatewayStub(chan)
-        await round_(stub, prompts, args.max_tokens, True)  # warm-up (compiles the schema once)
-        out: dict[str, list[float]] = {"none": [], "half": []}
-        for _ in range(args.rounds):
-            for kind in ("none", "half"):
-                out[kind].append(await round_(stub, prompts, args.max_tokens, kind == "half"))
-        return out
+        params.structured_outputs.json = SCHEMA
+    return params
 
 
 def driver_cost(vocab: int, rows: int, steps: int = 30) -> tuple[float, float]:
@@ -118,12 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model", default="opt-125m", help="preset or checkpoint (its tokenizer sets the masks)"
     )
-    parser.add_argument("--n", type=int, default=4, help="plain requests per round (and as many companions)")
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of each kind, alternating")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default="", help="write the result here")
+    add_live_args(parser, n=4)
     parser.add_argument(
         "--driver-only", type=int, default=0, help="VOCAB: time only the driver's sampling step in process"
     )
@@ -135,26 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{none * 1e3:.2f} ms, half constrained {half * 1e3:.2f} ms (+{(half - none) * 1e3:.2f} ms)"
         )
         return 0
-    flags = ["--host", "127.0.0.1", "--port", str(free_port()), "--model", args.model, "--demo", "false"]
-    flags += [
-        "--policy",
-        "fcfs",
-        "--max-batch-size",
-        str(2 * args.n),
-        "--log-level",
-        "WARNING",
-        "--http-port",
-        "0",
-    ]
-    stack = Stack(up_args(flags))
-    try:
-        address = stack.start()
-        info = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(address)).ServerInfo(
-            gateway_pb2.ServerInfoRequest()
-        )
-        rates = asyncio.run(measure(address, args, info.vocab_size))
-    finally:
-        stack.stop()
+    info, rates = run_rounds(args, sampling, ("none", "half"), whole_batch=True)
     none, half = statistics.mean(rates["none"]), statistics.mean(rates["half"])
     result = {
         "model": args.model,
