@@ -10,6 +10,7 @@ import redis
 
 from fastserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.internal_rpc import kv_stats
+from tests.records import settled_records
 from tests.reference import MAX_TOKENS, PROMPTS, collect, generate_concurrently, greedy, hf_greedy
 
 FR = common_pb2.FinishReason
@@ -104,11 +105,7 @@ def test_duplicate_in_flight_request_id_is_invalid_argument(checkpoint_stack):
 def test_redis_holds_final_state_and_counts(checkpoint_stack, redis_url):
     stub = gateway(checkpoint_stack)
     tokens, last = collect(stub, greedy([2, 60, 61, 62, 63], 6, request_id="redis-check"))
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    deadline = time.monotonic() + 10  # the scheduler writes after the stream's last message, not before
-    while client.hget("fastserve:req:redis-check", "state") != "finished" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    record = client.hgetall("fastserve:req:redis-check")
+    record = settled_records(redis_url, ["redis-check"])["redis-check"]
     assert record["state"] == "finished"
     assert record["finish_reason"] == "length"
     assert int(record["prompt_tokens"]) == 5

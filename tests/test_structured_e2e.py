@@ -13,12 +13,12 @@ import time
 
 import jsonschema
 import openai
-import redis
 
 from fastserve.launcher import Stack, parse_args
 from fastserve.procs import free_port
 from fastserve.rpc import check_serving_sync
 from tests.internal_rpc import kv_stats
+from tests.records import settled_records
 from tests.test_openai_scoring_e2e import SCHEMA
 
 REQUESTS = 50
@@ -91,12 +91,9 @@ def test_json_schema_outputs_survive_preemption_swapping_and_a_scheduler_kill(ti
         for t in threads:
             t.join(600)
         stats = kv_stats(stack)
-        records = [
-            redis.Redis.from_url(stack.addresses["redis"], decode_responses=True).hgetall(
-                f"fastserve:req:so-{i}"
-            )
-            for i in range(REQUESTS)
-        ]
+        records = list(
+            settled_records(stack.addresses["redis"], [f"so-{i}" for i in range(REQUESTS)]).values()
+        )
     finally:
         stack.stop()
     crossed = [i for i in range(REQUESTS) if finished_at[i] > killed]

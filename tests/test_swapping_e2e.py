@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 
 import grpc
-import redis
 
 from fastserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.conftest import start_stack
 from tests.internal_rpc import kv_stats
+from tests.records import settled_records
 
 REQUESTS = [([2, *range(20 + 7 * i, 20 + 7 * i + 10 + (i % 5) * 6)], 30 + (i % 4) * 10) for i in range(16)]
 
@@ -61,12 +61,9 @@ def test_swapped_and_recomputed_requests_match_unlimited_memory(redis_url, tiny_
         stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(stack.addresses["gateway"]))
         constrained = run_all(stub)
         stats = kv_stats(stack)
-        records = [
-            redis.Redis.from_url(redis_url, decode_responses=True).hgetall(
-                f"fastserve:req:swap-{id(stub)}-{i}"
-            )
-            for i in range(len(REQUESTS))
-        ]
+        records = list(
+            settled_records(redis_url, [f"swap-{id(stub)}-{i}" for i in range(len(REQUESTS))]).values()
+        )
     finally:
         stack.stop()
     assert stats.blocks_swapped_out > 0 and stats.blocks_swapped_in > 0, stats
