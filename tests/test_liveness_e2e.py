@@ -13,12 +13,11 @@ import time
 
 import grpc
 import pytest
-import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fastserve.rpc import LIVENESS_SERVICE, check_serving_sync
-from fastserve.store import request_key
 from fastserve.v1 import common_pb2
+from tests.records import settled_records
 from tests.reference import PROMPTS, hf_greedy
 from tests.test_lease_e2e import TOKENS, start_streams
 from tests.test_recovery_e2e import supervised_stack
@@ -47,13 +46,9 @@ def finish_exact(stack, tiny_checkpoint, prefix: str, tokens, finals, threads) -
     for i in range(8):
         assert getattr(finals[i], "finish_reason", None) == FR.FINISH_REASON_LENGTH, (i, finals[i])
         assert tokens[i] == hf_greedy(tiny_checkpoint, tuple(PROMPTS[i]), TOKENS), f"stream {i}"
-    client = redis.Redis.from_url(stack.addresses["redis"], decode_responses=True)
-    deadline = time.monotonic() + 10
-    while True:
-        states = [client.hmget(request_key(f"{prefix}-{i}"), "state", "recomputes") for i in range(8)]
-        if all(state == "finished" for state, _ in states) or time.monotonic() > deadline:
-            return [int(recomputes or 0) for _, recomputes in states]
-        time.sleep(0.1)
+    records = settled_records(stack.addresses["redis"], [f"{prefix}-{i}" for i in range(8)])
+    assert [r.get("state") for r in records.values()] == ["finished"] * 8, records
+    return [int(r.get("recomputes", 0)) for r in records.values()]
 
 
 @pytest.mark.timeout(300)

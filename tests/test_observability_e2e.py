@@ -111,7 +111,7 @@ def test_one_trace_spans_services_and_preemption_events_carry_levels(traced_stac
     long_job.join(120)
 
     services = {"fastserve-gateway", "fastserve-scheduler", "fastserve-worker"}
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while True:  # spans arrive in batches; wait for both requests' traces
         with sink.lock:
             by_trace = defaultdict(set)
@@ -190,7 +190,7 @@ def test_metrics_agree_with_what_was_served(traced_stack):
     assert scheduler['fastserve:request_finished_total{state="finished"}'] >= 3
     assert scheduler["fastserve:iteration_time_seconds_count"] >= 15
     # once idle, the gauges say so (they used to keep the last iteration's values)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         idle = scrape(traced_stack.addresses["scheduler-metrics"])
         if (

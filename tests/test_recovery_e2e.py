@@ -19,6 +19,7 @@ from fastserve.procs import free_port
 from fastserve.rpc import check_serving_sync
 from fastserve.store import FINAL_STATES, UNFINISHED, request_key
 from fastserve.v1 import common_pb2, gateway_pb2_grpc
+from tests.records import SETTLE_SECONDS
 from tests.reference import PROMPTS, greedy, hf_greedy
 
 FR = common_pb2.FinishReason
@@ -108,7 +109,7 @@ def kill_mid_generation(stack: Stack, target: str, tiny_checkpoint: str) -> floa
 def assert_records_final(stack: Stack, targets: list[str]) -> None:
     client = redis.Redis.from_url(stack.addresses["redis"], decode_responses=True)
     ids = [f"{t}-{i}" for t in targets for i in range(8)]
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + SETTLE_SECONDS
     while True:
         states = {rid: client.hget(request_key(rid), "state") for rid in ids}
         unfinished = client.smembers(UNFINISHED) & set(ids)

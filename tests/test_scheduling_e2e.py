@@ -15,6 +15,7 @@ import pytest
 
 from fastserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.conftest import start_stack
+from tests.records import settled_info
 
 LONG_TOKENS = 200
 
@@ -34,10 +35,8 @@ def run(stub, prompt_ids, max_tokens, request_id: str, streamed: list | None = N
 
 def finish_time(stub, request_id: str) -> float:
     """When the scheduler finished the job (its record, once written)."""
-    deadline = time.monotonic() + 10
-    while (info := stub.GetRequest(gateway_pb2.GetRequestRequest(request_id=request_id))).state != "finished":
-        assert time.monotonic() < deadline, info
-        time.sleep(0.05)
+    info = settled_info(stub, request_id)
+    assert info.state == "finished", info
     return info.finish_time
 
 

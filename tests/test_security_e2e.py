@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fastserve.rpc import check_serving_sync
 from fastserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.conftest import start_stack
+from tests.records import settled_info
 from tests.reference import greedy
 
 KEY = "sk-test-one"
@@ -125,24 +126,12 @@ def test_grpc_needs_a_key_over_tls_and_health_stays_open(secure_stack):
     mine = (("authorization", f"Bearer {KEY}"),)
     other = (("authorization", "Bearer sk-test-two"),)
     ask = gateway_pb2.GetRequestRequest(request_id="owned-by-one")
-    assert settled(stub, "owned-by-one", mine).generated_tokens == 4
+    assert settled_info(stub, "owned-by-one", mine).generated_tokens == 4
     with pytest.raises(grpc.RpcError) as info:
         stub.GetRequest(ask, metadata=other, timeout=10)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     cancel = gateway_pb2.CancelRequest(request_id="owned-by-one")
     assert not stub.Cancel(cancel, metadata=other, timeout=10).cancelled
-
-
-def settled(stub, request_id: str, metadata) -> gateway_pb2.RequestInfo:
-    """GetRequest once the scheduler's last write (once per iteration) has reached Redis."""
-    deadline = time.monotonic() + 10
-    while True:
-        info = stub.GetRequest(
-            gateway_pb2.GetRequestRequest(request_id=request_id), metadata=metadata, timeout=10
-        )
-        if info.state == "finished" or time.monotonic() > deadline:
-            return info
-        time.sleep(0.05)
 
 
 def test_owners_and_n_requests_answer_from_redis_after_a_gateway_restart(secure_stack):
@@ -158,7 +147,7 @@ def test_owners_and_n_requests_answer_from_redis_after_a_gateway_restart(secure_
         request_id="owned-n3", prompt_token_ids=[2, 8, 9], sampling=sampling
     )
     list(stub.Generate(several, metadata=mine, timeout=60))
-    assert settled(stub, "owned-n3", mine).state == "finished"
+    assert settled_info(stub, "owned-n3", mine).state == "finished"
 
     gateway = stack.child("gateway").proc
     stack.supervise_in_background()  # restarts what dies, as `fastserve up` does
@@ -170,9 +159,9 @@ def test_owners_and_n_requests_answer_from_redis_after_a_gateway_restart(secure_
     assert stack.child("gateway").proc.pid != gateway.pid
     stub = gateway_pb2_grpc.GatewayStub(secure_channel(stack, pem))
 
-    single = settled(stub, "owned-single", mine)
+    single = settled_info(stub, "owned-single", mine)
     assert (single.state, single.generated_tokens, single.n) == ("finished", 3, 0)
-    whole = settled(stub, "owned-n3", mine)
+    whole = settled_info(stub, "owned-n3", mine)
     assert (whole.state, whole.n, whole.prompt_tokens, whole.generated_tokens) == ("finished", 3, 3, 12)
     assert [c.request_id for c in whole.completions] == ["owned-n3-0", "owned-n3-1", "owned-n3-2"]
     assert [c.generated_tokens for c in whole.completions] == [4, 4, 4]

@@ -81,7 +81,8 @@ def test_a_flush_writes_only_the_jobs_and_fields_that_changed(redis_url):
             "spec": "c3BlYw==",
         }
         assert not client.exists(request_key("j8"))
-        assert (await store.unfinished())[0].request_id in tokens
+        # the session's Redis may hold other stacks' unfinished jobs too
+        assert {job.request_id for job in await store.unfinished()} >= set(tokens) - {"j8"}
         await log.stop()
         await store.close()
         client.srem(UNFINISHED, *tokens)  # the session's Redis serves stacks that restore unfinished jobs

@@ -114,10 +114,11 @@ def test_a_full_disk_under_redis_loses_no_stream_and_records_catch_up(tiny_check
             states = [client.hmget(request_key(rid), "state", "generated_tokens") for rid in ids]
             return states == [["finished", str(TOKENS)]] * 8 and not client.smembers(UNFINISHED) & set(ids)
 
-        settled = wait_until(caught_up, 30, "the records catching up")
+        settled = wait_until(caught_up, 60, "the records catching up")
         info = gateway.GetRequest(gateway_pb2.GetRequestRequest(request_id="full-3"), timeout=10)
         assert (info.state, info.generated_tokens) == ("finished", TOKENS)
-        assert scheduler_info(stack).degraded == ""
+        # the job log clears its problem once its write has returned: after Redis holds the records
+        wait_until(lambda: scheduler_info(stack).degraded == "", 30, "the scheduler no longer degraded")
         print(
             f"\nfull disk: 8/8 streams exact across a scheduler SIGKILL; degraded: {degraded!r}; "
             f"records caught up {settled - freed:.2f}s after space returned "
