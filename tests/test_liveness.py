@@ -13,12 +13,13 @@ from fastserve.liveness import HANG_MARGIN, Liveness
 
 
 def test_a_child_is_hung_only_after_answering_and_then_staying_silent_past_the_timeout():
-    liveness = Liveness(dict, step_timeout=5.0)
+    # timestamps 30 s either side of the timeout: this process may be descheduled between two lines
+    liveness = Liveness(dict, step_timeout=60.0)
     assert liveness.hung("worker0", 100) == 0.0  # never answered: still starting
-    liveness.answered["worker0"] = (100, time.monotonic() - (5.0 + HANG_MARGIN) + 1.0)
+    liveness.answered["worker0"] = (100, time.monotonic() - (60.0 + HANG_MARGIN) + 30.0)
     assert liveness.hung("worker0", 100) == 0.0  # silent, but not long enough
-    liveness.answered["worker0"] = (100, time.monotonic() - (5.0 + HANG_MARGIN) - 1.0)
-    assert liveness.hung("worker0", 100) > 5.0 + HANG_MARGIN
+    liveness.answered["worker0"] = (100, time.monotonic() - (60.0 + HANG_MARGIN) - 30.0)
+    assert liveness.hung("worker0", 100) > 60.0 + HANG_MARGIN
     assert liveness.hung("worker0", 101) == 0.0  # restarted since: a new process starts unjudged
 
 
