@@ -369,6 +369,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument(
+        "--enable-chunked-prefill",
+        action="store_true",
+        help="split prefills that do not fit the token budget into chunks (as the scheduler's flag)",
+    )
+    parser.add_argument(
         "--num-gpu-blocks",
         type=int,
         default=OPT_13B_A100_BLOCKS,
@@ -427,7 +432,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def config_from(args: argparse.Namespace, policy: str, swap_policy: str) -> SimConfig:
     return SimConfig(
         policy=policy,
-        limits=BatchLimits(args.max_batch_size, args.max_num_batched_tokens),
+        limits=BatchLimits(args.max_batch_size, args.max_num_batched_tokens, args.enable_chunked_prefill),
         num_gpu_blocks=args.num_gpu_blocks,
         num_host_blocks=args.num_host_blocks,
         block_size=args.block_size,

@@ -118,6 +118,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(parser, "--max-num-batched-tokens", default=2048, help="most tokens fed in one iteration")
     add_flag(
         parser,
+        "--enable-chunked-prefill",
+        default=False,
+        help="split prefills that do not fit --max-num-batched-tokens into chunks beside the decodes",
+    )
+    add_flag(
+        parser,
         "--max-model-len",
         default=0,
         help="most tokens (prompt + output) of one request; 0 = the model's",
@@ -276,6 +282,7 @@ def scheduler_flags(
         swap_policy=args.swap_policy,
         max_batch_size=args.max_batch_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_chunked_prefill=args.enable_chunked_prefill,
         max_model_len=args.max_model_len,
         async_scheduling=args.async_scheduling,
         job_log_interval=args.job_log_interval,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fastserve.v1 import common_pb2 as fastserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x61stserve/v1/worker.proto\x12\x0c\x66\x61stserve.v1\x1a\x19\x66\x61stserve/v1/common.proto\"\x13\n\x11WorkerInfoRequest\"\xaf\x02\n\nWorkerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x12\n\nworld_size\x18\x05 \x01(\r\x12\x0f\n\x07tp_size\x18\x06 \x01(\r\x12\x0f\n\x07pp_size\x18\x07 \x01(\r\x12\x11\n\tis_driver\x18\x08 \x01(\x08\x12\x16\n\x0enum_gpu_blocks\x18\t \x01(\r\x12\x17\n\x0fnum_host_blocks\x18\n \x01(\r\x12\x12\n\nblock_size\x18\x0b \x01(\r\x12\x12\n\nvocab_size\x18\x0c \x01(\r\x12\x15\n\rmax_positions\x18\r \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x0e \x01(\r\x12\x16\n\x0ekv_block_bytes\x18\x0f \x01(\x04\"\xd1\x01\n\x07SeqStep\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x11\n\tstart_pos\x18\x03 \x01(\r\x12\x13\n\x0b\x62lock_table\x18\x04 \x03(\r\x12\x14\n\x0csample_index\x18\t \x01(\r\x12\x13\n\x0btraceparent\x18\n \x01(\t\x12\x30\n\x08sampling\x18\x0b \x01(\x0b\x32\x1e.fastserve.v1.ResolvedSampling\x12\x14\n\x0ctable_offset\x18\x0c \x01(\rJ\x04\x08\x05\x10\t\"%\n\tBlockMove\x12\x0b\n\x03src\x18\x01 \x01(\r\x12\x0b\n\x03\x64st\x18\x02 \x01(\r\"\xdf\x02\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12#\n\x04seqs\x18\x02 \x03(\x0b\x32\x15.fastserve.v1.SeqStep\x12(\n\x07swap_in\x18\x03 \x03(\x0b\x32\x17.fastserve.v1.BlockMove\x12)\n\x08swap_out\x18\x04 \x03(\x0b\x32\x17.fastserve.v1.BlockMove\x12)\n\x08prefetch\x18\x05 \x03(\x0b\x32\x17.fastserve.v1.BlockMove\x12\x0f\n\x07profile\x18\x06 \x01(\x08\x12\x42\n\rtrace_context\x18\x07 \x03(\x0b\x32+.fastserve.v1.StepRequest.TraceContextEntry\x12\x10\n\x08\x66inished\x18\x08 \x03(\t\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbb\x01\n\x0cStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x1c\n\x14\x65xposed_swap_seconds\x18\x04 \x01(\x01\x12\x14\n\x0cswap_seconds\x18\x05 \x01(\x01\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.fastserve.v1.SeqLogprobs\"\x8a\x01\n\x0bSeqLogprobs\x12\x11\n\tseq_index\x18\x01 \x01(\r\x12/\n\x07sampled\x18\x02 \x01(\x0b\x32\x1e.fastserve.v1.PositionLogprobs\x12\x37\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x1e.fastserve.v1.PositionLogprobs2\x8e\x01\n\x06Worker\x12\x41\n\x04Info\x12\x1f.fastserve.v1.WorkerInfoRequest\x1a\x18.fastserve.v1.WorkerInfo\x12\x41\n\x04Step\x12\x19.fastserve.v1.StepRequest\x1a\x1a.fastserve.v1.StepResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x61stserve/v1/worker.proto\x12\x0c\x66\x61stserve.v1\x1a\x19\x66\x61stserve/v1/common.proto\"\x13\n\x11WorkerInfoRequest\"\xaf\x02\n\nWorkerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x12\n\nworld_size\x18\x05 \x01(\r\x12\x0f\n\x07tp_size\x18\x06 \x01(\r\x12\x0f\n\x07pp_size\x18\x07 \x01(\r\x12\x11\n\tis_driver\x18\x08 \x01(\x08\x12\x16\n\x0enum_gpu_blocks\x18\t \x01(\r\x12\x17\n\x0fnum_host_blocks\x18\n \x01(\r\x12\x12\n\nblock_size\x18\x0b \x01(\r\x12\x12\n\nvocab_size\x18\x0c \x01(\r\x12\x15\n\rmax_positions\x18\r \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x0e \x01(\r\x12\x16\n\x0ekv_block_bytes\x18\x0f \x01(\x04\"\xe2\x01\n\x07SeqStep\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x11\n\tstart_pos\x18\x03 \x01(\r\x12\x13\n\x0b\x62lock_table\x18\x04 \x03(\r\x12\x14\n\x0csample_index\x18\t \x01(\r\x12\x13\n\x0btraceparent\x18\n \x01(\t\x12\x30\n\x08sampling\x18\x0b \x01(\x0b\x32\x1e.fastserve.v1.ResolvedSampling\x12\x14\n\x0ctable_offset\x18\x0c \x01(\r\x12\x0f\n\x07partial\x18\r \x01(\x08J\x04\x08\x05\x10\t\"%\n\tBlockMove\x12\x0b\n\x03src\x18\x01 \x01(\r\x12\x0b\n\x03\x64st\x18\x02 \x01(\r\"\xdf\x02\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12#\n\x04seqs\x18\x02 \x03(\x0b\x32\x15.fastserve.v1.SeqStep\x12(\n\x07swap_in\x18\x03 \x03(\x0b\x32\x17.fastserve.v1.BlockMove\x12)\n\x08swap_out\x18\x04 \x03(\x0b\x32\x17.fastserve.v1.BlockMove\x12)\n\x08prefetch\x18\x05 \x03(\x0b\x32\x17.fastserve.v1.BlockMove\x12\x0f\n\x07profile\x18\x06 \x01(\x08\x12\x42\n\rtrace_context\x18\x07 \x03(\x0b\x32+.fastserve.v1.StepRequest.TraceContextEntry\x12\x10\n\x08\x66inished\x18\x08 \x03(\t\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbb\x01\n\x0cStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x1c\n\x14\x65xposed_swap_seconds\x18\x04 \x01(\x01\x12\x14\n\x0cswap_seconds\x18\x05 \x01(\x01\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.fastserve.v1.SeqLogprobs\"\x8a\x01\n\x0bSeqLogprobs\x12\x11\n\tseq_index\x18\x01 \x01(\r\x12/\n\x07sampled\x18\x02 \x01(\x0b\x32\x1e.fastserve.v1.PositionLogprobs\x12\x37\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x1e.fastserve.v1.PositionLogprobs2\x8e\x01\n\x06Worker\x12\x41\n\x04Info\x12\x1f.fastserve.v1.WorkerInfoRequest\x1a\x18.fastserve.v1.WorkerInfo\x12\x41\n\x04Step\x12\x19.fastserve.v1.StepRequest\x1a\x1a.fastserve.v1.StepResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,17 +39,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERINFO']._serialized_start=92
   _globals['_WORKERINFO']._serialized_end=395
   _globals['_SEQSTEP']._serialized_start=398
-  _globals['_SEQSTEP']._serialized_end=607
-  _globals['_BLOCKMOVE']._serialized_start=609
-  _globals['_BLOCKMOVE']._serialized_end=646
-  _globals['_STEPREQUEST']._serialized_start=649
-  _globals['_STEPREQUEST']._serialized_end=1000
-  _globals['_STEPREQUEST_TRACECONTEXTENTRY']._serialized_start=949
-  _globals['_STEPREQUEST_TRACECONTEXTENTRY']._serialized_end=1000
-  _globals['_STEPRESPONSE']._serialized_start=1003
-  _globals['_STEPRESPONSE']._serialized_end=1190
-  _globals['_SEQLOGPROBS']._serialized_start=1193
-  _globals['_SEQLOGPROBS']._serialized_end=1331
-  _globals['_WORKER']._serialized_start=1334
-  _globals['_WORKER']._serialized_end=1476
+  _globals['_SEQSTEP']._serialized_end=624
+  _globals['_BLOCKMOVE']._serialized_start=626
+  _globals['_BLOCKMOVE']._serialized_end=663
+  _globals['_STEPREQUEST']._serialized_start=666
+  _globals['_STEPREQUEST']._serialized_end=1017
+  _globals['_STEPREQUEST_TRACECONTEXTENTRY']._serialized_start=966
+  _globals['_STEPREQUEST_TRACECONTEXTENTRY']._serialized_end=1017
+  _globals['_STEPRESPONSE']._serialized_start=1020
+  _globals['_STEPRESPONSE']._serialized_end=1207
+  _globals['_SEQLOGPROBS']._serialized_start=1210
+  _globals['_SEQLOGPROBS']._serialized_end=1348
+  _globals['_WORKER']._serialized_start=1351
+  _globals['_WORKER']._serialized_end=1493
 # @@protoc_insertion_point(module_scope)

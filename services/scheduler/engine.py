@@ -43,6 +43,18 @@ FINISH_REASON = {
 CORE_REASON = {code: name for name, code in FINISH_REASON.items()}
 
 
+def chunkable(sampling: common_pb2.ResolvedSampling) -> bool:
+    """Whether a job's prefill may be split into chunks: not when the worker needs its whole prompt in
+    one step (prompt logprobs, penalties counting prompt tokens, a grammar started with the prompt)."""
+    return not (
+        sampling.prompt_logprobs
+        or sampling.presence_penalty
+        or sampling.frequency_penalty
+        or sampling.repetition_penalty != 1.0
+        or sampling.HasField("structured_outputs")
+    )
+
+
 @dataclass(eq=False)
 class LiveJob:
     """A job's live side: its request, output stream and span; the core's Seq holds the rest."""
@@ -166,6 +178,7 @@ class Engine:
             generated=generated,
             queue=queue,
             predicted_len=predicted_len,
+            chunkable=chunkable(request.sampling),
         )
         self._dispatch()
         self.wakeup.set()
@@ -304,6 +317,7 @@ class Engine:
             block_table=table[offset:] if offset else table,
             table_offset=offset,
             sample_index=item.sample_index,
+            partial=item.partial,
         )
         seq.ranks_blocks = len(table)
         if not seq.ranks_sampling:

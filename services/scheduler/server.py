@@ -231,6 +231,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(parser, "--max-batch-size", default=16, help="most jobs in one iteration")
     add_flag(parser, "--max-num-batched-tokens", default=2048, help="most tokens fed in one iteration")
     add_flag(
+        parser,
+        "--enable-chunked-prefill",
+        default=False,
+        help="split a prefill that does not fit the tokens left under --max-num-batched-tokens into chunks "
+        "run in successive iterations beside the decodes (jobs asking prompt logprobs, penalties or "
+        "structured outputs prefill whole)",
+    )
+    add_flag(
         parser, "--served-model-name", default="", help="model_name label of the metrics; empty = the model"
     )
     add_flag(
@@ -309,7 +317,11 @@ async def serve(args: argparse.Namespace) -> None:
     await workers.connect(args.connect_timeout)
 
     first = workers.infos[0]
-    limits = BatchLimits(max_batch_size=args.max_batch_size, max_batched_tokens=args.max_num_batched_tokens)
+    limits = BatchLimits(
+        max_batch_size=args.max_batch_size,
+        max_batched_tokens=args.max_num_batched_tokens,
+        chunked_prefill=args.enable_chunked_prefill,
+    )
     core_config = CoreConfig(
         num_gpu_blocks=workers.num_gpu_blocks,
         num_host_blocks=workers.num_host_blocks,
@@ -436,10 +448,11 @@ async def serve(args: argparse.Namespace) -> None:
     stop_task = asyncio.create_task(stop.wait())
     await state.mark_serving()
     log.info(
-        "serving: policy %s, max batch %d, max batched tokens %d, max model len %d, step timeout %.1fs",
+        "serving: policy %s, max batch %d, max batched tokens %d%s, max model len %d, step timeout %.1fs",
         args.policy,
         args.max_batch_size,
         args.max_num_batched_tokens,
+        " (chunked prefill)" if args.enable_chunked_prefill else "",
         info.max_model_len,
         step_timeout,
     )

@@ -50,11 +50,14 @@ class SeqWork:
     block_table: list[int]  # KV block ids covering positions [0, start_pos + len(token_ids))
     sampling: SamplingParams = GREEDY  # reproducible given (seed, sample_index)
     sample_index: int = 0  # how many tokens this job has generated so far
+    # a chunk of the job's prefill that is not its last: its KV is written, nothing is sampled (its
+    # token in the output is 0) and nothing is kept; the next chunk continues at start_pos + len(token_ids)
+    partial: bool = False
 
     @property
     def first_prefill(self) -> bool:
         """The job's whole prompt is fed and nothing was generated yet."""
-        return self.start_pos == 0 and self.sample_index == 0
+        return self.start_pos == 0 and self.sample_index == 0 and not self.partial
 
 
 @dataclass
@@ -71,6 +74,8 @@ class StepInputs:
     meta: AttentionMetadata
     last_token: torch.Tensor  # int64 [B]: each job's last token within the T
     order: list[int]  # step-internal job i is seqs[order[i]]
+    # the rows of last_token that are sampled (all but partial prefill chunks); None: every row
+    sampled_rows: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -195,7 +200,11 @@ class ModelRunner:
                 s.token_ids = [self.last_tokens[s.request_id]]
         inputs = self.prepare(seqs)
         par, model = self.parallel, self.model
-        if self.graphs is not None and self.graphs.fits(inputs.meta, len(inputs.input_ids)):
+        if (
+            self.graphs is not None
+            and inputs.sampled_rows is None
+            and self.graphs.fits(inputs.meta, len(inputs.input_ids))
+        ):
             return self._finish(
                 seqs, inputs, self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta), None
             )
@@ -207,7 +216,10 @@ class ModelRunner:
         if not par.is_last_stage:
             par.send_next(hidden)
             return None
-        logits = par.gather_last_dim(model.logits(hidden.index_select(0, inputs.last_token)))
+        last = inputs.last_token
+        if inputs.sampled_rows is not None:
+            last = last.index_select(0, inputs.sampled_rows)
+        logits = par.gather_last_dim(model.logits(hidden.index_select(0, last)))
         return self._finish(seqs, inputs, logits, self._prompt_logprobs(seqs, inputs, hidden))
 
     def _finish(
@@ -223,16 +235,17 @@ class ModelRunner:
             if self.keeps_tokens and par.tp_size > 1:
                 self._keep(seqs, self._shared_tokens(len(seqs)))
             return None
-        ordered = [seqs[i] for i in inputs.order]
-        sampled, sampled_logprobs = self._sample(logits[:, : self.spec.vocab_size].float(), ordered)
+        order = [i for i in inputs.order if not seqs[i].partial]  # the rows of `logits`
+        ordered = [seqs[i] for i in order]
+        sampled, sampled_logprobs = (
+            self._sample(logits[:, : self.spec.vocab_size].float(), ordered) if ordered else ([], {})
+        )
         tokens = [0] * len(seqs)
-        for i, token in zip(inputs.order, sampled, strict=True):
+        for i, token in zip(order, sampled, strict=True):
             tokens[i] = token
         if self.keeps_tokens:
             self._keep(seqs, self._shared_tokens(len(seqs), tokens) if par.tp_size > 1 else tokens)
-        return StepOutput(
-            tokens, {inputs.order[k]: lp for k, lp in sampled_logprobs.items()}, prompt_logprobs or {}
-        )
+        return StepOutput(tokens, {order[k]: lp for k, lp in sampled_logprobs.items()}, prompt_logprobs or {})
 
     def _sample(
         self, logits: torch.Tensor, seqs: list[SeqWork]
@@ -299,7 +312,8 @@ class ModelRunner:
 
     def _keep(self, seqs: list[SeqWork], tokens: list[int]) -> None:
         for s, token in zip(seqs, tokens, strict=True):
-            self.last_tokens[s.request_id] = token
+            if not s.partial:
+                self.last_tokens[s.request_id] = token
 
     def prepare(self, seqs: list[SeqWork]) -> StepInputs:
         """Flattens the jobs (decodes first) into token, position and cache-slot tensors."""
@@ -358,12 +372,16 @@ class ModelRunner:
             prefills=prefills,
             workspace=self.kv.workspace,
         )
+        sampled = [k for k, i in enumerate(order) if not seqs[i].partial]
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
             positions=torch.tensor(positions, dtype=torch.int64, device=device),
             meta=meta,
             last_token=torch.tensor(last, dtype=torch.int64, device=device),
             order=order,
+            sampled_rows=(
+                torch.tensor(sampled, dtype=torch.int64, device=device) if len(sampled) < len(order) else None
+            ),
         )
 
     def _validate(self, s: SeqWork) -> None:

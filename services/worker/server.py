@@ -257,6 +257,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                     block_table=table,
                     sampling=sampling,
                     sample_index=s.sample_index,
+                    partial=s.partial,
                 )
             )
         return seqs

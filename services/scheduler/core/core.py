@@ -27,7 +27,7 @@ sampled one), and a token that comes back for a job that already finished is dro
 
 from __future__ import annotations
 
-from ..policy import Job, Policy, Transition, form_batch
+from ..policy import Job, Policy, Transition, chunk_tokens, form_batch
 from .config import CoreConfig
 from .enst import EnstEstimator
 from .types import (
@@ -106,9 +106,11 @@ class SchedulerCore:
         arrival_time: float | None = None,
         generated: list[int] | None = None,
         queue: tuple[int, float] | None = None,
+        chunkable: bool = True,
     ) -> Seq:
         """A new job; with `generated`, a job restored with the tokens it had (it recomputes its KV),
-        and with `queue`, the (level, account) it had in the policy's queues."""
+        and with `queue`, the (level, account) it had in the policy's queues; `chunkable` False: its
+        prefill always runs whole (the worker needs all of its prompt in one step)."""
         job = Job(
             request_id=request_id,
             prompt_len=len(prompt),
@@ -117,6 +119,7 @@ class SchedulerCore:
             output_len=output_len,
             predicted_len=predicted_len,
             num_generated=len(generated or ()),
+            chunkable=chunkable,
         )
         seq = Seq(job, list(prompt), sampling, ignore_eos, min_tokens, stop_token_ids, list(generated or ()))
         self.seqs[request_id] = seq
@@ -153,11 +156,13 @@ class SchedulerCore:
             if not seq.finished:
                 seq.job.num_generated = len(seq.generated) + seq.in_flight
                 seq.job.needs_prefill = True
+                seq.job.prefilled = 0
 
     # -- one iteration -----------------------------------------------------------------------
 
     def can_launch(self, seq: Seq) -> bool:
-        """Free to run, or (overlap) a decode whose single step in flight feeds it its next token."""
+        """Free to run, or (overlap) a decode whose single step in flight feeds it its next token,
+        or the next chunk of a prefill whose earlier chunk is in flight (the worker runs steps in order)."""
         if seq.abort_reason:
             return False
         if not seq.in_flight:
@@ -167,9 +172,8 @@ class SchedulerCore:
             self.config.overlap
             and self.config.pp_size == 1
             and seq.in_flight == 1
-            and not job.needs_prefill
             and seq.table is not None
-            and job.num_generated < job.max_tokens
+            and (job.prefilled > 0 if job.needs_prefill else job.num_generated < job.max_tokens)
         )
 
     def schedule(self, now: float) -> Proposal | None:
@@ -254,25 +258,34 @@ class SchedulerCore:
         self._mark_preempted(scheduled | self.flying)
         inputs: list[SeqInput] = []
         prefill_tokens = decode_seqs = context_tokens = 0
-        for seq in batch:
+        chunks = chunk_tokens([seq.job for seq in batch], self.config.limits)
+        for seq, n in zip(batch, chunks, strict=True):
             job = seq.job
             context = job.context_len
             prefill = job.needs_prefill
-            if prefill:
-                tokens, start = seq.prompt + seq.generated, 0
-                prefill_tokens += context
+            partial = False
+            if prefill:  # the context from what earlier chunks covered: all of it, or a chunk
+                start = job.prefilled
+                partial = start + n < context
+                tokens = (seq.prompt + seq.generated)[start : start + n]
+                prefill_tokens += n
+                context = start + n
             else:
                 tokens, start = (seq.generated[-1:] if not seq.pending else []), context - 1
                 decode_seqs += 1
             context_tokens += context
-            inputs.append(SeqInput(seq, tokens, start, job.num_generated, prefill))
+            inputs.append(SeqInput(seq, tokens, start, job.num_generated, prefill, partial))
             if seq.state != "running":
                 self._events.append(Event("scheduled", seq, first=not seq.ever_scheduled))
                 seq.state, seq.ever_scheduled = "running", True
             seq.in_flight += 1
             self.flying.add(seq.request_id)
+            if partial:  # no token comes back for it: its next chunk starts where this one ends
+                job.prefilled = context
+                continue
             job.num_generated += 1  # launched: the next step's context counts it
             job.needs_prefill = False
+            job.prefilled = 0
         self.steps += 1
         return Step(self.steps, inputs, prefill_tokens, decode_seqs, context_tokens, now)
 
@@ -300,8 +313,9 @@ class SchedulerCore:
                     self._finish(seq, ERROR, error)
             return
         eos = self.config.eos_token_id
-        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-            if seq.finished:  # sampled after its last token (overlap) or aborted: never streamed
+        for i, (item, token) in enumerate(zip(step.inputs, tokens, strict=True)):
+            seq = item.seq
+            if seq.finished or item.partial:  # sampled after its last token (overlap), aborted, or a chunk
                 continue
             first = not seq.generated
             seq.generated.append(token)
@@ -379,6 +393,7 @@ class SchedulerCore:
             self.num_on_host -= 1
         seq.table, seq.on_host, seq.ranks_blocks = None, False, 0
         seq.job.needs_prefill = True
+        seq.job.prefilled = 0
         seq.recomputes += 1
         if seq.state != "queued":
             seq.state = "preempted"

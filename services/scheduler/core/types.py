@@ -90,6 +90,7 @@ class SeqInput:
     start_pos: int
     sample_index: int
     prefill: bool
+    partial: bool = False  # a chunk of the prefill that is not its last: its token is not sampled
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Scheduling policies (pure Python): see base.Policy."""
 
-from .base import BatchLimits, Job, Policy, PolicyConfig, Transition, form_batch
+from .base import BatchLimits, Job, Policy, PolicyConfig, Transition, chunk_tokens, form_batch
 from .cost_model import CostModel
 from .fcfs import FCFS
 from .gittins import Gittins, GittinsSlowdown
@@ -57,6 +57,7 @@ __all__ = [
     "Policy",
     "PolicyConfig",
     "Transition",
+    "chunk_tokens",
     "form_batch",
     "make_policy",
     "policy_help",

@@ -24,6 +24,9 @@ class Job:
     predicted_len: int | None = None  # predicted output length (the predicted-* policies read it)
     num_generated: int = 0
     needs_prefill: bool = True  # first iteration, or its KV was dropped for recompute
+    # with chunked prefill: context tokens whose KV earlier chunks of this (re)prefill computed
+    prefilled: int = 0
+    chunkable: bool = True  # its prefill may be split over iterations (see BatchLimits.chunked_prefill)
     level: int = 0
     quantum_used: float = 0.0  # wall time run at the current level
     last_run_time: float | None = None  # end of the last iteration it ran in
@@ -37,14 +40,43 @@ class Job:
 
     @property
     def tokens_this_iteration(self) -> int:
-        """Tokens the next iteration feeds for this job: the whole context on (re)prefill, else one."""
-        return self.context_len if self.needs_prefill else 1
+        """Tokens the next iteration feeds for this job: on (re)prefill the context its earlier
+        chunks did not cover (all of it when unchunked), else one."""
+        return self.context_len - self.prefilled if self.needs_prefill else 1
+
+
+MIN_CHUNK = 16  # the fewest prefill tokens a chunk that does not finish its job's prefill feeds
 
 
 @dataclass(frozen=True)
 class BatchLimits:
+    """Per-iteration limits. With `chunked_prefill`, a (re)prefill that does not fit the tokens
+    left under `max_batched_tokens` feeds as many as are left (at least MIN_CHUNK) and continues in
+    a later iteration, so one long prompt does not make every decode of its iteration wait for
+    all of it; without, it waits for an iteration with room for the whole of it."""
+
     max_batch_size: int = 16
     max_batched_tokens: int = 2048
+    chunked_prefill: bool = False
+
+
+def chunk_tokens(batch: Iterable[Job], limits: BatchLimits) -> list[int]:
+    """Tokens each job of a `form_batch` batch feeds this iteration, in batch order: what it needs,
+    except the chunk of a prefill cut at the token budget (the batch's last prefill, if any)."""
+    left = limits.max_batched_tokens
+    out = []
+    for job in batch:
+        n = job.tokens_this_iteration
+        if cut(job, n, left, limits):
+            n = left
+        out.append(n)
+        left -= n
+    return out
+
+
+def cut(job: Job, need: int, room: int, limits: BatchLimits) -> bool:
+    """Whether `job`, needing `need` tokens with `room` left under the budget, runs a chunk of `room`."""
+    return limits.chunked_prefill and job.needs_prefill and job.chunkable and MIN_CHUNK <= room < need
 
 
 @dataclass(frozen=True)
@@ -140,6 +172,12 @@ def form_batch(
     than the free host space is still dropped. The walk passes over as many
     waiting new jobs as it takes to reach the ones holding KV.
 
+    With `limits.chunked_prefill`, the first (re)prefill that does not fit the tokens left takes
+    them all as a chunk (when at least MIN_CHUNK; `chunk_tokens` says how many each job feeds) and
+    fills the batch; KV blocks are still counted for its whole context. There, a prefill larger
+    than the whole budget that may not be cut (a job that must prefill whole) runs when it comes
+    first in a batch, over the budget, instead of never.
+
     `ordered` may be a lazy iterable (policies return generators): only as many
     jobs are drawn as it takes to fill the batch, plus at most `lookahead` jobs
     passed over for not fitting the token or KV budget (None: no bound).
@@ -155,7 +193,11 @@ def form_batch(
         if job.request_id in busy:
             continue
         need_tokens = job.tokens_this_iteration
-        if tokens + need_tokens > limits.max_batched_tokens:
+        room = limits.max_batched_tokens - tokens
+        if cut(job, need_tokens, room, limits):
+            need_tokens = room  # its first `room` tokens now, the rest in later iterations
+        oversize = limits.chunked_prefill and tokens == 0 and need_tokens > limits.max_batched_tokens
+        if need_tokens > room and not oversize:
             skipped += 1
             if skipped > limit:  # a long queue of big prompts: stop looking, keep the decision cheap
                 break
