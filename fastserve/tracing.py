@@ -37,11 +37,17 @@ def add_tracing_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_tracing(service_name: str, args: argparse.Namespace) -> trace.Tracer:
+    """The service's tracer. With no exporter configured it is OpenTelemetry's no-op tracer: an SDK
+    provider without span processors would still build every span (attributes, events, links,
+    context) only to drop it, and make FastAPI's built-in telemetry (FastAPI >= 0.16x traces every
+    HTTP request once any SDK provider is set) add spans of its own to every request."""
     endpoint = (
         args.otlp_endpoint
         or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
     )
+    if not endpoint and not args.trace_console:
+        return trace.get_tracer(f"fastserve.{service_name}")
     provider = TracerProvider(
         resource=Resource.create(
             {"service.name": os.environ.get("OTEL_SERVICE_NAME", f"fastserve-{service_name}")}
