@@ -21,6 +21,7 @@ from fastserve.procs import free_port
 from fastserve.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.conftest import start_stack
 from tests.internal_rpc import kv_stats
+from tests.records import settled_info
 from tests.reference import greedy
 
 KEY_A, KEY_B = "sk-key-a", "sk-key-b"
@@ -318,10 +319,9 @@ def test_another_key_can_neither_learn_nor_take_over_a_request_id(stack):
     for _ in stream:
         pass
     # finished: each key sees its own record under the id, never the other's
-    deadline = time.monotonic() + 30
-    while get(KEY_A, "shared-id").state != "finished" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    info_a, info_b = get(KEY_A, "shared-id"), get(KEY_B, "shared-id")
+    info_a, info_b = (
+        settled_info(stub, "shared-id", (("authorization", f"Bearer {k}"),)) for k in (KEY_A, KEY_B)
+    )
     assert info_a.request_id == info_b.request_id == "shared-id"
     assert info_a.state == "finished" and info_a.generated_tokens == 400
     assert info_b.generated_tokens == 3
