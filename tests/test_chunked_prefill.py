@@ -34,14 +34,16 @@ def job(rid: str, prompt: int, decoding: bool = False, **kw) -> Job:
 # --- form_batch and chunk_tokens (pure) -------------------------------------------------------------
 
 
-def test_a_prefill_over_the_budget_is_cut_to_the_tokens_left_behind_the_decodes():
-    jobs = [job("d1", 10, decoding=True), job("d2", 10, decoding=True), job("p", 100), job("d3", 10, True)]
+def test_a_prefill_over_the_budget_is_cut_to_the_tokens_left_once_the_jobs_that_fit_are_in():
+    jobs = [job("d1", 10, decoding=True), job("p", 100), job("d2", 10, True), job("q", 40), job("r", 9)]
     batch = form_batch(jobs, CHUNKED)
-    assert [j.request_id for j in batch] == ["d1", "d2", "p"]  # the budget is spent at p
-    assert chunk_tokens(batch, CHUNKED) == [1, 1, 38]
+    # p comes first but does not fit whole: d2 (a lower queue's decode) and r fit and run, q (not
+    # fitting either) waits, and p takes the rest
+    assert [j.request_id for j in batch] == ["d1", "d2", "r", "p"]
+    assert chunk_tokens(batch, CHUNKED) == [1, 1, 9, 29]
     unchunked = BatchLimits(16, 40)
     batch = form_batch(jobs, unchunked)
-    assert [j.request_id for j in batch] == ["d1", "d2", "d3"] and chunk_tokens(batch, unchunked) == [1, 1, 1]
+    assert [j.request_id for j in batch] == ["d1", "d2", "r"] and chunk_tokens(batch, unchunked) == [1, 1, 9]
 
 
 def test_a_partly_prefilled_job_needs_only_the_rest_and_fits_whole():

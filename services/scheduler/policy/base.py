@@ -62,7 +62,7 @@ class BatchLimits:
 
 def chunk_tokens(batch: Iterable[Job], limits: BatchLimits) -> list[int]:
     """Tokens each job of a `form_batch` batch feeds this iteration, in batch order: what it needs,
-    except the chunk of a prefill cut at the token budget (the batch's last prefill, if any)."""
+    except the chunk of a prefill cut at the token budget (the batch's last job, if any)."""
     left = limits.max_batched_tokens
     out = []
     for job in batch:
@@ -172,11 +172,13 @@ def form_batch(
     than the free host space is still dropped. The walk passes over as many
     waiting new jobs as it takes to reach the ones holding KV.
 
-    With `limits.chunked_prefill`, the first (re)prefill that does not fit the tokens left takes
-    them all as a chunk (when at least MIN_CHUNK; `chunk_tokens` says how many each job feeds) and
-    fills the batch; KV blocks are still counted for its whole context. There, a prefill larger
-    than the whole budget that may not be cut (a job that must prefill whole) runs when it comes
-    first in a batch, over the budget, instead of never.
+    With `limits.chunked_prefill`, the first (re)prefill that does not fit the tokens left whole
+    is set aside; once every job that fits whole is in (in priority order, decodes of lower
+    queues included: a chunk never pushes a decode out), it takes the tokens left as a chunk,
+    last in the batch, when they are at least MIN_CHUNK (`chunk_tokens` says how many each job
+    feeds); KV blocks are still counted for its whole context. There, a prefill larger than the
+    whole budget that may not be cut (a job that must prefill whole) runs when it comes first in
+    a batch, over the budget, instead of never.
 
     `ordered` may be a lazy iterable (policies return generators): only as many
     jobs are drawn as it takes to fill the batch, plus at most `lookahead` jobs
@@ -187,38 +189,56 @@ def form_batch(
     tokens = 0
     skipped = 0
     held = blocks_held or {}
+    cut_later: Job | None = None  # the first prefill that did not fit whole and may be cut
+
+    def fits_kv(job: Job) -> bool:
+        """Whether `job`'s blocks fit the KV budgets; if so they are counted as taken."""
+        nonlocal admit_blocks, free_blocks, skipped
+        job_blocks = -(-job.context_len // block_size)
+        starts = admit_blocks is not None and job.needs_prefill
+        if starts and job_blocks > admit_blocks:
+            admit_blocks = 0  # the first new job that does not fit keeps its turn: none behind it starts
+            return False  # not counted against `lookahead`: the jobs holding KV may all sit below
+        if free_blocks is not None:
+            need_blocks = job_blocks - held.get(job.request_id, 0)
+            if need_blocks > free_blocks:
+                skipped += 1
+                return False
+            free_blocks -= max(need_blocks, 0)
+        if starts:
+            admit_blocks -= job_blocks
+        return True
+
     for job in ordered:
         if len(batch) >= limits.max_batch_size or tokens >= limits.max_batched_tokens:
             break
         if job.request_id in busy:
             continue
         need_tokens = job.tokens_this_iteration
-        room = limits.max_batched_tokens - tokens
-        if cut(job, need_tokens, room, limits):
-            need_tokens = room  # its first `room` tokens now, the rest in later iterations
-        oversize = limits.chunked_prefill and tokens == 0 and need_tokens > limits.max_batched_tokens
-        if need_tokens > room and not oversize:
-            skipped += 1
-            if skipped > limit:  # a long queue of big prompts: stop looking, keep the decision cheap
-                break
-            continue
-        job_blocks = -(-job.context_len // block_size)
-        starts = admit_blocks is not None and job.needs_prefill
-        if starts and job_blocks > admit_blocks:
-            admit_blocks = 0  # the first new job that does not fit keeps its turn: none behind it starts
-            continue  # not counted against `lookahead`: the jobs holding KV may all sit below
-        if free_blocks is not None:
-            need_blocks = job_blocks - held.get(job.request_id, 0)
-            if need_blocks > free_blocks:
+        if need_tokens > limits.max_batched_tokens - tokens:
+            if cut_later is None and cut(job, need_tokens, MIN_CHUNK, limits):
+                cut_later = job  # cut to what is left once the jobs that fit whole are in
+                continue
+            oversize = limits.chunked_prefill and tokens == 0 and need_tokens > limits.max_batched_tokens
+            if not oversize:  # (one that may not be cut and never fits: it runs first, alone)
                 skipped += 1
-                if skipped > limit:
+                if skipped > limit:  # a long queue of big prompts: stop looking, keep the decision cheap
                     break
                 continue
-            free_blocks -= max(need_blocks, 0)
-        if starts:
-            admit_blocks -= job_blocks
+        if not fits_kv(job):
+            if skipped > limit:
+                break
+            continue
         batch.append(job)
         tokens += need_tokens
+    room = limits.max_batched_tokens - tokens
+    if (
+        cut_later is not None
+        and len(batch) < limits.max_batch_size
+        and room >= MIN_CHUNK
+        and fits_kv(cut_later)
+    ):
+        batch.append(cut_later)
     return batch
 
 
