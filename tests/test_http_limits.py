@@ -3,10 +3,13 @@ and the request model's size checks and refused fields."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import pytest
 
 from fastserve.services.gateway.admission import Admission, Overloaded
-from fastserve.services.gateway.http_limits import MAX_JSON_DEPTH, check_json, depth_exceeds
+from fastserve.services.gateway.http_limits import MAX_JSON_DEPTH, AdmissionDoor, check_json, depth_exceeds
 from fastserve.services.gateway.ids import scoped, unscoped
 from fastserve.services.gateway.openai_protocol import (
     UNSUPPORTED_FIELDS,
@@ -59,6 +62,42 @@ def test_admission_refuses_past_its_bounds_and_tickets_give_back_their_place():
     admission.scheduler_waiting = 2  # the scheduler's own queue counts too
     with pytest.raises(Overloaded):
         admission.admit()
+
+
+def door(admission: Admission, method: str, path: str) -> tuple[list[dict], bool]:
+    """What AdmissionDoor sent for one request, and whether it handed the request on."""
+    sent: list[dict] = []
+    passed = []
+
+    async def app(scope, receive, send) -> None:
+        passed.append(True)
+
+    async def receive() -> dict:
+        raise AssertionError("the door read the body")
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": []}
+    asyncio.run(AdmissionDoor(app, admission)(scope, receive, send))
+    return sent, bool(passed)
+
+
+def test_a_full_server_answers_429_before_reading_a_generation_body():
+    admission = Admission(max_num_waiting=1, max_concurrent_requests=0)
+    assert door(admission, "POST", "/v1/completions") == ([], True)  # room: the route admits
+    ticket = admission.admit()
+    assert admission.refusal() is not None and (admission.waiting, admission.in_flight) == (1, 1)
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        sent, passed = door(admission, "POST", path)
+        assert not passed and sent[0]["status"] == 429
+        assert (b"retry-after", b"1") in sent[0]["headers"]
+        error = json.loads(sent[1]["body"])["error"]
+        assert error["code"] == 429 and "--max-num-waiting" in error["message"]
+    assert door(admission, "POST", "/tokenize") == ([], True)  # admits nothing: not refused
+    assert door(admission, "GET", "/v1/models") == ([], True)
+    ticket.close()
+    assert admission.refusal() is None and door(admission, "POST", "/v1/completions") == ([], True)
 
 
 def test_ids_are_scoped_to_their_owner_and_shown_as_sent():

@@ -54,21 +54,29 @@ class Admission:
         self.in_flight = 0  # admitted here, not closed
         self.scheduler_waiting = 0  # the scheduler's num_waiting at its last poll
 
-    def admit(self) -> Ticket:
-        """A ticket for one more request, or Overloaded naming the bound that is full."""
+    def refusal(self) -> Overloaded | None:
+        """What `admit` would raise now, admitting nothing: the HTTP front asks before it reads a
+        body, so a flash crowd's excess costs no parsing (see http_limits.AdmissionDoor)."""
         if self.max_concurrent_requests and self.in_flight >= self.max_concurrent_requests:
-            raise Overloaded(
+            return Overloaded(
                 f"server busy: {self.in_flight} requests in flight, the limit is "
                 f"{self.max_concurrent_requests} (--max-concurrent-requests); retry after {self.retry_after} s",
                 self.retry_after,
             )
         waiting = max(self.waiting, self.scheduler_waiting)
         if self.max_num_waiting and waiting >= self.max_num_waiting:
-            raise Overloaded(
+            return Overloaded(
                 f"server busy: {waiting} requests waiting, the limit is {self.max_num_waiting} "
                 f"(--max-num-waiting); retry after {self.retry_after} s",
                 self.retry_after,
             )
+        return None
+
+    def admit(self) -> Ticket:
+        """A ticket for one more request, or Overloaded naming the bound that is full."""
+        refused = self.refusal()
+        if refused is not None:
+            raise refused
         self.waiting += 1
         self.in_flight += 1
         return Ticket(self)

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from . import metrics
+from .admission import Overloaded
 from .validation import InvalidRequest
 
 log = logging.getLogger("fastserve.gateway.http")
@@ -70,6 +71,11 @@ def invalid(exc: InvalidRequest) -> JSONResponse:
     """400 with the shared validation message; `param` is the field it names."""
     text = str(exc)
     return error(400, text, text.split(":", 1)[0] if ":" in text else None)
+
+
+def overloaded(exc: Overloaded) -> JSONResponse:
+    """429 with Retry-After: the server is full (admission control)."""
+    return error(429, str(exc), headers={"retry-after": str(exc.retry_after)})
 
 
 def shown(value: Any) -> str:

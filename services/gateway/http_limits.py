@@ -6,6 +6,9 @@
   limit), and never held whole; a body that takes longer than the header timeout to arrive gets 408;
   a JSON body must be UTF-8, parse, and nest at most MAX_JSON_DEPTH deep, all before FastAPI and
   pydantic see it.
+- `AdmissionDoor` (ASGI middleware, between RequireKey and BodyLimit): while admission control is
+  full, a generation request gets its 429 before its body is read: a flash crowd's excess costs
+  the gateway no body, no JSON parse, no pydantic model, no route (nor the memory of any of them).
 - `guarded_h11`: uvicorn's h11 protocol with a header-read timeout (uvicorn has none: its
   keep-alive timer restarts on every byte, so a client that sends headers a byte at a time, or a
   body it will never finish after its response, holds the connection forever).
@@ -27,7 +30,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .http_errors import error
+from .admission import Admission
+from .http_errors import error, overloaded
 
 log = logging.getLogger("fastserve.gateway.http")
 SEND_BUFFER_BYTES = 64 << 10  # per connection, in uvicorn's write buffer and in the kernel
@@ -89,6 +93,27 @@ class BodyLimit:
             413, f"body: {what} exceeds the limit of {self.max_bytes} bytes (--max-request-body-bytes)"
         )
         await response(scope, receive, send)
+
+
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})  # the ones that admit
+
+
+class AdmissionDoor:
+    """429 + Retry-After for a generation request while admission is full, before its body is read.
+    The route still admits (the door only asks): requests that pass it while it has room race fairly
+    for the last places, and the loser gets the same 429 from the route."""
+
+    def __init__(self, app: ASGIApp, admission: Admission) -> None:
+        self.app = app
+        self.admission = admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in GENERATION_PATHS:
+            refused = self.admission.refusal()
+            if refused is not None:
+                await overloaded(refused)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def is_json(scope: Scope) -> bool:

@@ -15,7 +15,7 @@ from .api_keys import ApiKeys
 from .extra_routes import extra_routes
 from .generation import Generations
 from .http_errors import error, install_error_handlers
-from .http_limits import BodyLimit
+from .http_limits import AdmissionDoor, BodyLimit
 from .openai_routes import routes
 
 
@@ -39,6 +39,7 @@ def create_app(
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_request_body_bytes, read_timeout=settings.header_timeout
     )
+    app.add_middleware(AdmissionDoor, admission=generations.admission)  # a full server reads no body
     app.add_middleware(RequireKey, keys=keys)  # outermost: no body is read for a caller without a key
     app.include_router(routes(generations, served_model_name, keys, serving, settings.stream_send_timeout))
     app.include_router(extra_routes(generations, served_model_name, serving, int(time.time())))

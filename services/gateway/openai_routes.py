@@ -26,7 +26,7 @@ from .api_keys import ApiKeys
 from .chat import chat_prompt_ids
 from .extra_routes import model_card
 from .generation import Generations, Prepared, SchedulerUnavailable
-from .http_errors import error, error_body, invalid
+from .http_errors import error, error_body, invalid, overloaded
 from .http_limits import BoundedStream
 from .openai_protocol import (
     ChatCompletionRequest,
@@ -165,10 +165,6 @@ def routes(
 
 def request_id(request: Request) -> str:
     return request.headers.get("x-request-id", "")
-
-
-def overloaded(exc: Overloaded) -> JSONResponse:
-    return error(429, str(exc), headers={"retry-after": str(exc.retry_after)})
 
 
 async def respond(
