@@ -4,13 +4,16 @@ and the request model's size checks and refused fields."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import weakref
 
 import pytest
 
 from fastserve.services.gateway.admission import Admission, Overloaded
 from fastserve.services.gateway.http_limits import MAX_JSON_DEPTH, AdmissionDoor, check_json, depth_exceeds
 from fastserve.services.gateway.ids import scoped, unscoped
+from fastserve.services.gateway.memory import release_memory_periodically
 from fastserve.services.gateway.openai_protocol import (
     UNSUPPORTED_FIELDS,
     ChatCompletionRequest,
@@ -147,3 +150,27 @@ def test_prompt_token_ids_outside_the_vocabulary_are_refused_naming_index_and_va
     with pytest.raises(InvalidRequest, match=refusal):
         CompletionRequest(prompt=prompt).check_sizes(LIMITS)
     CompletionRequest(prompt=[[5], [6, 271]]).check_sizes(LIMITS)
+
+
+def test_the_gateway_frees_garbage_in_cycles_without_waiting_for_a_full_collection():
+    """A connection's transport sits in a reference cycle; CPython frees it only at a full
+    collection, which an idle gateway may not run for minutes. The gateway's memory task runs one."""
+
+    class Transport:
+        pass
+
+    async def scenario() -> bool:
+        transport = Transport()
+        transport.callback = transport.__init__  # a bound method of itself, like asyncio's
+        gone = weakref.ref(transport)
+        del transport
+        task = asyncio.create_task(release_memory_periodically(period=0.05))
+        await asyncio.sleep(1.0)
+        task.cancel()
+        return gone() is None
+
+    gc.disable()  # only the gateway's own collection may free it
+    try:
+        assert asyncio.run(scenario())
+    finally:
+        gc.enable()

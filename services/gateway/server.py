@@ -31,7 +31,7 @@ from .extra_routes import encode, fastserve_version
 from .generation import Generations, SchedulerUnavailable
 from .http_limits import guarded_h11
 from .ids import scoped, unscoped
-from .memory import release_memory_periodically
+from .memory import freeze_startup_objects, release_memory_periodically
 from .openai_api import HttpSettings, create_app
 from .request_info import read_request
 from .scheduler_link import SchedulerLink
@@ -432,6 +432,7 @@ async def serve(args: argparse.Namespace) -> None:
         )
     else:
         log.info("HTTP off (--http-port 0)")
+    freeze_startup_objects()
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
         task.cancel()
