@@ -2,6 +2,9 @@
 
 Starts `fastserve up` (opt-tiny, byte tokenizer) with --max-num-waiting and short HTTP timeouts,
 then measures, one after the other:
+- warm: ordinary traffic first (--warm-requests streamed completions, --warm-concurrency at a time,
+  the bursts' request shape): a gateway that has served requests, as an operator sees it before a
+  flash crowd; its RSS is the burst's "pre-burst" value;
 - body: a 50 MB body (declared Content-Length, then chunked) -> time to the 413, the gateway's RSS
   growth, and the longest gap between chunks of streams in flight meanwhile; a 10 MB chat message;
 - burst: --streams concurrent HTTP streams (and --grpc-streams gRPC ones) -> how many got 429 with
@@ -169,6 +172,26 @@ async def body_attack(stack: Stack, address: tuple[str, int], pid: int) -> dict:
     return out
 
 
+async def warm(address: tuple[str, int], pid: int, count: int, concurrency: int, settle: float) -> dict:
+    body = {"prompt": [2, 75], "max_tokens": 32, "ignore_eos": True, "stream": True}
+    gate = asyncio.Semaphore(concurrency)
+    rss_start = rss_mb(pid)
+
+    async def one() -> dict:
+        async with gate:
+            return await stream(address, body)
+
+    results = await asyncio.gather(*(one() for _ in range(count)))
+    await asyncio.sleep(settle)
+    return {
+        "requests": count,
+        "concurrency": concurrency,
+        "completed": sum(r.get("done", False) for r in results),
+        "rss_start_mb": round(rss_start, 1),
+        "rss_after_mb": round(rss_mb(pid), 1),
+    }
+
+
 async def grpc_stream(stub: gateway_pb2_grpc.GatewayStub, prompt: list[int], max_tokens: int) -> str:
     request = gateway_pb2.GenerateRequest(
         prompt_token_ids=prompt,
@@ -293,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=2000)
     parser.add_argument("--grpc-streams", type=int, default=600)
     parser.add_argument("--settle", type=float, default=12.0, help="seconds after a burst before RSS is read")
-    parser.add_argument("--phases", default="body,burst,slowloris,silent")
+    parser.add_argument("--phases", default="warm,body,burst,slowloris,silent")
+    parser.add_argument("--warm-requests", type=int, default=200)
+    parser.add_argument("--warm-concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-num-waiting", type=int, default=256)
     parser.add_argument("--slowloris", type=int, default=300)
@@ -319,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         address = ("127.0.0.1", http_port)
         results = {"flags": flags}
         phases = {
+            "warm": lambda: asyncio.run(
+                warm(address, pid, args.warm_requests, args.warm_concurrency, args.settle)
+            ),
             "body": lambda: asyncio.run(body_attack(stack, address, pid)),
             "burst": lambda: asyncio.run(burst(stack, address, pid, args)),
             "slowloris": lambda: asyncio.run(slowloris(address, args.slowloris, args.header_timeout)),
