@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--silent", type=int, default=50)
     parser.add_argument("--header-timeout", type=float, default=5.0)
     parser.add_argument("--send-timeout", type=float, default=5.0)
+    parser.add_argument("--gateway-pythonmalloc", default="", choices=["", "pymalloc", "malloc"])
     parser.add_argument("--json", default="", help="also write the results here")
     args = parser.parse_args(argv)
     http_port = free_port()
@@ -337,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         "--stream-send-timeout",
         str(args.send_timeout),
     ]
+    if args.gateway_pythonmalloc:
+        flags += ["--gateway-pythonmalloc", args.gateway_pythonmalloc]
     stack = Stack(up_args([*flags, "--log-level", "ERROR"]))
     try:
         stack.start()
