@@ -175,11 +175,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(
         parser,
         "--gateway-pythonmalloc",
-        default="",
-        choices=["", "pymalloc", "malloc"],
-        help="PYTHONMALLOC for the gateway; 'malloc' lets its RSS return to within a few %% after a flash "
-        "crowd (glibc gives back free pages, pymalloc only whole 1 MiB arenas) for ~10-20 %% more gateway "
-        "CPU; '' = the environment's (pymalloc)",
+        default="malloc",
+        choices=["pymalloc", "malloc"],
+        help="PYTHONMALLOC for the gateway: 'malloc' (default) lets its RSS return to within a few %% after "
+        "a flash crowd (glibc gives back free pages, pymalloc only whole 1 MiB arenas) for ~10-20 %% more "
+        "gateway CPU; 'pymalloc' is Python's own allocator",
     )
     add_common_flags(parser)
     args = parser.parse_args(argv)
@@ -510,7 +510,7 @@ class Stack:
             env={
                 **self.redis_env,
                 "FASTSERVE_API_KEY": args.api_key,  # keys stay off the command line
-                **({"PYTHONMALLOC": args.gateway_pythonmalloc} if args.gateway_pythonmalloc else {}),
+                "PYTHONMALLOC": args.gateway_pythonmalloc,
             },
         )
         self.wait_serving("kvmanager", kv_addr)

@@ -51,7 +51,13 @@ DIST_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
 # environment names the compose files set that no FastServe flag reads yet (none today)
 PENDING: dict[str, set[str]] = {}
 # read by NCCL, gloo and Python themselves
-THIRD_PARTY_ENV = {"NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "NCCL_DEBUG", "PYTHONUNBUFFERED"}
+THIRD_PARTY_ENV = {
+    "NCCL_SOCKET_IFNAME",
+    "GLOO_SOCKET_IFNAME",
+    "NCCL_DEBUG",
+    "PYTHONUNBUFFERED",
+    "PYTHONMALLOC",
+}
 OTLP_GRPC_PORT = 4317
 
 # ------------------------------------------------------------------ reading the files as compose does
@@ -277,6 +283,18 @@ def test_environment_names_map_to_flags(file):
                     assert not hasattr(args, "metrics_port"), (
                         f"`fastserve {service} --metrics-port` has landed, but not as {key}: rename it in {file}"
                     )
+
+
+@pytest.mark.parametrize("file", FILES)
+def test_the_gateway_runs_under_glibc_malloc_as_fastserve_up_starts_it(file):
+    """Its RSS comes back after a flash crowd only under glibc's allocator (docs/design.md)."""
+    from fastserve.launcher import parse_args
+
+    gateways = [svc for svc in fastserve_services(file).values() if svc["command"][0] == "gateway"]
+    assert gateways, f"{file}: no gateway"
+    expected = parse_args([]).gateway_pythonmalloc
+    assert expected == "malloc"
+    assert all(environment(svc).get("PYTHONMALLOC") == expected for svc in gateways), file
 
 
 @pytest.mark.parametrize("file", FILES)

@@ -120,6 +120,8 @@ def test_shapes_agree_with_the_services(overlay):
             "name": SECRET,
             "key": "internal-token",
         }
+        if name == "gateway":  # as `fastserve up` and compose start it (docs/design.md, memory after a burst)
+            assert env["PYTHONMALLOC"]["value"] == "malloc", overlay
         metrics = next(k for k in env if k.endswith("_METRICS_PORT"))
         assert int(env[metrics]["value"]) == ports["metrics"], name
         assert {p["targetPort"] for p in services[name]["spec"]["ports"]} <= set(ports), name
