@@ -4,6 +4,7 @@ outputs compared, where vLLM starts to queue, tables and the plot. No server is 
 from __future__ import annotations
 
 import math
+import re
 
 VLLM = "vLLM-CPU"
 FASTSERVE = "FastServe"
@@ -173,12 +174,35 @@ def trace_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+DECODE_STEP_METRIC = "fastserve:worker_decode_step_seconds"
+_METRICS_URL = re.compile(r"\bworker0 (http://\S+/metrics)")
+
+
+def worker_metrics_url(log_text: str) -> str | None:
+    """Rank 0's /metrics address, from the line of `fastserve up`'s output that lists them."""
+    match = _METRICS_URL.search(log_text)
+    return match.group(1) if match else None
+
+
+def decode_step_totals(metrics_text: str) -> tuple[float, float]:
+    """(seconds, iterations) of the worker's decode-only steps so far, from its /metrics text."""
+    totals = {"sum": 0.0, "count": 0.0}
+    for line in metrics_text.splitlines():
+        for key in totals:
+            if line.startswith(f"{DECODE_STEP_METRIC}_{key} "):
+                totals[key] = float(line.split()[1])
+    return totals["sum"], totals["count"]
+
+
 def step_table(steps: dict[str, list[dict]]) -> str:
     """Per-iteration decode time per batch and context, both servers: the median TPOT over the N
-    requests (robust to a client that reads several streamed tokens at once, which ITL is not)."""
+    requests (robust to a client that reads several streamed tokens at once, which ITL is not), and
+    FastServe's decode step as its worker timed it (model + sampling, the mean over the wave's
+    decode-only iterations), held against vLLM's TPOT: the engine without the serving around it."""
     lines = [
-        "| batch / ctx | vLLM TPOT median / ITL median (ms) | FastServe TPOT median / ITL median (ms) | FastServe / vLLM (TPOT) |",
-        "|---|---:|---:|---:|",
+        "| batch / ctx | vLLM TPOT median / ITL median (ms) | FastServe TPOT median / ITL median (ms) "
+        "| FastServe / vLLM (TPOT) | FastServe worker step (ms) | worker step / vLLM TPOT |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     keyed = {s: {(r["batch"], r["context"]): r for r in rows} for s, rows in steps.items()}
     shapes = sorted({k for rows in keyed.values() for k in rows})
@@ -191,8 +215,12 @@ def step_table(steps: dict[str, list[dict]]) -> str:
                 continue
             tpots[server] = r["tpot"]["median"]
             cells.append(f"{r['tpot']['median']:.1f} / {r['itl']['median']:.1f}")
-        ratio = f"{tpots[FASTSERVE] / tpots[VLLM]:.2f}x" if len(tpots) == 2 and tpots[VLLM] else "–"
-        lines.append(f"| {batch} / {ctx} | {cells[0]} | {cells[1]} | {ratio} |")
+        both = len(tpots) == 2 and tpots[VLLM]
+        ratio = f"{tpots[FASTSERVE] / tpots[VLLM]:.2f}x" if both else "–"
+        step = keyed.get(FASTSERVE, {}).get((batch, ctx), {}).get("worker_step_ms")
+        step_cell = f"{step:.1f}" if step else "–"
+        step_ratio = f"{step / tpots[VLLM]:.2f}x" if step and tpots.get(VLLM) else "–"
+        lines.append(f"| {batch} / {ctx} | {cells[0]} | {cells[1]} | {ratio} | {step_cell} | {step_ratio} |")
     return "\n".join(lines)
 
 

@@ -687,6 +687,12 @@ def main(argv: list[str] | None = None) -> int:
             f"policy {args.policy}, tp={args.tp}, pp={args.pp}). Ctrl-C stops it.",
             flush=True,
         )
+        metrics = [
+            f"{name[: -len('-metrics')]} http://{addr}/metrics"
+            for name, addr in stack.addresses.items()
+            if name.endswith("-metrics")
+        ]
+        print("Prometheus metrics: " + ", ".join(metrics), flush=True)
         if args.demo:
             stack.output.hold()  # the services' logs wait until the demo's text is out
             try:

@@ -187,6 +187,10 @@ def test_metrics_agree_with_what_was_served(traced_stack):
     assert kvmanager[f"fastserve:num_requests_swapped{{{model}}}"] == 0
     worker = scrape(traced_stack.addresses["worker0-metrics"])
     assert worker['fastserve:worker_kv_blocks{tier="gpu"}'] == 128
+    # each request's 4 tokens after its first come from decode-only steps, timed in the worker
+    decode_steps = worker["fastserve:worker_decode_step_seconds_count"]
+    assert 9 <= decode_steps <= scheduler["fastserve:iteration_time_seconds_count"]
+    assert worker["fastserve:worker_decode_step_seconds_sum"] > 0
     assert scheduler['fastserve:request_finished_total{state="finished"}'] >= 3
     assert scheduler["fastserve:iteration_time_seconds_count"] >= 15
     # once idle, the gauges say so (they used to keep the last iteration's values)

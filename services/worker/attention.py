@@ -6,7 +6,8 @@ per job, causal among themselves, plus the job's cached prefix when ``start_pos 
 `AttentionMetadata` is built once per step and shared by every layer.
 
 Decode attention has one signature on every device: ``paged_decode_attention`` here is
-the torch path; on CUDA the Triton kernel in ``triton_attention.py`` is used instead.
+the torch path; on CUDA the Triton kernel in ``triton_attention.py`` is used instead, and on
+CPU the C++ kernel of ``cpu_attention.py`` where the runner built it.
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ class AttentionMetadata:
     # and where its workspace comes from: a buffer that outlives the step (see KVCache.workspace)
     decode_plan: DecodePlan | None = None
     workspace: Callable[[tuple[int, ...]], Tensor] | None = None
+    # the C++ kernel of cpu_attention.py, when the runner has it (CPU, fp32, not --enforce-eager):
+    # decodes read the pool in place instead of the torch path's gather + SDPA
+    cpu_decode: Callable[..., Tensor] | None = None
 
 
 # The torch decode path gathers each sequence's blocks into a dense buffer that SDPA then
@@ -169,6 +173,8 @@ def decode_attention(
     tables, lens = meta.decode_block_tables, meta.decode_context_lens
     if q.is_cuda and (kernel := _triton_decode()):
         return kernel(q, k_cache, v_cache, tables, lens, scale)
+    if meta.cpu_decode is not None:
+        return meta.cpu_decode(q, k_cache, v_cache, tables, lens, scale)
     if meta.decode_plan is None:
         meta.decode_plan = plan_decode(k_cache, tables, lens, meta.workspace)
     return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, meta.decode_plan)

@@ -19,6 +19,7 @@ import torch
 from fastserve.model_spec import ModelSpec
 
 from .attention import AttentionMetadata, PrefillChunk, triton_decode_available
+from .cpu_attention import kernel as build_cpu_decode
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .loader import init_dummy, load_checkpoint
@@ -91,6 +92,7 @@ class ModelRunner:
         seed: int = 0,
         enforce_eager: bool = False,
         cuda_graph_sizes: Sequence[int] = (),
+        cpu_attention: str = "cpp",
     ) -> None:
         self.spec = spec
         self.dtype = dtype
@@ -106,10 +108,17 @@ class ModelRunner:
             init_dummy(self.model, seed)
         # enforce_eager: the reference path (plain F.linear, no compiled parts, no CUDA graphs)
         self.enforce_eager = enforce_eager
+        self.cpu_decode = None  # the C++ decode attention (see cpu_attention), built at start-up
         if not enforce_eager and self.device.type == "cpu":
             started = time.perf_counter()
             packed = self.model.prepack()
             log.info("packed %d linears for oneDNN in %.2fs", packed, time.perf_counter() - started)
+            if dtype == torch.float32 and cpu_attention == "cpp":
+                started = time.perf_counter()
+                self.cpu_decode = build_cpu_decode()
+                log.info(
+                    "C++ decode attention: %s (%.1fs)", bool(self.cpu_decode), time.perf_counter() - started
+                )
         # a function sizes the pool from the memory the weights left free
         self.num_blocks = num_gpu_blocks() if callable(num_gpu_blocks) else num_gpu_blocks
         graphs = self._graphs_wanted(cuda_graph_sizes, enforce_eager)
@@ -371,6 +380,7 @@ class ModelRunner:
             decode_context_lens=lens,
             prefills=prefills,
             workspace=self.kv.workspace,
+            cpu_decode=self.cpu_decode,
         )
         sampled = [k for k, i in enumerate(order) if not seqs[i].partial]
         return StepInputs(

@@ -180,6 +180,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             parallel=parallel,
             seed=args.seed,
             enforce_eager=args.enforce_eager,
+            cpu_attention=args.cpu_attention,
             # on CPU a padded step only costs: graphs are for CUDA
             cuda_graph_sizes=args.cuda_graph_sizes if device.startswith("cuda") else (),
         )
@@ -293,7 +294,11 @@ class WorkerService(pb_grpc.WorkerServicer):
                     self.swapper.wait_for({b for s in seqs for b in s.block_table})
                 elif request.swap_out or request.swap_in or request.prefetch:
                     raise RuntimeError("swap orders for a worker without a host KV pool (--swap-space 0)")
+                decode_only = bool(seqs) and all(len(s.token_ids) <= 1 and not s.partial for s in seqs)
+                run_started = time.perf_counter()
                 out = self.runner.run(seqs) if seqs else None
+                if decode_only:
+                    metrics.DECODE_STEP_SECONDS.observe(time.perf_counter() - run_started)
             except Exception as exc:  # a bad step fails its jobs, not the worker
                 log.exception("step %d failed", request.step_id)
                 span.set_status(trace.StatusCode.ERROR, str(exc))
@@ -386,6 +391,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "policies re-form the world; 0 = never",
     )
     add_flag(parser, "--seed", default=0, help="seed for dummy weights and unseeded sampling")
+    add_flag(
+        parser,
+        "--cpu-attention",
+        default="cpp",
+        choices=["cpp", "torch"],
+        help="decode attention on CPU (fp32): cpp = a C++ kernel reading the paged KV pool in place, "
+        "compiled at start-up (~30 s the first time, then cached; the torch path if it cannot be "
+        "built), torch = gather the blocks and run SDPA",
+    )
     add_flag(
         parser,
         "--num-threads",
