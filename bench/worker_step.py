@@ -29,13 +29,17 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the worker runs (services/worker/__main__.py)
+from fastserve.services.worker.omp_env import openmp_defaults  # noqa: E402 - imports no torch
+
+os.environ.update(openmp_defaults(sys.argv[1:], os.environ))  # as the worker starts (omp_env.py)
 
 import torch  # noqa: E402 - after the wait policy, which torch's OpenMP reads at load
 
-from fastserve.model_spec import PRESETS, resolve_model
+from fastserve.model_spec import PRESETS, resolve_model  # noqa: E402
+from fastserve.services.worker.cpu_share import ThreadGovernor  # noqa: E402
 
 MODES = ("eager", "fast")
+GOVERNOR: ThreadGovernor | None = None  # the worker's thread governor, unless --adaptive-threads false
 BUSY_LOOP = "import time\nend = time.time() + 1800\nwhile time.time() < end:\n    pass"  # bounded: 30 min
 
 
@@ -56,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="keep this many cores busy with bounded busy loops (other processes) while timing",
+    )
+    p.add_argument(
+        "--adaptive-threads",
+        default="true",
+        help="as the worker: fewer threads while other processes keep the CPUs busy (true/false)",
     )
     p.add_argument("--out", default="out/worker_step.json", help="JSON results path")
     return p
@@ -102,6 +111,8 @@ class Side:
         if newcomer is not None:  # the same job re-prefilled every time: its blocks are reused
             work.append(SeqWork(f"{self.case}-new", newcomer, 0, self.newcomer_table))
         self.pos += 1
+        if GOVERNOR is not None:
+            torch.set_num_threads(GOVERNOR.threads())
         out = self.runner.step(work)
         return out[: len(tokens)]
 
@@ -164,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global GOVERNOR
+    if args.adaptive_threads.lower() not in ("0", "false", "no", "off"):
+        GOVERNOR = ThreadGovernor(torch.get_num_threads())
     batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
     spec = resolve_model(args.model)
@@ -200,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "model": spec.name,
         "threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "unset"),
+        "adaptive_threads": GOVERNOR is not None,
         "busy_cores": args.busy_cores,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),

@@ -29,6 +29,7 @@ from fastserve.v1 import worker_pb2 as pb
 from fastserve.v1 import worker_pb2_grpc as pb_grpc
 
 from . import metrics
+from .cpu_share import ThreadGovernor
 from .cuda_graphs import parse_sizes
 from .peer_watch import wait_for_fresh_world, watch_peers
 from .swapper import Swapper
@@ -132,6 +133,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
         self.kept: dict[str, tuple[list[int], object]] = {}  # per job: block table, sampling
         self.steps_done = 0
+        self.governor: ThreadGovernor | None = None  # on CPU with --adaptive-threads, set by load()
 
     def load(self) -> None:
         """Joins the torch.distributed world (when there is one), loads the shard and allocates the KV pool."""
@@ -193,6 +195,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             self.runner.num_blocks,
             args.block_size,
         )
+        if device == "cpu" and args.adaptive_threads:
+            self.governor = ThreadGovernor(torch.get_num_threads())
         per_block = ModelRunner.kv_bytes_per_block(spec, dtype, args.block_size, args.tp, args.pp)
         num_host_blocks = args.num_host_blocks or host_block_budget(args.swap_space, per_block)
         if num_host_blocks:
@@ -294,6 +298,10 @@ class WorkerService(pb_grpc.WorkerServicer):
                     self.swapper.wait_for({b for s in seqs for b in s.block_table})
                 elif request.swap_out or request.swap_in or request.prefetch:
                     raise RuntimeError("swap orders for a worker without a host KV pool (--swap-space 0)")
+                if self.governor is not None:  # torch's thread count is per thread: set on the step thread
+                    threads = self.governor.threads()
+                    if threads != torch.get_num_threads():
+                        torch.set_num_threads(threads)
                 decode_only = bool(seqs) and all(len(s.token_ids) <= 1 and not s.partial for s in seqs)
                 run_started = time.perf_counter()
                 out = self.runner.run(seqs) if seqs else None
@@ -393,6 +401,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(parser, "--seed", default=0, help="seed for dummy weights and unseeded sampling")
     add_flag(
         parser,
+        "--adaptive-threads",
+        default=True,
+        help="on CPU, run a step on fewer threads while other processes keep this worker's CPUs "
+        "busy (read from /proc/stat every 0.5 s), back to --num-threads when they leave them free",
+    )
+    add_flag(
+        parser,
         "--cpu-attention",
         default="cpp",
         choices=["cpp", "torch"],
@@ -465,9 +480,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     log.info(
-        "torch uses %d CPU threads (OMP_WAIT_POLICY=%s)",
+        "torch uses %d CPU threads (OMP_WAIT_POLICY=%s, GOMP_SPINCOUNT=%s, adaptive: %s)",
         torch.get_num_threads(),
         os.environ.get("OMP_WAIT_POLICY", "unset"),
+        os.environ.get("GOMP_SPINCOUNT", "unset"),
+        args.adaptive_threads,
     )
     asyncio.run(serve(args))
     return 0
