@@ -419,8 +419,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser,
         "--num-threads",
         default=0,
-        help="torch CPU threads of this rank; 0 = torch's default (one per core). Set 1 when ranks "
-        "or other processes share a few cores: oversubscribed threads slow a step several times",
+        help="torch CPU threads of this rank; 0 = torch's default (one per core). The most a step "
+        "uses: with --adaptive-threads it uses fewer while other processes keep the CPUs busy",
     )
     add_flag(
         parser,
