@@ -31,6 +31,7 @@ log = logging.getLogger("fastserve.worker.cpu_attention")
 SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -63,40 +64,56 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
     for (int64_t j = 0; j < (lp[b] + bs - 1) / bs; ++j)
       TORCH_CHECK(tp[b * width + j] >= 0 && tp[b * width + j] < num_blocks, "block id outside the pool");
   }
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  // Work items are (sequence, group of heads). Within one, the keys are read token by token,
+  // each token's heads of the group contiguous in the pool (a streaming read), rather than one
+  // head's 256 bytes at a stride of H * D floats, which the prefetcher follows badly. Small
+  // batches split their heads into groups so that every thread has work.
+  const int64_t threads = at::get_num_threads();
+  const int64_t groups = std::min<int64_t>(H, std::max<int64_t>(1, (2 * threads + B - 1) / B));
+  const int64_t per_group = (H + groups - 1) / groups;
+  at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<float> acc(D);
+    std::vector<float> acc;
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / H, h = i % H;
+      const int64_t b = i / groups, h0 = (i % groups) * per_group;
+      const int64_t h1 = std::min<int64_t>(H, h0 + per_group), nh = h1 - h0;
+      if (nh <= 0) continue;
       const int64_t n = lp[b];
-      const float* qv = qp + (b * H + h) * D;
+      const float* qv = qp + (b * H + h0) * D;
       const int32_t* table = tp + b * width;
-      scores.resize(n);
-      float best = -std::numeric_limits<float>::infinity();
+      scores.resize(nh * n);
       for (int64_t t = 0; t < n; ++t) {
-        const float* kv = kp + (static_cast<int64_t>(table[t / bs]) * bs + t % bs) * token_stride + h * D;
-        float dot = 0.f;
+        const float* kv = kp + (static_cast<int64_t>(table[t / bs]) * bs + t % bs) * token_stride + h0 * D;
+        for (int64_t h = 0; h < nh; ++h) {
+          float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < D; ++d) dot += qv[d] * kv[d];
-        dot *= sc;
-        scores[t] = dot;
-        best = dot > best ? dot : best;
+          for (int64_t d = 0; d < D; ++d) dot += qv[h * D + d] * kv[h * D + d];
+          scores[h * n + t] = dot * sc;
+        }
       }
-      float total = 0.f;
-      for (int64_t t = 0; t < n; ++t) {
-        scores[t] = std::exp(scores[t] - best);
-        total += scores[t];
+      for (int64_t h = 0; h < nh; ++h) {
+        float* row = scores.data() + h * n;
+        float best = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < n; ++t) best = row[t] > best ? row[t] : best;
+        float total = 0.f;
+        for (int64_t t = 0; t < n; ++t) {
+          row[t] = std::exp(row[t] - best);
+          total += row[t];
+        }
+        const float inv = 1.f / total;
+        for (int64_t t = 0; t < n; ++t) row[t] *= inv;
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
+      acc.assign(nh * D, 0.f);
       for (int64_t t = 0; t < n; ++t) {
-        const float* vv = vp + (static_cast<int64_t>(table[t / bs]) * bs + t % bs) * token_stride + h * D;
-        const float p = scores[t];
+        const float* vv = vp + (static_cast<int64_t>(table[t / bs]) * bs + t % bs) * token_stride + h0 * D;
+        for (int64_t h = 0; h < nh; ++h) {
+          const float p = scores[h * n + t];
+          float* a = acc.data() + h * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) acc[d] += p * vv[d];
+          for (int64_t d = 0; d < D; ++d) a[d] += p * vv[h * D + d];
+        }
       }
-      float* o = op + (b * H + h) * D;
-      const float inv = 1.f / total;
-      for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
+      std::copy(acc.begin(), acc.end(), op + (b * H + h0) * D);
     }
   });
   return out;
