@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from fastserve.services.worker.omp_env import openmp_defaults  # noqa: E402 - imports no torch
+from fastserve.services.worker.omp_env import FALSE, openmp_defaults  # noqa: E402 - imports no torch
 
 os.environ.update(openmp_defaults(sys.argv[1:], os.environ))  # as the worker starts (omp_env.py)
 
@@ -112,7 +112,7 @@ class Side:
             work.append(SeqWork(f"{self.case}-new", newcomer, 0, self.newcomer_table))
         self.pos += 1
         if GOVERNOR is not None:
-            torch.set_num_threads(GOVERNOR.threads())
+            GOVERNOR.apply()
         out = self.runner.step(work)
         return out[: len(tokens)]
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     global GOVERNOR
-    if args.adaptive_threads.lower() not in ("0", "false", "no", "off"):
+    if args.adaptive_threads.strip().lower() not in FALSE:
         GOVERNOR = ThreadGovernor(torch.get_num_threads())
     batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     contexts = [int(c) for c in args.contexts.split(",") if c.strip()]

@@ -96,6 +96,13 @@ def test_a_real_busy_process_on_one_of_our_cpus_takes_a_thread_away():
             time.sleep(0.1)
         # whatever else runs beside this test only adds to what the others take
         assert gov.threads() == 1 and gov.others > 0.5
+        import torch
+
+        before = torch.get_num_threads()
+        try:
+            assert gov.apply() == 1 and torch.get_num_threads() == 1
+        finally:
+            torch.set_num_threads(before)
     finally:
         busy.kill()
         busy.wait()

@@ -99,3 +99,13 @@ class ThreadGovernor:
             self.current = target
         self._proposed = target
         return self.current
+
+    def apply(self) -> int:
+        """Sets torch's thread count for the steps of the calling thread (it is per thread) to
+        `threads()`, when it differs; returns it."""
+        import torch
+
+        threads = self.threads()
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        return threads

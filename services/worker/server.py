@@ -298,10 +298,8 @@ class WorkerService(pb_grpc.WorkerServicer):
                     self.swapper.wait_for({b for s in seqs for b in s.block_table})
                 elif request.swap_out or request.swap_in or request.prefetch:
                     raise RuntimeError("swap orders for a worker without a host KV pool (--swap-space 0)")
-                if self.governor is not None:  # torch's thread count is per thread: set on the step thread
-                    threads = self.governor.threads()
-                    if threads != torch.get_num_threads():
-                        torch.set_num_threads(threads)
+                if self.governor is not None:  # on the step thread: torch's thread count is per thread
+                    self.governor.apply()
                 decode_only = bool(seqs) and all(len(s.token_ids) <= 1 and not s.partial for s in seqs)
                 run_started = time.perf_counter()
                 out = self.runner.run(seqs) if seqs else None
