@@ -44,6 +44,7 @@ import urllib.request
 from pathlib import Path
 
 from fastserve.bench import vllm_cpu
+from fastserve.bench.overhead import scrape
 from fastserve.bench.vs_transformers import wait_http
 from fastserve.bench.vs_vllm_report import (
     FASTSERVE,
@@ -52,7 +53,7 @@ from fastserve.bench.vs_vllm_report import (
     anchor_table,
     busy_fall,
     compare_greedy,
-    decode_step_totals,
+    decode_step,
     parse_vllm_bench,
     plot,
     queue_rate,
@@ -60,7 +61,7 @@ from fastserve.bench.vs_vllm_report import (
     step_table,
     trace_settings,
     trace_table,
-    worker_metrics_url,
+    worker_metrics_address,
 )
 from fastserve.flags import add_flag
 from fastserve.procs import free_port
@@ -307,11 +308,6 @@ def decode_wave(base_url: str, batch: int, context: int, output_len: int, vocab:
     return {"batch": batch, "context": context, "output_len": output_len, "completed": len(records), **in_ms}
 
 
-def fetch(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        return reply.read().decode()
-
-
 def vllm_bench_argv(
     server: Server, tokenizer: str, out: Path, name: str, *, input_len: int, output_len: int, prompts: int
 ) -> list[str]:
@@ -435,17 +431,13 @@ def run_server_parts(server: Server, args, parts, rates, vllm_cli, checkpoint, o
     if "step" in parts:
         rows = report["step"].setdefault(name, [])
         decode_wave(server.base_url, 1, 16, 8, args.vocab)  # warm-up: the first request pays extra
-        metrics_url = worker_metrics_url(server.log.read_text()) if name == FASTSERVE else None
+        metrics = worker_metrics_address(server.log.read_text()) if name == FASTSERVE else None
         for ctx in csv(args.step_contexts, int):
             for batch in csv(args.step_batches, int):
-                before = decode_step_totals(fetch(metrics_url)) if metrics_url else None
+                before = scrape(metrics) if metrics else None
                 row = decode_wave(server.base_url, batch, ctx, args.step_output_len, args.vocab)
                 if before is not None:  # the mean decode-only step inside the worker over this wave
-                    seconds, steps = (
-                        b - a for a, b in zip(before, decode_step_totals(fetch(metrics_url)), strict=True)
-                    )
-                    row["worker_step_ms"] = seconds / steps * 1e3 if steps else None
-                    row["worker_steps"] = steps
+                    row["worker_step_ms"], row["worker_steps"] = decode_step(before, scrape(metrics))
                 rows.append(row)
                 inside = f", worker step {row['worker_step_ms']:.1f} ms" if row.get("worker_step_ms") else ""
                 print(

@@ -175,23 +175,20 @@ def trace_table(results: list[dict]) -> str:
 
 
 DECODE_STEP_METRIC = "fastserve:worker_decode_step_seconds"
-_METRICS_URL = re.compile(r"\bworker0 (http://\S+/metrics)")
+_METRICS_ADDRESS = re.compile(r"\bworker0 http://(\S+)/metrics")
 
 
-def worker_metrics_url(log_text: str) -> str | None:
-    """Rank 0's /metrics address, from the line of `fastserve up`'s output that lists them."""
-    match = _METRICS_URL.search(log_text)
+def worker_metrics_address(log_text: str) -> str | None:
+    """Rank 0's metrics address (host:port), from the line of `fastserve up`'s output that lists them."""
+    match = _METRICS_ADDRESS.search(log_text)
     return match.group(1) if match else None
 
 
-def decode_step_totals(metrics_text: str) -> tuple[float, float]:
-    """(seconds, iterations) of the worker's decode-only steps so far, from its /metrics text."""
-    totals = {"sum": 0.0, "count": 0.0}
-    for line in metrics_text.splitlines():
-        for key in totals:
-            if line.startswith(f"{DECODE_STEP_METRIC}_{key} "):
-                totals[key] = float(line.split()[1])
-    return totals["sum"], totals["count"]
+def decode_step(before: dict[str, float], after: dict[str, float]) -> tuple[float | None, float]:
+    """(mean ms, iterations) of the worker's decode-only steps between two scrapes of its /metrics."""
+    steps = after.get(f"{DECODE_STEP_METRIC}_count", 0.0) - before.get(f"{DECODE_STEP_METRIC}_count", 0.0)
+    seconds = after.get(f"{DECODE_STEP_METRIC}_sum", 0.0) - before.get(f"{DECODE_STEP_METRIC}_sum", 0.0)
+    return (seconds / steps * 1e3 if steps else None), steps
 
 
 def step_table(steps: dict[str, list[dict]]) -> str:

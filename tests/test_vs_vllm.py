@@ -16,7 +16,7 @@ from fastserve.bench.vs_vllm_report import (
     adopt_vllm_results,
     busy_fall,
     compare_greedy,
-    decode_step_totals,
+    decode_step,
     parse_vllm_bench,
     plot,
     queue_rate,
@@ -24,7 +24,7 @@ from fastserve.bench.vs_vllm_report import (
     step_table,
     trace_settings,
     trace_table,
-    worker_metrics_url,
+    worker_metrics_address,
 )
 
 # the keys `vllm bench serve --save-result --percentile-metrics ttft,tpot,itl,e2el
@@ -326,14 +326,10 @@ def test_worker_step_from_up_output_and_metrics():
         "Prometheus metrics: scheduler http://127.0.0.1:3/metrics, worker0 http://127.0.0.1:4/metrics, "
         "worker1 http://127.0.0.1:5/metrics\n"
     )
-    assert worker_metrics_url(out) == "http://127.0.0.1:4/metrics"
-    assert worker_metrics_url("FastServe is up: gateway on 127.0.0.1:1\n") is None
-    text = (
-        "# TYPE fastserve:worker_decode_step_seconds histogram\n"
-        'fastserve:worker_decode_step_seconds_bucket{le="0.02"} 3.0\n'
-        "fastserve:worker_decode_step_seconds_count 7.0\n"
-        "fastserve:worker_decode_step_seconds_sum 0.175\n"
-        "fastserve:worker_decode_step_seconds_created 1.7e9\n"
-    )
-    assert decode_step_totals(text) == (0.175, 7.0)
-    assert decode_step_totals("") == (0.0, 0.0)
+    assert worker_metrics_address(out) == "127.0.0.1:4"
+    assert worker_metrics_address("FastServe is up: gateway on 127.0.0.1:1\n") is None
+    name = "fastserve:worker_decode_step_seconds"
+    before = {f"{name}_count": 3.0, f"{name}_sum": 0.075, 'fastserve:worker_kv_blocks{tier="gpu"}': 8.0}
+    after = {f"{name}_count": 10.0, f"{name}_sum": 0.25}
+    assert decode_step(before, after) == (pytest.approx(25.0), 7.0)
+    assert decode_step(after, after) == (None, 0.0)
