@@ -4,12 +4,12 @@ where they lie in the KV pool, without copying them out first.
 The torch path (``attention.paged_decode_attention``) gathers each sequence's blocks into a
 dense buffer and runs a masked SDPA over it: every K/V byte is copied once and read twice, and
 each layer costs a handful of ops per chunk of sequences. Profiled live at batch 16 it was a
-third of the worker's decode step. This kernel walks the block table instead: per (sequence,
-head) it scores the query against each cached key, takes the softmax and sums the values, in
-one pass over the pool and one parallel region per layer (``at::parallel_for``, the same
-OpenMP threads as the rest of the step).
+third of the worker's decode step. This kernel walks the block table instead: per sequence and
+group of heads it scores the query against each cached key, takes the softmax and sums the
+values, reading every cached K and V byte once, in one parallel region per layer
+(``at::parallel_for``, the same OpenMP threads as the rest of the step).
 
-It is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler is
+It is compiled when a runner starts, with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler is
 needed; the build is cached under ``TORCH_EXTENSIONS_DIR``, ~1 min the first time) and serves
 fp32 pools. Where it cannot be built, `kernel()` returns None and the torch path runs; the
 worker's ``--cpu-attention torch`` does not build it at all.
