@@ -2,8 +2,8 @@
 
 Builds vLLM-CPU into a venv of its own (once; see bench/vllm_cpu.py) and an OPT-125m-shaped
 checkpoint with random fp32 weights (bench/random_opt.py), then serves it with each server
-alone on the machine (vLLM first, then `fastserve up` with its defaults), both given --threads
-CPU threads, and on each runs these parts (--parts picks some):
+alone on the machine (vLLM, or `fastserve up` with its defaults), both given --threads CPU
+threads, and measures these parts (--parts picks some):
 
   greedy  3 prompts x 48 tokens, greedy, logprobs: the two servers must agree
   trace   `fastserve bench --backend openai --workload sharegpt --num-requests 48
@@ -14,8 +14,15 @@ CPU threads, and on each runs these parts (--parts picks some):
   step    per-iteration decode time: N requests of fixed lengths sent at once (batch 1/4/16 x
           context 128/512, 64 tokens out), as `vllm bench serve --max-concurrency N` with fixed
           random lengths would; the median TPOT is one decode iteration at batch N
-  busy    the trace again at --busy-rate with one of the servers' CPUs kept busy by a bounded
-          busy loop this benchmark starts: how far each server's throughput falls
+  busy    the trace at --busy-rate quiet, then again with one of the servers' CPUs kept busy by
+          a bounded busy loop this benchmark starts: how far each server's throughput falls
+
+The servers take turns: every measurement (a part; each rate of the trace) runs on one server
+and then at once on the other, the order alternating (vLLM first, then FastServe first, ...),
+and only one server runs at a time (the other is stopped and started again when its turn
+comes, a trace warm-up after each start). A machine whose speed drifts over minutes (a shared
+VM's does, by 20 % and more) then moves both servers' numbers of one measurement together
+instead of favouring whichever server ran in the faster minutes.
 
 Prints the tables and saves everything in --out: vs_vllm.json (the results, the commands,
 the versions), vs_vllm.png (throughput, TTFT, TPOT, E2E, P99 latency per output token against
@@ -41,6 +48,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastserve.bench import vllm_cpu
@@ -176,10 +184,12 @@ class Server:
         self.name, self.cmd, self.env, self.port, self.log = name, cmd, env, port, log
         self.base_url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
+        self.log_start = 0
 
     def __enter__(self) -> Server:
         started = time.monotonic()
-        with open(self.log, "w") as out:
+        self.log_start = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "a") as out:
             self.proc = subprocess.Popen(
                 self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
             )
@@ -191,6 +201,12 @@ class Server:
         self.start_seconds = time.monotonic() - started
         print(f"[{self.name}] serving on {self.base_url} after {self.start_seconds:.0f} s", flush=True)
         return self
+
+    def output(self) -> str:
+        """What this start of the server has logged (a log holds every start of one server)."""
+        with open(self.log) as f:
+            f.seek(self.log_start)
+            return f.read()
 
     def __exit__(self, *exc) -> None:
         assert self.proc is not None
@@ -396,42 +412,77 @@ def server_commands(args: argparse.Namespace, checkpoint: str, vllm_cli: list[st
     return {VLLM: (vllm, vllm_env), FASTSERVE: (fastserve, base)}
 
 
-def run_server_parts(server: Server, args, parts, rates, vllm_cli, checkpoint, out, report) -> None:
-    """Every part on one live server, results into `report`."""
-    bench_env = dict(os.environ)
-    if args.device == "cpu":  # vLLM-CPU's client probes the platform too
-        bench_env |= vllm_cpu.server_env(args.threads, 1, "nobind", [])
-    bench_log = out / f"vllm_bench_{'fastserve' if server.name == FASTSERVE else 'vllm'}.log"
+def segments(parts: list[str], rates: list[float]) -> list[tuple[str, float | None]]:
+    """The measurements, in order, each (part, rate): one per trace rate, one per other part."""
+    out: list[tuple[str, float | None]] = [("greedy", None)] if "greedy" in parts else []
+    out += [("trace", rate) for rate in rates] if "trace" in parts else []
+    return out + [(part, None) for part in ("anchor", "step", "busy") if part in parts]
+
+
+def turn_order(servers: list[str], index: int) -> list[str]:
+    """Which server measures first at the `index`-th measurement: the order alternates, so the
+    server that ran last runs again at once and a measurement costs one server switch."""
+    return servers if index % 2 == 0 else servers[::-1]
+
+
+def extra_rate(report: dict, plan: list, index: int, rates: list[float], extra_left: int) -> float | None:
+    """The doubled rate to measure next, when the `index`-th measurement was the trace's last
+    rate, vLLM was measured and it does not queue yet (None otherwise)."""
+    part, rate = plan[index]
+    last_trace = part == "trace" and not any(p == "trace" for p, _ in plan[index + 1 :])
+    measured = any(r["server"] == VLLM for r in report["trace"])
+    if not last_trace or not measured or extra_left < 1 or len(rates) < 2:
+        return None
+    return rate * 2 if queue_rate(report["trace"]) is None else None
+
+
+def warm_up(server: Server, args: argparse.Namespace, rates: list[float]) -> None:
+    """A short trace at the top rate, not recorded: the first requests of new lengths pay one-time
+    costs (vLLM-CPU compiles kernels for shapes it has not seen; they inflated the lowest rate's
+    P99 TTFT), again after each start."""
+    warm = argparse.Namespace(**{**vars(args), "num_requests": args.warmup_requests})
+    print(f"[{server.name}] warm-up ({args.warmup_requests} requests, not recorded):", flush=True)
+    run_trace(server, warm, max(rates), [])
+
+
+@dataclass
+class Comparison:
+    """What every measurement of one run needs, and where its results go."""
+
+    args: argparse.Namespace
+    commands: dict  # server name -> (command, environment), see server_commands
+    port: int
+    rates: list[float]  # the trace's, doubled ones appended as they are added
+    vllm_cli: list[str]
+    checkpoint: str
+    out: Path
+    report: dict
+
+
+def run_segment(server: Server, part: str, rate: float | None, run: Comparison) -> None:
+    """One measurement on one live server, its results into the run's report."""
     name = server.name
-    if "greedy" in parts:
+    args, rates, out, report = run.args, run.rates, run.out, run.report
+    if part == "greedy":
         report["greedy"][name] = greedy(server.base_url, args.vocab, args.greedy_tokens)
-    if "trace" in parts:
-        # warm-up, not recorded: the first requests of new lengths pay one-time costs (vLLM-CPU
-        # compiles kernels for shapes it has not seen), which inflated the lowest rate's P99 TTFT
-        warm = argparse.Namespace(**{**vars(args), "num_requests": args.warmup_requests})
-        if args.warmup_requests:
-            print(f"[{name}] warm-up ({args.warmup_requests} requests, not recorded):", flush=True)
-            run_trace(server, warm, max(rates), [])
-        for rate in rates:
-            report["trace"].append(run_trace(server, args, rate, []))
-        if name == VLLM:  # find the rate where vLLM queues before FastServe runs the same rates
-            for _ in range(args.max_extra_rates):
-                if len(rates) < 2 or queue_rate(report["trace"]) is not None:
-                    break
-                rates.append(rates[-1] * 2)
-                report["trace"].append(run_trace(server, args, rates[-1], []))
-    if "anchor" in parts:
+    elif part == "trace":
+        report["trace"].append(run_trace(server, args, rate, []))
+    elif part == "anchor":
+        bench_env = dict(os.environ)
+        if args.device == "cpu":  # vLLM-CPU's client probes the platform too
+            bench_env |= vllm_cpu.server_env(args.threads, 1, "nobind", [])
+        bench_log = out / f"vllm_bench_{'fastserve' if name == FASTSERVE else 'vllm'}.log"
         argv = vllm_bench_argv(
-            server, checkpoint, out, f"anchor_{name}", input_len=128, output_len=64, prompts=48
+            server, run.checkpoint, out, f"anchor_{name}", input_len=128, output_len=64, prompts=48
         )
         report["anchor"][name] = run_vllm_bench(
-            vllm_cli, [*argv, "--request-rate", "2"], bench_env, bench_log
+            run.vllm_cli, [*argv, "--request-rate", "2"], bench_env, bench_log
         )
         print(f"[{name}] anchor: {report['anchor'][name]['output_throughput']:.1f} tok/s", flush=True)
-    if "step" in parts:
+    elif part == "step":
         rows = report["step"].setdefault(name, [])
         decode_wave(server.base_url, 1, 16, 8, args.vocab)  # warm-up: the first request pays extra
-        metrics = worker_metrics_address(server.log.read_text()) if name == FASTSERVE else None
+        metrics = worker_metrics_address(server.output()) if name == FASTSERVE else None
         for ctx in csv(args.step_contexts, int):
             for batch in csv(args.step_batches, int):
                 before = scrape(metrics) if metrics else None
@@ -444,13 +495,51 @@ def run_server_parts(server: Server, args, parts, rates, vllm_cli, checkpoint, o
                     f"[{name}] step b{batch} c{ctx}: TPOT median {row['tpot']['median']:.1f} ms{inside}",
                     flush=True,
                 )
-    if "busy" in parts:
-        rate = args.busy_rate or max(rates)
+    elif part == "busy":  # quiet and busy back to back, so the fall is not the machine's drift
+        busy_rate = args.busy_rate or max(rates)
+        quiet = run_trace(server, args, busy_rate, [])
         cpu = sorted(os.sched_getaffinity(0))[args.threads - 1]
         with busy_core(cpu, seconds=1800):
-            result = run_trace(server, args, rate, [])
+            result = run_trace(server, args, busy_rate, [])
         result["busy_cpu"] = cpu
+        result["quiet_output_throughput"] = quiet["output_throughput"]
         report["busy"].append(result)
+
+
+def run_in_turns(servers: list[str], run: Comparison) -> None:
+    """Every measurement on each server in `servers`, the servers taking turns (`turn_order`);
+    one server runs at a time, started again when its turn comes."""
+    args, rates, report = run.args, run.rates, run.report
+    plan = segments(csv(args.parts), rates)
+    needs_warm_up = args.warmup_requests and any(p in ("trace", "anchor", "busy") for p, _ in plan)
+    extra_left = args.max_extra_rates if VLLM in servers else 0
+    running: Server | None = None
+    try:
+        index = 0
+        while index < len(plan):
+            part, rate = plan[index]
+            for name in turn_order(servers, index):
+                if running is None or running.name != name:
+                    if running is not None:
+                        running.__exit__(None, None, None)
+                        running = None
+                    cmd, env = run.commands[name]
+                    report.setdefault("server_commands", {})[name] = " ".join(cmd)
+                    log = run.out / f"{'fastserve' if name == FASTSERVE else 'vllm'}_server.log"
+                    running = Server(name, cmd, env, run.port, log).__enter__()
+                    report.setdefault("start_seconds", {}).setdefault(name, []).append(running.start_seconds)
+                    if needs_warm_up:
+                        warm_up(running, args, rates)
+                run_segment(running, part, rate, run)
+            doubled = extra_rate(report, plan, index, rates, extra_left)
+            if doubled is not None:  # vLLM does not queue yet: both measure twice the rate next
+                rates.append(doubled)
+                plan.insert(index + 1, ("trace", doubled))
+                extra_left -= 1
+            index += 1
+    finally:
+        if running is not None:
+            running.__exit__(None, None, None)
 
 
 def versions(vllm_cli: list[str]) -> dict:
@@ -508,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server started, as on Ctrl-C
-    parts, rates = csv(args.parts), csv(args.rates, float)
+    rates = csv(args.rates, float)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -554,13 +643,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cpu" and "libtcmalloc" not in vllm_env.get("LD_PRELOAD", ""):
             print("no tcmalloc to preload for vLLM (apt-get install libtcmalloc-minimal4)", flush=True)
         wanted = {"vllm": VLLM, "fastserve": FASTSERVE}
-        for name in [wanted[s] for s in ("vllm", "fastserve") if s in servers]:
-            cmd, env = commands[name]
-            report.setdefault("server_commands", {})[name] = " ".join(cmd)
-            log = out / f"{'fastserve' if name == FASTSERVE else 'vllm'}_server.log"
-            with Server(name, cmd, env, port, log) as server:
-                report.setdefault("start_seconds", {})[name] = server.start_seconds
-                run_server_parts(server, args, parts, rates, vllm_cli, checkpoint, out, report)
+        run = Comparison(args, commands, port, rates, vllm_cli, checkpoint, out, report)
+        run_in_turns([wanted[s] for s in ("vllm", "fastserve") if s in servers], run)
     report["seconds"] = time.monotonic() - started
     report["machine"]["load_after"] = os.getloadavg()
     report["summary"] = summary(report)

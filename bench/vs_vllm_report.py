@@ -138,19 +138,23 @@ def ratios(results: list[dict]) -> list[dict]:
 
 
 def busy_fall(quiet: list[dict], busy: list[dict]) -> list[dict]:
-    """How much each server's output throughput fell with one core busy, at the busy run's rate."""
+    """How much each server's output throughput fell with one core busy, at the busy run's rate:
+    against the quiet run the busy part made just before (older files: the trace's run)."""
     rows = []
     for b in busy:
-        q = next((r for r in quiet if r["server"] == b["server"] and r["rate"] == b["rate"]), None)
-        if q is None:
-            continue
+        quiet_tok_s = b.get("quiet_output_throughput")
+        if quiet_tok_s is None:
+            q = next((r for r in quiet if r["server"] == b["server"] and r["rate"] == b["rate"]), None)
+            if q is None:
+                continue
+            quiet_tok_s = q["output_throughput"]
         rows.append(
             {
                 "server": b["server"],
                 "rate": b["rate"],
-                "quiet_tok_s": q["output_throughput"],
+                "quiet_tok_s": quiet_tok_s,
                 "busy_tok_s": b["output_throughput"],
-                "fall": 1 - b["output_throughput"] / q["output_throughput"],
+                "fall": 1 - b["output_throughput"] / quiet_tok_s,
             }
         )
     return rows

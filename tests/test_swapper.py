@@ -74,3 +74,33 @@ def test_stall_is_the_wait_for_the_last_transfer_and_never_negative():
     ]
     seconds, left = finished_stall_seconds(stalls)
     assert seconds == 0.004 and left == stalls[2:]
+
+
+def test_a_wide_cpu_swap_starts_no_openmp_team_beside_the_steps():
+    """A second OpenMP team anywhere in the worker stops the step's threads spinning (swapper.py):
+    a swap of blocks wider than torch's parallel grain adds the swap thread and no other."""
+    import os
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cache = KVCache(
+            num_layers=1,
+            num_blocks=2,
+            block_size=64,
+            num_heads=16,
+            head_dim=64,
+            dtype=torch.bfloat16,
+            device="cpu",
+        )
+        cache.k_cache[0].copy_(torch.randn(cache.k_cache[0].shape))
+        swapper = Swapper(cache, num_host_blocks=1)
+        before = len(os.listdir("/proc/self/task"))
+        swapper.submit(swap_out=[(0, 0)], swap_in=[], prefetch=[])
+        swapper.drain()
+        assert len(os.listdir("/proc/self/task")) == before + 1
+        swapper.submit(swap_out=[], swap_in=[(0, 1)], prefetch=[])
+        swapper.drain()
+        assert torch.equal(cache.k_cache[0][1], cache.k_cache[0][0])
+    finally:
+        torch.set_num_threads(threads)

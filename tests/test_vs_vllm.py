@@ -126,6 +126,45 @@ def test_busy_fall_compares_each_server_with_its_quiet_run_at_the_same_rate():
     busy = [run(VLLM, 8, 150, 1), run(FASTSERVE, 8, 90, 1), run(FASTSERVE, 5, 1, 1)]
     rows = busy_fall(quiet, busy)
     assert [(r["server"], r["fall"]) for r in rows] == [(VLLM, 0.25), (FASTSERVE, pytest.approx(0.1))]
+    # the busy part's own quiet run, just before, wins over the trace's
+    own = [{**run(FASTSERVE, 8, 90, 1), "quiet_output_throughput": 180.0}]
+    assert busy_fall(quiet, own)[0]["fall"] == pytest.approx(0.5)
+
+
+def test_the_servers_take_turns_one_switch_per_measurement():
+    plan = vs_vllm.segments(["greedy", "trace", "step", "busy"], [1.0, 3.0])
+    assert plan == [("greedy", None), ("trace", 1.0), ("trace", 3.0), ("step", None), ("busy", None)]
+    order = [name for i in range(len(plan)) for name in vs_vllm.turn_order([VLLM, FASTSERVE], i)]
+    assert order[:4] == [VLLM, FASTSERVE, FASTSERVE, VLLM]
+    switches = sum(a != b for a, b in zip(order, order[1:], strict=False))
+    assert switches == len(plan)  # one inside each measurement, none between two
+    assert vs_vllm.turn_order([FASTSERVE], 3) == [FASTSERVE]
+
+
+def test_the_top_rate_doubles_after_its_measurement_while_vllm_does_not_queue():
+    plan = vs_vllm.segments(["trace", "busy"], [1.0, 8.0])
+    report = {"trace": [run(VLLM, 1, 60, 0.4), run(FASTSERVE, 1, 60, 0.4)]}
+    assert vs_vllm.extra_rate(report, plan, 0, [1.0, 8.0], 2) is None  # not the last trace rate
+    report["trace"] += [run(VLLM, 8, 200, 0.5), run(FASTSERVE, 8, 200, 0.5)]
+    assert vs_vllm.extra_rate(report, plan, 1, [1.0, 8.0], 2) == 16.0
+    assert vs_vllm.extra_rate(report, plan, 1, [1.0, 8.0], 0) is None  # no doublings left
+    report["trace"][2] = run(VLLM, 8, 200, 1.3)  # P99 TTFT over 3x the lowest rate's: it queues
+    assert vs_vllm.extra_rate(report, plan, 1, [1.0, 8.0], 2) is None
+    alone = {"trace": [run(FASTSERVE, 1, 60, 0.4), run(FASTSERVE, 8, 60, 0.4)]}
+    assert vs_vllm.extra_rate(alone, plan, 1, [1.0, 8.0], 2) is None  # no vLLM measured
+
+
+def test_a_server_started_again_reads_only_its_own_start_of_the_log(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(vs_vllm, "wait_http", lambda *args: None)
+    log = tmp_path / "log"
+    for word in ("first", "second"):
+        cmd = [sys.executable, "-c", f"print('{word}', flush=True); import time; time.sleep(2)"]
+        with vs_vllm.Server("x", cmd, dict(os.environ), 1, log) as server:
+            server.proc.wait()
+            assert server.output() == f"{word}\n"
+    assert log.read_text() == "first\nsecond\n"
 
 
 def test_tables_and_plot(tmp_path):

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .kv_cache import KVCache
@@ -119,18 +120,34 @@ class Swapper:
 
     def _copy_out(self, moves: list[tuple[int, int]]) -> None:
         # block by block into pinned host memory, so the device copies stay asynchronous on GPU
+        copy = _block_copy if self.cuda else _copy_on_this_thread
         for layer in range(len(self.host_k)):
             k, v = self.cache.k_cache[layer], self.cache.v_cache[layer]
             for dev, host in moves:
-                self.host_k[layer][host].copy_(k[dev], non_blocking=True)
-                self.host_v[layer][host].copy_(v[dev], non_blocking=True)
+                copy(self.host_k[layer][host], k[dev])
+                copy(self.host_v[layer][host], v[dev])
 
     def _copy_in(self, moves: list[tuple[int, int]]) -> None:
+        copy = _block_copy if self.cuda else _copy_on_this_thread
         for layer in range(len(self.host_k)):
             k, v = self.cache.k_cache[layer], self.cache.v_cache[layer]
             for host, dev in moves:
-                k[dev].copy_(self.host_k[layer][host], non_blocking=True)
-                v[dev].copy_(self.host_v[layer][host], non_blocking=True)
+                copy(k[dev], self.host_k[layer][host])
+                copy(v[dev], self.host_v[layer][host])
+
+
+def _block_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    dst.copy_(src, non_blocking=True)
+
+
+def _copy_on_this_thread(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """A CPU block copy that starts no OpenMP team. torch copies a block larger than its grain
+    size (32K elements: a block of any model wider than OPT-125m) in a parallel region, which on
+    the swap thread makes a second OpenMP team in the worker. libgomp then counts more threads
+    than CPUs and stops letting the step's threads spin between parallel regions, for the rest of
+    the process: each of a decode step's ~170 regions wakes a sleeping thread (a 22 ms step took
+    33 ms on the 2-core machine). numpy's copy is a plain memcpy on the calling thread."""
+    np.copyto(dst.view(torch.uint8).numpy(), src.view(torch.uint8).numpy())
 
 
 def _timing_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
