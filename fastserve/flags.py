@@ -25,6 +25,13 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
 
 
+def parse_auto_bool(text: str) -> str:
+    """ "auto", "true" or "false" (any spelling `parse_bool` takes)."""
+    if text.lower() == "auto":
+        return "auto"
+    return "true" if parse_bool(text) else "false"
+
+
 def add_flag(
     parser: argparse.ArgumentParser,
     flag: str,
@@ -36,8 +43,10 @@ def add_flag(
     env: str | None = None,
     aliases: tuple[str, ...] = (),
     dest: str | None = None,
+    const: Any = None,
 ) -> None:
-    """Adds `flag` (and its older `aliases`) with its environment variable (FASTSERVE_<FLAG> unless `env`)."""
+    """Adds `flag` (and its older `aliases`) with its environment variable (FASTSERVE_<FLAG> unless `env`);
+    with `const`, the bare flag means that value."""
     env = env or env_name(flag)
     names = (flag, *aliases)
     named = {"dest": dest} if dest else {}
@@ -61,6 +70,8 @@ def add_flag(
             help=f"{help} [env {env}; default {default}]",
         )
         return
+    if const is not None:
+        named |= {"nargs": "?", "const": const}
     parser.add_argument(
         *names,
         **named,

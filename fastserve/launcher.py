@@ -28,7 +28,7 @@ from pathlib import Path
 import grpc
 
 from fastserve.child_output import Relay
-from fastserve.flags import add_common_flags, add_flag, parse_bool, setup_logging
+from fastserve.flags import add_common_flags, add_flag, parse_auto_bool, parse_bool, setup_logging
 from fastserve.liveness import Liveness, scheduler_step_timeout
 from fastserve.procs import free_port, free_ports, popen_child, stop_all
 from fastserve.rpc import check_serving_sync
@@ -81,9 +81,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(
         parser,
         "--async-scheduling",
-        default=True,
-        help="scheduler: send a job's next step before its last token is back (the workers keep it); "
-        "without pipeline parallelism",
+        default="auto",
+        type=parse_auto_bool,
+        const="true",
+        help="scheduler: auto (on with GPU workers, off with CPU ones), true or false: send a job's next step "
+        "before its last token is back (the workers keep it); without pipeline parallelism",
     )
     add_flag(
         parser,

@@ -58,9 +58,12 @@ def start_stack(redis_url: str, *flags: str) -> Stack:
 
 @pytest.fixture(scope="session")
 def checkpoint_stack(redis_url, tiny_checkpoint):
-    """A stack serving the tiny Hugging Face checkpoint with FCFS, shared by several tests."""
+    """A stack serving the tiny Hugging Face checkpoint with FCFS, shared by several tests; with
+    async scheduling, which CPU workers leave off by default, so the live overlap path is served too."""
     stack = start_stack(
-        redis_url, "--model", tiny_checkpoint, "--num-gpu-blocks", "256", "--served-model-name", "tiny-opt"
+        redis_url,
+        *("--model", tiny_checkpoint, "--num-gpu-blocks", "256", "--served-model-name", "tiny-opt"),
+        *("--async-scheduling", "true"),
     )
     yield stack
     stack.stop()

@@ -93,11 +93,23 @@ def test_policy_help_names_every_registered_policy_and_what_it_does(capsys):
 
 @pytest.mark.parametrize(
     "flags, expected",
-    [([], True), (["--async-scheduling"], True), (["--async-scheduling", "false"], False)],
+    [
+        ([], "auto"),
+        (["--async-scheduling"], "true"),
+        (["--async-scheduling", "off"], "false"),
+        (["--async-scheduling", "True"], "true"),
+    ],
 )
 def test_async_scheduling_reaches_the_scheduler(flags, expected):
     """`up`'s flag, parsed by the scheduler's own parser from the command line `up` gives it."""
     argv = scheduler_flags(parse_args(flags), 1, 2, "m", ["127.0.0.1:3"], "127.0.0.1:4")
     args = scheduler.parse_args(argv)
-    assert args.async_scheduling is expected
-    assert scheduler.parse_args([]).async_scheduling is parse_args([]).async_scheduling  # one default
+    assert args.async_scheduling == expected
+    assert scheduler.parse_args([]).async_scheduling == parse_args([]).async_scheduling  # one default
+    with pytest.raises(SystemExit):
+        scheduler.parse_args(["--async-scheduling", "sometimes"])
+
+
+def test_async_scheduling_auto_overlaps_steps_on_gpu_workers_only():
+    assert scheduler.overlap_steps("auto", "cuda:0") and not scheduler.overlap_steps("auto", "cpu")
+    assert scheduler.overlap_steps("true", "cpu") and not scheduler.overlap_steps("false", "cuda:1")
