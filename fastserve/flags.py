@@ -26,7 +26,7 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_auto_bool(text: str) -> str:
-    """ "auto", "true" or "false" (any spelling `parse_bool` takes)."""
+    """The flag's value as "auto", "true" or "false" (true and false in any spelling `parse_bool` takes)."""
     if text.lower() == "auto":
         return "auto"
     return "true" if parse_bool(text) else "false"
