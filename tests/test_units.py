@@ -269,3 +269,9 @@ def test_onednn_linear_matches_f_linear_and_refuses_what_it_cannot_serve():
     relu = cpu_linear.linear(x, packed, b, "relu")
     torch.testing.assert_close(relu, torch.nn.functional.linear(x, w, b).relu())
     assert cpu_linear.pack(w.half()) is None  # fp16 on CPU: F.linear serves it
+    # fewer rows than MIN_ROWS go through zero padding: the same numbers, only their own rows
+    for rows in range(1, cpu_linear.MIN_ROWS + 1):
+        few = x[:rows]
+        out = cpu_linear.linear(few, packed, b, "relu")
+        assert out.shape == (rows, 48)
+        torch.testing.assert_close(out, torch.nn.functional.linear(few, w, b).relu())
