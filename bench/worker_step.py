@@ -29,12 +29,13 @@ import sys
 import time
 from pathlib import Path
 
-from fastserve.services.worker.omp_env import FALSE, openmp_defaults  # noqa: E402 - imports no torch
+from fastserve.services.worker.omp_env import openmp_defaults  # noqa: E402 - imports no torch
 
 os.environ.update(openmp_defaults(sys.argv[1:], os.environ))  # as the worker starts (omp_env.py)
 
 import torch  # noqa: E402 - after the wait policy, which torch's OpenMP reads at load
 
+from fastserve.flags import parse_bool  # noqa: E402
 from fastserve.model_spec import PRESETS, resolve_model  # noqa: E402
 from fastserve.services.worker.cpu_share import ThreadGovernor  # noqa: E402
 
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--adaptive-threads",
-        default="true",
+        default=True,
+        type=parse_bool,
         help="as the worker: fewer threads while other processes keep the CPUs busy (true/false)",
     )
     p.add_argument("--out", default="out/worker_step.json", help="JSON results path")
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     global GOVERNOR
-    if args.adaptive_threads.strip().lower() not in FALSE:
+    if args.adaptive_threads:
         GOVERNOR = ThreadGovernor(torch.get_num_threads())
     batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     contexts = [int(c) for c in args.contexts.split(",") if c.strip()]

@@ -13,10 +13,12 @@ variable already in the environment wins.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping, Sequence
 
+from fastserve.flags import parse_bool
+
 SPIN_COUNT = "30000"
-FALSE = ("0", "false", "no", "off")
 
 
 def adaptive_threads(argv: Sequence[str], environ: Mapping[str, str]) -> bool:
@@ -27,7 +29,10 @@ def adaptive_threads(argv: Sequence[str], environ: Mapping[str, str]) -> bool:
             value = argv[i + 1]
         elif arg.startswith("--adaptive-threads="):
             value = arg.partition("=")[2]
-    return value.strip().lower() not in FALSE
+    try:
+        return parse_bool(value.strip())
+    except argparse.ArgumentTypeError:  # the worker's own parser refuses it, with the flag's name
+        return True
 
 
 def openmp_defaults(argv: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
