@@ -47,6 +47,7 @@ class Swapper:
         self.host_v = [torch.empty(shape, dtype=dtype, pin_memory=self.cuda) for _ in cache.v_cache]
         self.stream = torch.cuda.Stream(device=device) if self.cuda else None
         self.thread = None if self.cuda else ThreadPoolExecutor(max_workers=1, thread_name_prefix="swap")
+        self._copy = _block_copy if self.cuda else _copy_on_this_thread
         self.pending: dict[int, torch.cuda.Event | Future] = {}
         self.stats = SwapStats()
         self._lock = threading.Lock()
@@ -120,7 +121,7 @@ class Swapper:
 
     def _copy_out(self, moves: list[tuple[int, int]]) -> None:
         # block by block into pinned host memory, so the device copies stay asynchronous on GPU
-        copy = _block_copy if self.cuda else _copy_on_this_thread
+        copy = self._copy
         for layer in range(len(self.host_k)):
             k, v = self.cache.k_cache[layer], self.cache.v_cache[layer]
             for dev, host in moves:
@@ -128,7 +129,7 @@ class Swapper:
                 copy(self.host_v[layer][host], v[dev])
 
     def _copy_in(self, moves: list[tuple[int, int]]) -> None:
-        copy = _block_copy if self.cuda else _copy_on_this_thread
+        copy = self._copy
         for layer in range(len(self.host_k)):
             k, v = self.cache.k_cache[layer], self.cache.v_cache[layer]
             for host, dev in moves:
