@@ -80,8 +80,38 @@ def test_jobs_run_to_their_length_and_the_kv_manager_is_asked_only_for_new_block
         tokens += [e.value for e in core.take_events() if e.kind == "token"]
     assert tokens == [10, 11, 12, 13, 14, 15]
     assert "a" not in core.seqs and core.take_frees() == ["a"]
-    # contexts 3..8 tokens in blocks of 4: a plan for the prompt, then only when crossing into block 2
-    assert kv.plans == 2
+    # contexts 3..8 tokens in blocks of 4: the plan for the prompt also gives the block after it
+    assert kv.plans == 1
+
+
+def test_a_plan_gives_every_job_its_next_block_so_staggered_jobs_ask_once_a_block():
+    core = make_core(batch=8, gpu=64)
+    kv = KV(core)
+    for i in range(8):  # prompts of 1..8 tokens: every step some job crosses into a new block
+        core.add(f"j{i}", list(range(5, 6 + i)), max_tokens=40, now=0.0)
+    for i in range(24):
+        s = step(core, kv, float(i))
+        assert len(s.inputs) == 8
+        for x in s.inputs:  # every job holds the blocks of the tokens its step writes
+            assert 4 * len(x.seq.table) >= x.start_pos + len(x.token_ids)
+        core.complete(s, [10] * 8, 0.01, float(i))
+    # without blocks ahead each of the 24 steps would ask (a job crosses every step); with them,
+    # a step asks once the first job has used up its block ahead: at most every 4 (block) steps
+    assert kv.plans <= 24 // 4 + 1
+
+
+def test_blocks_ahead_stop_at_the_last_token_and_when_the_pool_is_short():
+    core = make_core(gpu=64)
+    kv = KV(core)
+    core.add("short", [5, 6, 7], max_tokens=1, now=0.0)  # 3 + 1 tokens: one block, none ahead
+    step(core, kv, 0.0)
+    assert len(kv.blocks.tables["short"]) == 1
+    tight = make_core(gpu=3)  # the prompt takes 2 blocks, the last one free is left to the next job
+    kv = KV(tight)
+    tight.add("a", [5, 6, 7, 8, 9], max_tokens=20, now=0.0)
+    tight.add("b", [5], max_tokens=20, now=0.0)
+    step(tight, kv, 0.0)
+    assert len(kv.blocks.tables["a"]) == 2 and len(kv.blocks.tables["b"]) == 1
 
 
 def test_first_step_prefills_the_prompt_then_decodes_the_last_token():
