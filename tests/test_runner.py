@@ -293,6 +293,28 @@ def test_paged_decode_attention_matches_a_dense_reference(monkeypatch, impl):
         torch.testing.assert_close(out[b].double(), torch.einsum("ht,thd->hd", p, v), atol=1e-5, rtol=1e-5)
 
 
+def test_cpp_decode_attention_gives_each_thread_count_the_same_answer():
+    """Threads take work items as they free up: every item is computed once, by one thread, the same way."""
+    decode = cpp_decode()
+    gen = torch.Generator().manual_seed(1)
+    heads, dim, bs, num_blocks = 4, 16, 4, 200
+    k_cache = torch.randn(num_blocks, bs, heads, dim, generator=gen)
+    v_cache = torch.randn(num_blocks, bs, heads, dim, generator=gen)
+    lens = [90, 85, 70, 3, 2, 1, 40, 5, 1]  # long contexts first, as a priority order may put them
+    width = -(-max(lens) // bs)
+    tables = torch.randint(0, num_blocks, (len(lens), width), generator=gen, dtype=torch.int32)
+    q = torch.randn(len(lens), heads, dim, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(decode(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), 0.25))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
 def test_cpp_decode_attention_refuses_tables_outside_the_pool():
     kernel = cpp_decode()
     q, pool = torch.zeros(1, 2, 8), torch.zeros(4, 4, 2, 8)

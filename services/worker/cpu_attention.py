@@ -32,6 +32,7 @@ SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -67,14 +68,19 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   // Work items are (sequence, group of heads). Within one, the keys are read token by token,
   // each token's heads of the group contiguous in the pool (a streaming read), rather than one
   // head's 256 bytes at a stride of H * D floats, which the prefetcher follows badly. Small
-  // batches split their heads into groups so that every thread has work.
+  // batches split their heads into groups so that every thread has work. Each thread takes the
+  // next item when it is done with one: split into fixed runs, a batch whose long contexts came
+  // first (as a priority order often has them) left one thread with most of the work (8 jobs,
+  // 4 of 300 tokens then 4 of 50: 262 us a layer against 152 us with the same jobs interleaved).
   const int64_t threads = at::get_num_threads();
   const int64_t groups = std::min<int64_t>(H, std::max<int64_t>(1, (2 * threads + B - 1) / B));
   const int64_t per_group = (H + groups - 1) / groups;
-  at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
+  const int64_t items = B * groups;
+  std::atomic<int64_t> next_item{0};
+  at::parallel_for(0, std::min(threads, items), 1, [&](int64_t, int64_t) {
     std::vector<float> scores;
     std::vector<float> acc;
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i; (i = next_item.fetch_add(1, std::memory_order_relaxed)) < items;) {
       const int64_t b = i / groups, h0 = (i % groups) * per_group;
       const int64_t h1 = std::min<int64_t>(H, h0 + per_group), nh = h1 - h0;
       if (nh <= 0) continue;
