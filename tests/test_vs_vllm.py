@@ -22,6 +22,7 @@ from fastserve.bench.vs_vllm_report import (
     queue_rate,
     ratios,
     step_table,
+    trace_means,
     trace_settings,
     trace_table,
     worker_metrics_address,
@@ -141,6 +142,33 @@ def test_the_servers_take_turns_one_switch_per_measurement():
     assert vs_vllm.turn_order([FASTSERVE], 3) == [FASTSERVE]
 
 
+def test_each_trace_rate_runs_on_each_server_as_often_as_asked_the_first_server_alternating():
+    plan = vs_vllm.segments(["greedy", "trace"], [1.0, 3.0], trace_runs=2)
+    assert plan == [("greedy", None), ("trace", 1.0), ("trace", 1.0), ("trace", 3.0), ("trace", 3.0)]
+    firsts = [
+        vs_vllm.turn_order([VLLM, FASTSERVE], i)[0] for i, (part, _) in enumerate(plan) if part == "trace"
+    ]
+    assert firsts == [FASTSERVE, VLLM, FASTSERVE, VLLM]  # each rate: once first, once second
+
+
+def test_the_tables_show_the_mean_of_each_servers_runs_at_a_rate():
+    runs = [
+        run(VLLM, 1, 60, 0.4, tpot=0.030),
+        run(FASTSERVE, 1, 50, 0.5, tpot=0.040),
+        run(FASTSERVE, 1, 70, 0.7, tpot=0.020),
+        run(VLLM, 1, 60, 0.2, tpot=0.034),
+        run(VLLM, 3, 150, 0.9),
+    ]
+    means = {(r["server"], r["rate"]): r for r in trace_means(runs)}
+    assert len(means) == 3 and means[(VLLM, 3)]["runs"] == 1 and means[(VLLM, 3)]["output_throughput"] == 150
+    fs, vl = means[(FASTSERVE, 1)], means[(VLLM, 1)]
+    assert (fs["runs"], fs["server"], fs["rate"]) == (2, FASTSERVE, 1)
+    assert fs["output_throughput"] == 60 and math.isclose(fs["ttft"]["p99"], 0.6)
+    assert math.isclose(vl["tpot"]["mean"], 0.032) and vl["output_throughput"] == 60
+    (pair,) = [r for r in ratios(trace_means(runs)) if r["rate"] == 1]
+    assert math.isclose(pair["tpot_mean"], 0.030 / 0.032)
+
+
 def test_the_top_rate_doubles_after_its_measurement_while_vllm_does_not_queue():
     plan = vs_vllm.segments(["trace", "busy"], [1.0, 8.0])
     report = {"trace": [run(VLLM, 1, 60, 0.4), run(FASTSERVE, 1, 60, 0.4)]}
@@ -197,6 +225,7 @@ def test_flags_are_checked_before_anything_is_built():
         (["--rates", "1,0"], "--rates"),
         (["--threads", "0"], "--threads"),
         (["--step-batches", "1,0"], "--step-batches"),
+        (["--trace-runs", "0"], "--trace-runs"),
     ):
         with pytest.raises(SystemExit, match=message):
             vs_vllm.check_args(parse(bad))
@@ -306,10 +335,22 @@ def test_a_rerun_takes_vllms_results_from_an_earlier_run_with_the_same_trace():
         "anchor": {VLLM: {"output_throughput": 1.0}},
         "step": {VLLM: [], FASTSERVE: []},
     }
-    report = {"trace_settings": settings, "greedy": {}, "trace": [], "busy": [], "anchor": {}, "step": {}}
+    report = {
+        "trace_settings": settings,
+        "greedy": {},
+        "trace": [],
+        "trace_runs": [],
+        "busy": [],
+        "anchor": {},
+        "step": {},
+    }
     assert adopt_vllm_results(report, previous) == [1, 3, 8, 16]
     assert {r["server"] for r in report["trace"]} == {VLLM} and len(report["trace"]) == 4
     assert VLLM in report["greedy"] and report["step"] == {VLLM: []} and len(report["busy"]) == 1
+    previous["trace_runs"] = [{**run(VLLM, 1, tok_s, 1), "command": command} for tok_s in (90, 110)]
+    report |= {"trace": [], "trace_runs": []}
+    adopt_vllm_results(report, previous)  # a newer file: every run is taken, the table shows their mean
+    assert len(report["trace_runs"]) == 2 and report["trace"][0]["output_throughput"] == 100
     other = vs_vllm.build_parser().parse_args(["--num-requests", "96"])
     report = {"trace_settings": trace_settings(vs_vllm.trace_argv(other, 0))}
     with pytest.raises(SystemExit, match="is not this run's"):
