@@ -154,8 +154,10 @@ class _StreamStream(_AttachToken, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._details(details), request_iterator)
 
 
-def client_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
-    """Interceptors that send `token` with every call on a channel (none when it is empty)."""
+def client_interceptors(token: str, streams: bool = True) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors that send `token` with every call on a channel (none when it is empty);
+    `streams=False`: with unary calls only (streaming calls then send it in their own metadata)."""
     if not token:
         return []
-    return [cls(token) for cls in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
+    kinds = (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream) if streams else (_UnaryUnary,)
+    return [cls(token) for cls in kinds]

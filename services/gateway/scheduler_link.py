@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fastserve.rpc import ServingState
+from fastserve.rpc import ServingState, token_metadata
 from fastserve.v1 import scheduler_pb2
 from fastserve.v1.scheduler_pb2_grpc import SchedulerStub
 
@@ -45,7 +45,7 @@ class SchedulerLink:
         request = submit
         outage_since: float | None = None
         while True:
-            call = self.stub.Submit(request)
+            call = self.stub.Submit(request, metadata=token_metadata())
             try:
                 index: int | None = None if request.resume else 0
                 async for reply in call:

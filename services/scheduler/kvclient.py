@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import grpc
 
+from fastserve.rpc import token_metadata
 from fastserve.v1 import kvmanager_pb2 as pb
 from fastserve.v1.kvmanager_pb2_grpc import KVManagerStub
 
@@ -44,7 +45,7 @@ class KVClient:
             self._call.cancel()
         self._waiting.clear()
         self.broken = None
-        self._call = self.stub.Plan()
+        self._call = self.stub.Plan(metadata=token_metadata())
         self._reader = asyncio.create_task(self._read(self._call))
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import grpc
 
-from fastserve.rpc import channel, wait_serving
+from fastserve.rpc import channel, token_metadata, wait_serving
 from fastserve.v1 import worker_pb2 as pb
 from fastserve.v1 import worker_pb2_grpc as pb_grpc
 
@@ -43,7 +43,7 @@ class WorkerGroup:
         self.on_broken: Callable[[], None] = lambda: None  # called once when a rank goes away
 
     async def connect(self, timeout: float) -> None:
-        self._channels = channels = [channel(a) for a in self.addresses]
+        self._channels = channels = [channel(a, intercept_streams=False) for a in self.addresses]
         await asyncio.gather(
             *(wait_serving(c, a, timeout) for c, a in zip(channels, self.addresses, strict=True))
         )
@@ -57,7 +57,7 @@ class WorkerGroup:
             )
         self.infos = infos
         self._check_consistent()
-        self._calls = [stub.Step() for stub in stubs]
+        self._calls = [stub.Step(metadata=token_metadata()) for stub in stubs]
         self._readers = [asyncio.create_task(self._read(rank, call)) for rank, call in enumerate(self._calls)]
         for address, info in zip(self.addresses, self.infos, strict=True):
             log.info(
