@@ -563,7 +563,10 @@ def versions(vllm_cli: list[str]) -> dict:
 
 
 def summary(report: dict) -> dict:
-    out: dict = {"ratios": ratios(report["trace"]), "vllm_queue_rate": queue_rate(report["trace"])}
+    out: dict = {
+        "ratios": ratios(report["trace"], report.get("trace_runs")),
+        "vllm_queue_rate": queue_rate(report["trace"]),
+    }
     if len(report["greedy"]) == 2:
         out["greedy"] = compare_greedy(
             report["greedy"][VLLM], report["greedy"][FASTSERVE], report["logprob_tolerance"]
@@ -587,7 +590,7 @@ def print_report(report: dict) -> None:
         for r in s["ratios"]:
             print(
                 f"FastServe/vLLM at {r['rate']:g} req/s: throughput {r['throughput']:.2f}x, TTFT mean "
-                f"{r['ttft_mean']:.2f}x, TPOT mean {r['tpot_mean']:.2f}x, P99 latency/token "
+                f"{r['ttft_mean']:.2f}x, TPOT mean {r['tpot_mean']:.2f}x{by_run(r)}, P99 latency/token "
                 f"{r['latency_per_token_p99']:.2f}x"
             )
         print(f"vLLM queues (P99 TTFT > 3x its lowest rate's) from: {s['vllm_queue_rate']} req/s")
@@ -604,6 +607,11 @@ def print_report(report: dict) -> None:
             f"one CPU busy, {row['server']} at {row['rate']:g} req/s: {row['quiet_tok_s']:.1f} -> "
             f"{row['busy_tok_s']:.1f} tok/s (fell {row['fall']:.0%})"
         )
+
+
+def by_run(ratio: dict) -> str:
+    runs = ratio.get("tpot_mean_runs")
+    return f" (run by run {', '.join(f'{x:.2f}x' for x in runs)})" if runs else ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -139,22 +139,30 @@ def by_rate(results: list[dict]) -> dict[float, dict[str, dict]]:
     return dict(sorted(out.items()))
 
 
-def ratios(results: list[dict]) -> list[dict]:
-    """FastServe / vLLM per rate: throughput, mean TTFT, mean TPOT, P99 latency per output token."""
+def ratios(results: list[dict], runs: list[dict] | None = None) -> list[dict]:
+    """FastServe / vLLM per rate: throughput, mean TTFT, mean TPOT, P99 latency per output token;
+    with every run (`runs`) and more than one per rate, also the mean TPOT's ratio run by run (the
+    k-th run of one server against the k-th of the other), to show how far one run moves it."""
     rows = []
     for rate, pair in by_rate(results).items():
         if VLLM not in pair or FASTSERVE not in pair:
             continue
         fs, vl = pair[FASTSERVE], pair[VLLM]
-        rows.append(
-            {
-                "rate": rate,
-                "throughput": fs["output_throughput"] / vl["output_throughput"],
-                "ttft_mean": fs["ttft"]["mean"] / vl["ttft"]["mean"],
-                "tpot_mean": fs["tpot"]["mean"] / vl["tpot"]["mean"],
-                "latency_per_token_p99": fs["latency_per_token"]["p99"] / vl["latency_per_token"]["p99"],
-            }
+        row = {
+            "rate": rate,
+            "throughput": fs["output_throughput"] / vl["output_throughput"],
+            "ttft_mean": fs["ttft"]["mean"] / vl["ttft"]["mean"],
+            "tpot_mean": fs["tpot"]["mean"] / vl["tpot"]["mean"],
+            "latency_per_token_p99": fs["latency_per_token"]["p99"] / vl["latency_per_token"]["p99"],
+        }
+        ours, theirs = (
+            [r for r in runs or () if (r["server"], r["rate"]) == (name, rate)] for name in (FASTSERVE, VLLM)
         )
+        if min(len(ours), len(theirs)) > 1:
+            row["tpot_mean_runs"] = [
+                f["tpot"]["mean"] / v["tpot"]["mean"] for f, v in zip(ours, theirs, strict=False)
+            ]
+        rows.append(row)
     return rows
 
 

@@ -50,7 +50,7 @@ class FakeKV:
         self.service.swap_policy, self.service.reserve = config.swap_policy, config.reserve
         self.requests: list = []
 
-    def Plan(self) -> FakePlanCall:  # noqa: N802 (the stub's name)
+    def Plan(self, metadata=()) -> FakePlanCall:  # noqa: N802 (the stub's name)
         return FakePlanCall(self.service, self.requests)
 
 

@@ -165,8 +165,10 @@ def test_the_tables_show_the_mean_of_each_servers_runs_at_a_rate():
     assert (fs["runs"], fs["server"], fs["rate"]) == (2, FASTSERVE, 1)
     assert fs["output_throughput"] == 60 and math.isclose(fs["ttft"]["p99"], 0.6)
     assert math.isclose(vl["tpot"]["mean"], 0.032) and vl["output_throughput"] == 60
-    (pair,) = [r for r in ratios(trace_means(runs)) if r["rate"] == 1]
+    (pair,) = [r for r in ratios(trace_means(runs), runs) if r["rate"] == 1]
     assert math.isclose(pair["tpot_mean"], 0.030 / 0.032)
+    assert [round(x, 3) for x in pair["tpot_mean_runs"]] == [round(0.040 / 0.030, 3), round(0.020 / 0.034, 3)]
+    assert all("tpot_mean_runs" not in r for r in ratios(trace_means(runs)))  # one run or none given
 
 
 def test_the_top_rate_doubles_after_its_measurement_while_vllm_does_not_queue():
