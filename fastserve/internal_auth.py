@@ -122,42 +122,22 @@ class ServerGuard(grpc.aio.ServerInterceptor):
         return _guarded(handler, method, denied)
 
 
-class _AttachToken:
+class _AttachToken(grpc.aio.UnaryUnaryClientInterceptor):
+    """Sends the token with every unary call. Not with streams: an intercepted stream hands each
+    message through an extra queue and task, so streaming calls pass it in their own metadata."""
+
     def __init__(self, token: str) -> None:
         self.token = token
 
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    async def intercept_unary_unary(self, continuation, details, request):
         metadata = grpc.aio.Metadata(*(details.metadata or ()))
         metadata.add(METADATA_KEY, self.token)
-        return grpc.aio.ClientCallDetails(
+        details = grpc.aio.ClientCallDetails(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
+        return await continuation(details, request)
 
 
-class _UnaryUnary(_AttachToken, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, details, request):
-        return await continuation(self._details(details), request)
-
-
-class _UnaryStream(_AttachToken, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, details, request):
-        return await continuation(self._details(details), request)
-
-
-class _StreamUnary(_AttachToken, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, details, request_iterator):
-        return await continuation(self._details(details), request_iterator)
-
-
-class _StreamStream(_AttachToken, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation, details, request_iterator):
-        return await continuation(self._details(details), request_iterator)
-
-
-def client_interceptors(token: str, streams: bool = True) -> list[grpc.aio.ClientInterceptor]:
-    """Interceptors that send `token` with every call on a channel (none when it is empty);
-    `streams=False`: with unary calls only (streaming calls then send it in their own metadata)."""
-    if not token:
-        return []
-    kinds = (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream) if streams else (_UnaryUnary,)
-    return [cls(token) for cls in kinds]
+def client_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """The interceptor that sends `token` with every unary call on a channel (none when it is empty)."""
+    return [_AttachToken(token)] if token else []

@@ -106,20 +106,17 @@ async def start_server(
     return state, f"{host}:{bound}"
 
 
-def channel(address: str, *, intercept_streams: bool = True) -> grpc.aio.Channel:
-    """A channel that sends the stack's token with every call. `intercept_streams=False` for the
-    per-step streams: their calls pass `token_metadata()` themselves, because an intercepted
-    stream hands every message through an extra queue and task (~0.1 ms a round trip between
-    two processes here)."""
+def channel(address: str) -> grpc.aio.Channel:
+    """A channel whose unary calls send the stack's token; a streaming call passes
+    `metadata=token_metadata()` itself (an intercepted stream hands every message through an
+    extra queue and task: ~0.1 ms a round trip between two processes here)."""
     return grpc.aio.insecure_channel(
-        address,
-        options=CHANNEL_OPTIONS,
-        interceptors=client_interceptors(_internal_token, streams=intercept_streams),
+        address, options=CHANNEL_OPTIONS, interceptors=client_interceptors(_internal_token)
     )
 
 
 def token_metadata() -> tuple[tuple[str, str], ...]:
-    """The stack's token as call metadata, for a streaming call on a channel that does not intercept them."""
+    """The stack's token as call metadata, for a streaming call (see `channel`)."""
     return ((METADATA_KEY, _internal_token),) if _internal_token else ()
 
 

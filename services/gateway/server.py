@@ -354,7 +354,7 @@ async def serve(args: argparse.Namespace) -> None:
     http_sock = bind_http(args.host, args.http_port) if args.http_port else None
     serve_metrics(args.host, args.metrics_port)
     tracer = tracing.setup_tracing("gateway", args)
-    sched_channel = channel(args.scheduler_address, intercept_streams=False)
+    sched_channel = channel(args.scheduler_address)
     await wait_serving(sched_channel, args.scheduler_address, args.connect_timeout)
     link = SchedulerLink(sched_channel, args.scheduler_retry_timeout)
     try:

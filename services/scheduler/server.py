@@ -327,7 +327,7 @@ async def serve(args: argparse.Namespace) -> None:
     store = RequestStore(args.redis_url, args.request_ttl)
     await wait_for_redis(store, args.connect_timeout)
     log.info("connected to Redis at %s", store.address)
-    kv_channel = channel(args.kvmanager_address, intercept_streams=False)
+    kv_channel = channel(args.kvmanager_address)
     await wait_serving(kv_channel, args.kvmanager_address, args.connect_timeout)
     kv = KVManagerStub(kv_channel)
     log.info("connected to KV manager at %s", args.kvmanager_address)

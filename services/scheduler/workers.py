@@ -43,7 +43,7 @@ class WorkerGroup:
         self.on_broken: Callable[[], None] = lambda: None  # called once when a rank goes away
 
     async def connect(self, timeout: float) -> None:
-        self._channels = channels = [channel(a, intercept_streams=False) for a in self.addresses]
+        self._channels = channels = [channel(a) for a in self.addresses]
         await asyncio.gather(
             *(wait_serving(c, a, timeout) for c, a in zip(channels, self.addresses, strict=True))
         )
