@@ -352,3 +352,25 @@ def test_runner_decodes_the_same_with_the_cpp_and_the_torch_attention():
             generated.append(tokens)
         out[impl] = generated
     assert out["cpp"] == out["torch"]
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse2 avx2 avx512f
+processor\t: 1
+vendor_id\t: AuthenticAMD
+flags\t\t: fpu sse2
+"""
+
+
+def test_the_cpp_kernel_is_cached_per_cpu_model_and_instruction_set():
+    """It is built with -march=native: a build made on a CPU with AVX-512 must not load on one without."""
+    sig = cpu_attention.cpu_signature
+    assert sig(CPUINFO) == sig(CPUINFO + "bogomips\t: 4000\n")  # only what -march=native reads counts
+    assert sig(CPUINFO) != sig(CPUINFO.replace(" avx512f", "", 1))
+    assert sig(CPUINFO) != sig(CPUINFO.replace("model\t\t: 1", "model\t\t: 17", 1))
+    assert len(sig()) == 8 and sig() == sig()  # this machine's, stable
+    assert sig("") == sig("")  # no /proc/cpuinfo: the platform's names

@@ -10,7 +10,9 @@ values, reading every cached K and V byte once, in one parallel region per layer
 (``at::parallel_for``, the same OpenMP threads as the rest of the step).
 
 It is compiled when a runner starts, with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler is
-needed; the build is cached under ``TORCH_EXTENSIONS_DIR``, ~1 min the first time) and serves
+needed; the build is cached under ``TORCH_EXTENSIONS_DIR``, ~1 min the first time, one build per
+CPU model and instruction set: it is compiled with ``-march=native``, and a build copied to an
+older CPU would die of an illegal instruction) and serves
 fp32 pools. Where it cannot be built, `kernel()` returns None and the torch path runs; the
 worker's ``--cpu-attention torch`` does not build it at all.
 
@@ -19,7 +21,9 @@ worker's ``--cpu-attention torch`` does not build it at all.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import platform
 import sys
 import threading
 from collections.abc import Callable
@@ -140,12 +144,33 @@ def kernel() -> Callable[..., Tensor] | None:
     return _kernel
 
 
+def cpu_signature(cpuinfo: str | None = None) -> str:
+    """Eight hex digits naming this CPU's model and instruction set: what ``-march=native`` compiles for.
+
+    ``cpuinfo`` is /proc/cpuinfo's text (read when None); where there is none, the platform's names."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    wanted = ("vendor_id", "cpu family", "model", "model name", "flags")
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in wanted and key not in fields:  # the first processor's
+            fields[key] = " ".join(value.split())
+    text = repr(sorted(fields.items())) if fields else f"{platform.machine()} {platform.processor()}"
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
 def _build() -> Callable[..., Tensor] | None:
     try:
         from torch.utils.cpp_extension import load_inline
 
         module = load_inline(
-            name="fastserve_cpu_paged_decode",
+            name=f"fastserve_cpu_paged_decode_{cpu_signature()}",
             cpp_sources=SOURCE,
             functions=["paged_decode"],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
