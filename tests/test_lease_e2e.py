@@ -182,6 +182,10 @@ def test_keep_work_on_stop_leaves_the_jobs_to_the_next_scheduler_under_the_lease
         stack.stop()
     for t in threads:
         t.join(60)
+    # its streams were ended, UNAVAILABLE, before the server stopped: none was cancelled under it
+    said = "\n".join(stack.output.tails["scheduler"])
+    assert "stopping: leaving to the next scheduler" in said, said
+    assert "Traceback" not in said and "CancelledError" not in said, said
     ids = [f"kept-{i}" for i in range(8)]
     # the next `up` with a lease long enough to look: the kept jobs wait, parked, for their gateways
     again = supervised_stack(

@@ -52,6 +52,7 @@ from .workers import WorkerGroup
 
 log = logging.getLogger("fastserve.scheduler")
 
+STOPPING = "the scheduler is stopping; its unfinished jobs wait in Redis for the next one"
 STEP_TIMEOUT_FLOOR = 30.0  # seconds: longer than a pause that costs nothing (GC, a swapped-out page)
 STEP_TIMEOUT_FACTOR = 50.0  # times the longest profiled iteration
 
@@ -78,6 +79,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SubmitResponse]:
         engine = await self._require_engine(context)
+        if self.stopping:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, STOPPING)
         tokens = list(request.generated_token_ids)
         live = engine.jobs.get(request.request_id) if request.resume else None
         if live is not None:  # a gateway re-attaching to a job this scheduler still runs
@@ -104,6 +107,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         try:
             while True:
                 message = await outbox.get()
+                if message is None:  # `close_streams`: the job stays, for the next scheduler
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, STOPPING)
                 yield message
                 if message.finish_reason:
                     return
@@ -111,6 +116,13 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             # the gateway went away: the job leaves (unless this scheduler stops and leaves it to the next)
             if not live.finished and live.outbox is outbox and not self.stopping:
                 engine.abort(request.request_id)
+
+    def close_streams(self) -> None:
+        """A stop that keeps the work: every job's stream ends UNAVAILABLE now (its gateway re-attaches
+        to the next scheduler) instead of being cancelled under the server's stop."""
+        self.stopping = True
+        for live in self.engine.jobs.values():
+            live.outbox.put_nowait(None)
 
     def _check(self, request: pb.SubmitRequest) -> str:
         if not request.request_id:
@@ -515,8 +527,9 @@ async def stop_serving(
         len(engine.jobs),
     )
     if keep_work:  # no further iteration: what Redis gets is where the next scheduler picks up
-        service.stopping = True
         loop_task.cancel()
+        await asyncio.wait([loop_task], timeout=5.0)
+        service.close_streams()
     else:
         for request_id in list(leases.parked):
             leases.cancel(request_id, "the scheduler stopped")
