@@ -208,6 +208,7 @@ SERVICE_KNOBS = {  # flag of `up` -> (the service it goes to when given, type, w
     "--starvation-period": ("scheduler", int, "iterations between starvation checks"),
     "--length-predictor": ("scheduler", str, "output-length model (.npz) the predicted-* policies read"),
     "--max-num-batched-tokens": ("scheduler", int, "most tokens fed in one iteration"),
+    "--stream-interval": ("scheduler", int, "a job's tokens streamed this many at a time (1 = each at once)"),
     "--enable-chunked-prefill": (
         "scheduler",
         parse_bool,

@@ -65,7 +65,7 @@ class LiveJob:
     span: trace.Span = trace.INVALID_SPAN
     first_token_time: float = 0.0
     finish_time: float = 0.0
-    last_message: scheduler_pb2.SubmitResponse | None = None  # the final token's, sent with the outcome
+    pending: scheduler_pb2.SubmitResponse | None = None  # tokens not streamed yet (--stream-interval)
 
     @property
     def request_id(self) -> str:
@@ -110,8 +110,12 @@ class Engine:
         block_bytes: int,
         tracer: trace.Tracer | None = None,
         clock: Callable[[], float] = time.monotonic,
+        stream_interval: int = 1,
     ) -> None:
         self.core = core
+        # a job's tokens go to its stream this many at a time (its first at once, its last with the
+        # outcome): fewer messages through the scheduler, the gateway and the client per token
+        self.stream_interval = stream_interval
         self.workers = workers
         self.kv = KVClient(kv_stub, self._freed)  # type: ignore[arg-type]
         self.store = store
@@ -406,15 +410,18 @@ class Engine:
         if event.first:
             live.first_token_time = time.time()
             live.span.add_event("first_token")
-        message = scheduler_pb2.SubmitResponse(token_ids=[event.value])
+        message = live.pending
+        if message is None:
+            message = live.pending = scheduler_pb2.SubmitResponse()
+        message.token_ids.append(event.value)
         if event.data is not None:  # the worker's SeqLogprobs
             if event.data.HasField("sampled"):
                 message.logprobs.append(event.data.sampled)
             message.prompt_logprobs.extend(event.data.prompt_logprobs)
-        if event.last:  # the final message carries the last token and the outcome
-            live.last_message = message
-        else:
+        # the final message carries the last tokens and the outcome (`_on_finished`)
+        if not event.last and (event.first or len(message.token_ids) >= self.stream_interval):
             live.outbox.put_nowait(message)
+            live.pending = None
 
     def _on_scheduled(self, live: LiveJob, event: Event) -> None:
         if event.first:
@@ -442,7 +449,8 @@ class Engine:
         live.span.add_event(seq.state, {"finish_reason": seq.finish_reason, "level": seq.job.level})
         live.span.set_attribute("gen_ai.usage.output_tokens", len(seq.generated))
         live.span.end()
-        last = live.last_message or scheduler_pb2.SubmitResponse()
+        last = live.pending or scheduler_pb2.SubmitResponse()
+        live.pending = None
         last.finish_reason = FINISH_REASON[seq.finish_reason]
         last.prompt_tokens = seq.job.prompt_len
         last.completion_tokens = len(seq.generated)

@@ -89,6 +89,7 @@ def attach(engine: Engine, live: LiveJob, tokens: list[int]) -> pb.SubmitRespons
     fewer tokens than the client already has (Redis is written after tokens are streamed): while it
     waits to recompute, it takes the client's."""
     live.outbox = type(live.outbox)()
+    live.pending = None  # the opening message replays these too
     seq = live.seq
     if len(tokens) > len(seq.generated) and seq.job.needs_prefill and not seq.in_flight:
         seq.generated.extend(tokens[len(seq.generated) :])  # in place: the job log holds this list

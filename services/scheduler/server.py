@@ -260,6 +260,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(parser, "--max-num-batched-tokens", default=512, help="most tokens fed in one iteration")
     add_flag(
         parser,
+        "--stream-interval",
+        default=1,
+        help="a job's tokens are streamed this many at a time (its first at once, its last with the "
+        "outcome): larger values cut per-token work in the scheduler, gateway and client, smoother "
+        "streams come with 1 (as vLLM's --stream-interval)",
+    )
+    add_flag(
+        parser,
         "--enable-chunked-prefill",
         default=True,
         help="split a prefill that does not fit the tokens left under --max-num-batched-tokens into chunks "
@@ -318,6 +326,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
     if args.max_num_batched_tokens < 1:
         parser.error(f"--max-num-batched-tokens must be >= 1, got {args.max_num_batched_tokens}")
+    if args.stream_interval < 1:
+        parser.error(f"--stream-interval must be >= 1, got {args.stream_interval}")
     if needs_prediction(args.policy) and not args.length_predictor:
         parser.error(
             f"--policy {args.policy} needs --length-predictor (a model from bench/length_predictor.py)"
@@ -431,7 +441,16 @@ async def serve(args: argparse.Namespace) -> None:
     job_log.start()
     leases = Leases(job_log, args.orphan_timeout)
     metrics.JOB_LOG_DEGRADED.set_function(lambda: 1.0 if job_log.problem else 0.0)
-    engine = Engine(core, workers, kv, job_log, cost_model, first.kv_block_bytes, tracer)
+    engine = Engine(
+        core,
+        workers,
+        kv,
+        job_log,
+        cost_model,
+        first.kv_block_bytes,
+        tracer,
+        stream_interval=args.stream_interval,
+    )
     engine.predictor = predictor.predict if predictor else None
     engine.kv.timeout = step_timeout
     recovery = Recovery(engine, workers, kv_channel, args.kvmanager_address, configure, state)
