@@ -113,3 +113,12 @@ def test_async_scheduling_reaches_the_scheduler(flags, expected):
 def test_async_scheduling_auto_overlaps_steps_on_gpu_workers_only():
     assert scheduler.overlap_steps("auto", "cuda:0") and not scheduler.overlap_steps("auto", "cpu")
     assert scheduler.overlap_steps("true", "cpu") and not scheduler.overlap_steps("false", "cuda:1")
+
+
+def test_stream_interval_reaches_the_scheduler_and_below_one_is_refused(capsys):
+    argv = scheduler_flags(parse_args(["--stream-interval", "4"]), 1, 2, "m", ["127.0.0.1:3"], "127.0.0.1:4")
+    assert scheduler.parse_args(argv).stream_interval == 4
+    assert scheduler.parse_args([]).stream_interval == 1
+    with pytest.raises(SystemExit):
+        scheduler.parse_args(["--stream-interval", "0"])
+    assert "--stream-interval must be >= 1, got 0" in capsys.readouterr().err
