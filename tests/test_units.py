@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 
@@ -145,6 +146,19 @@ def test_completions_of_a_seeded_request_get_distinct_reproducible_seeds():
 def test_sampling_errors_name_field_and_limit(sampling, field):
     with pytest.raises(InvalidRequest, match=field):
         resolve_sampling(request(**sampling), LIMITS)
+
+
+def test_structured_outputs_are_refused_by_a_gateway_with_another_tokenizer():
+    schema = common_pb2.StructuredOutputs(json='{"type": "integer"}')
+    assert resolve_sampling(request(structured_outputs=schema), LIMITS).resolved.HasField(
+        "structured_outputs"
+    )
+    foreign = dataclasses.replace(LIMITS, structured_outputs_refused="not served with --tokenizer 'byte'")
+    with pytest.raises(
+        InvalidRequest, match="sampling.structured_outputs: not served with --tokenizer 'byte'"
+    ):
+        resolve_sampling(request(structured_outputs=schema), foreign)
+    assert resolve_sampling(request(), foreign).resolved.max_tokens  # everything else is served
 
 
 def test_envelope_and_length_errors():

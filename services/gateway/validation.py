@@ -39,6 +39,9 @@ class Limits:
     max_n: int = 16
     max_prompt_chars: int = 0  # 0 = no bound of its own
     max_prompts_per_request: int = 64  # prompts in one /v1/completions request
+    # why structured outputs cannot be served here ("" = they can): the workers constrain tokens
+    # with the model's tokenizer, so a gateway that tokenizes with another one must refuse them
+    structured_outputs_refused: str = ""
 
     def prompt_chars_limit(self) -> int:
         return self.max_prompt_chars or 1 << 62
@@ -158,6 +161,8 @@ def resolve_sampling(request: gateway_pb2.GenerateRequest, limits: Limits) -> Sa
                 f"sampling.{name}: {getattr(s, name)} exceeds the limit of {limits.max_logprobs} (--max-logprobs)"
             )
     if s.HasField("structured_outputs"):
+        if limits.structured_outputs_refused:
+            raise InvalidRequest(f"sampling.structured_outputs: {limits.structured_outputs_refused}")
         if s.min_tokens:
             raise InvalidRequest(
                 "sampling.min_tokens: must be 0 with sampling.structured_outputs (the grammar decides when to end)"
