@@ -207,7 +207,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flag(parser, "--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for request metadata")
     add_flag(parser, "--request-ttl", default=86400, help="seconds a request's Redis record is kept")
     add_flag(
-        parser, "--tokenizer", default="auto", help="auto (the model's), byte, or a Hugging Face tokenizer"
+        parser,
+        "--tokenizer",
+        default="auto",
+        help="auto (the model's), byte, or a Hugging Face tokenizer; "
+        "another than the model's refuses structured outputs (the workers constrain with the model's)",
     )
     add_flag(parser, "--max-tokens-limit", default=2048, help="largest sampling.max_tokens accepted")
     add_flag(
