@@ -379,13 +379,14 @@ async def serve(args: argparse.Namespace) -> None:
             "Redis at %s unreachable for now (%s); serving without request metadata", store.address, exc
         )
     tokenizer = load_tokenizer(info.tokenizer if args.tokenizer == "auto" else args.tokenizer)
-    foreign = args.tokenizer not in ("auto", info.tokenizer)
-    if foreign:
-        log.warning(
-            "--tokenizer %s is not the model's (%s): requests for structured outputs are refused",
-            args.tokenizer,
-            info.tokenizer,
-        )
+    structured_refused = (
+        f"not served with this gateway's --tokenizer {args.tokenizer!r}: the workers constrain tokens "
+        f"with the model's tokenizer ({info.tokenizer!r})"
+        if args.tokenizer not in ("auto", info.tokenizer)
+        else ""
+    )
+    if structured_refused:
+        log.warning("structured outputs are refused: %s", structured_refused)
     limits = Limits(
         vocab_size=info.vocab_size,
         max_model_len=info.max_model_len,
@@ -396,12 +397,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_n=args.max_n,
         max_prompts_per_request=args.max_prompts_per_request,
         max_prompt_chars=args.max_prompt_chars or 32 * info.max_model_len,
-        structured_outputs_refused=(
-            f"not served with this gateway's --tokenizer {args.tokenizer!r}: the workers constrain tokens "
-            f"with the model's tokenizer ({info.tokenizer!r})"
-            if foreign
-            else ""
-        ),
+        structured_outputs_refused=structured_refused,
     )
 
     served_model_name = args.served_model_name or info.model
