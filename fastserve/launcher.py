@@ -226,6 +226,11 @@ SERVICE_KNOBS = {  # flag of `up` -> (the service it goes to when given, type, w
         "seconds a job restored after a scheduler restart waits for its gateway before it is cancelled",
     ),
     "--num-threads": ("worker", int, "torch CPU threads per rank"),
+    "--preload-libs": (
+        "worker",
+        str,
+        "CPU runtime libraries loaded before torch: auto (Intel OpenMP, tcmalloc), none, or a list",
+    ),
     "--enforce-eager": (
         "worker",
         parse_bool,

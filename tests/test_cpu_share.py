@@ -9,9 +9,10 @@ import time
 
 import pytest
 
+from fastserve.procs import free_port
 from fastserve.services.worker import cpu_share
 from fastserve.services.worker.cpu_share import ThreadGovernor, busy_seconds
-from fastserve.services.worker.omp_env import openmp_defaults
+from fastserve.services.worker.omp_env import MALLOC_TUNABLES, PRELOADED, openmp_defaults, preload_env
 
 HZ = cpu_share.CLOCK_TICKS
 
@@ -109,12 +110,100 @@ def test_a_real_busy_process_on_one_of_our_cpus_takes_a_thread_away():
 
 
 def test_openmp_defaults_spin_briefly_when_adaptive_and_leave_user_settings_alone():
-    assert openmp_defaults([], {}) == {"GOMP_SPINCOUNT": "30000"}
+    assert openmp_defaults([], {}) == {"GOMP_SPINCOUNT": "30000", "KMP_BLOCKTIME": "1"}
     assert openmp_defaults(["--adaptive-threads", "false"], {}) == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert openmp_defaults(["--adaptive-threads=no"], {}) == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert openmp_defaults([], {"FASTSERVE_ADAPTIVE_THREADS": "0"}) == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert openmp_defaults(["--adaptive-threads", "true"], {"FASTSERVE_ADAPTIVE_THREADS": "0"}) == {
-        "GOMP_SPINCOUNT": "30000"
+        "GOMP_SPINCOUNT": "30000",
+        "KMP_BLOCKTIME": "1",
     }
     assert openmp_defaults([], {"OMP_WAIT_POLICY": "ACTIVE"}) == {}
     assert openmp_defaults([], {"GOMP_SPINCOUNT": "0"}) == {}
+    assert openmp_defaults([], {"KMP_BLOCKTIME": "200"}) == {}
+
+
+def fake_libs(tmp_path, tcmalloc: bool = True) -> tuple[str, list[str], str, str]:
+    """A venv prefix holding lib/libiomp5.so and a system lib dir holding tcmalloc (or not)."""
+    (tmp_path / "venv" / "lib").mkdir(parents=True)
+    (tmp_path / "sys").mkdir()
+    openmp = tmp_path / "venv" / "lib" / "libiomp5.so"
+    openmp.write_bytes(b"")
+    tcm = tmp_path / "sys" / "libtcmalloc_minimal.so.4"
+    if tcmalloc:
+        tcm.write_bytes(b"")
+    return str(tmp_path / "venv"), [str(tmp_path / "sys")], str(openmp), str(tcm)
+
+
+def test_a_cpu_worker_preloads_intel_openmp_and_tcmalloc_once_and_keeps_what_the_user_preloaded(tmp_path):
+    prefix, dirs, openmp, tcm = fake_libs(tmp_path)
+    assert preload_env([], {}, prefix, dirs) == {"LD_PRELOAD": f"{openmp}:{tcm}", PRELOADED: "1"}
+    # what the user preloads stays, after ours; a library already there is not added twice
+    assert preload_env([], {"LD_PRELOAD": f"/x/libfoo.so {tcm}"}, prefix, dirs) == {
+        "LD_PRELOAD": f"{openmp}:/x/libfoo.so:{tcm}",
+        PRELOADED: "1",
+    }
+    assert preload_env([], {"LD_PRELOAD": f"{openmp}:{tcm}"}, prefix, dirs) == {}
+    # started again already, on CUDA, or turned off (flag or environment): nothing to do
+    assert preload_env([], {PRELOADED: "1"}, prefix, dirs) == {}
+    assert preload_env(["--device", "cuda"], {}, prefix, dirs) == {}
+    assert preload_env(["--preload-libs=none"], {}, prefix, dirs) == {}
+    assert preload_env([], {"FASTSERVE_PRELOAD_LIBS": "none"}, prefix, dirs) == {}
+    # a list given by the user is preloaded as it is, and a missing library is named
+    assert preload_env(["--preload-libs", tcm], {}, prefix, dirs) == {"LD_PRELOAD": tcm, PRELOADED: "1"}
+    with pytest.raises(SystemExit, match="--preload-libs: no such library: /nope.so"):
+        preload_env(["--preload-libs", f"{tcm}:/nope.so"], {}, prefix, dirs)
+
+
+def test_without_tcmalloc_glibc_keeps_freed_memory_unless_the_user_tuned_it(tmp_path):
+    prefix, dirs, openmp, _ = fake_libs(tmp_path, tcmalloc=False)
+    assert preload_env([], {}, prefix, dirs) == {
+        "LD_PRELOAD": openmp,
+        "GLIBC_TUNABLES": MALLOC_TUNABLES,
+        PRELOADED: "1",
+    }
+    assert preload_env([], {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, prefix, dirs) == {
+        "LD_PRELOAD": openmp,
+        PRELOADED: "1",
+    }
+
+
+def mapped_libraries(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as maps:
+        return maps.read()
+
+
+@pytest.mark.skipif(
+    not os.path.isfile(os.path.join(sys.prefix, "lib", "libiomp5.so")),
+    reason="no intel-openmp wheel (not x86_64)",
+)
+@pytest.mark.parametrize("setting", ["auto", "none"])
+def test_the_worker_process_itself_runs_with_intel_openmp_mapped(setting):
+    """Started as `up` and compose start it: the same pid (an exec, not a child) has libiomp5 mapped
+    by the time torch has loaded its OpenMP; with --preload-libs none, GNU's OpenMP alone."""
+    argv = [sys.executable, "-m", "fastserve.services.worker", "--model", "opt-tiny", "--device", "cpu"]
+    argv += [
+        "--port",
+        str(free_port()),
+        "--metrics-port",
+        "0",
+        "--preload-libs",
+        setting,
+        "--swap-space",
+        "0",
+    ]
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", PRELOADED, "FASTSERVE_PRELOAD_LIBS")
+    }
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "libgomp" not in (maps := mapped_libraries(proc.pid)):  # torch has loaded its OpenMP
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stdout.read() if proc.poll() else "slow"
+            )
+            time.sleep(0.2)
+        assert ("libiomp5.so" in maps) == (setting == "auto")
+    finally:
+        proc.kill()
+        proc.wait()

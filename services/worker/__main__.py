@@ -1,13 +1,18 @@
 """``python -m fastserve.services.worker``.
 
-OpenMP reads its wait policy once, when torch loads it, so it is set here, before the import
-(see omp_env.py for what and why).
+OpenMP reads its wait policy once, when torch loads it, and the dynamic loader reads
+``LD_PRELOAD`` once, when the process starts: so the wait policy is set here, before the import,
+and a CPU worker starts itself again, once, with its runtime libraries preloaded (see omp_env.py
+for what and why).
 """
 
 import os
 import sys
 
-from .omp_env import openmp_defaults
+from .omp_env import openmp_defaults, preload_env
+
+if changes := preload_env(sys.argv[1:], os.environ, sys.prefix):
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **changes})
 
 os.environ.update(openmp_defaults(sys.argv[1:], os.environ))
 

@@ -406,6 +406,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_flag(
         parser,
+        "--preload-libs",
+        default="auto",
+        help="on CPU, runtime libraries loaded before torch (LD_PRELOAD; the worker starts itself again "
+        "once to apply it): auto = Intel OpenMP (the intel-openmp wheel) and tcmalloc, those found "
+        "(without tcmalloc, glibc's allocator keeps freed memory), none, or a colon-separated list",
+    )
+    add_flag(
+        parser,
         "--cpu-attention",
         default="cpp",
         choices=["cpp", "torch"],
@@ -478,11 +486,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     log.info(
-        "torch uses %d CPU threads (OMP_WAIT_POLICY=%s, GOMP_SPINCOUNT=%s, adaptive: %s)",
+        "torch uses %d CPU threads (OMP_WAIT_POLICY=%s, GOMP_SPINCOUNT=%s, KMP_BLOCKTIME=%s, adaptive: %s; "
+        "LD_PRELOAD=%s)",
         torch.get_num_threads(),
         os.environ.get("OMP_WAIT_POLICY", "unset"),
         os.environ.get("GOMP_SPINCOUNT", "unset"),
+        os.environ.get("KMP_BLOCKTIME", "unset"),
         args.adaptive_threads,
+        os.environ.get("LD_PRELOAD", "") or "none",
     )
     asyncio.run(serve(args))
     return 0
