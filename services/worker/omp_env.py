@@ -41,9 +41,8 @@ LIB_DIRS = (
 )
 # glibc keeps up to 256 MiB blocks on its heap and 512 MiB free at its top instead of returning them
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=536870912"
-PRELOADED = (
-    "FASTSERVE_WORKER_PRELOADED"  # set in the started-again process: it never starts itself a third time
-)
+# set in the started-again process: it never starts itself a third time
+PRELOADED = "FASTSERVE_WORKER_PRELOADED"
 
 
 def flag_value(argv: Sequence[str], environ: Mapping[str, str], flag: str, default: str) -> str:
@@ -76,27 +75,20 @@ def openmp_defaults(argv: Sequence[str], environ: Mapping[str, str]) -> dict[str
     return {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def runtime_libraries(
-    setting: str, prefix: str, lib_dirs: Sequence[str] = LIB_DIRS
-) -> tuple[list[str], bool]:
-    """``--preload-libs`` resolved: the libraries to preload, and whether one of them is a malloc.
-    "auto": the venv's Intel OpenMP and the system's tcmalloc, those found; "none"; or a colon list."""
+def runtime_libraries(setting: str, prefix: str, lib_dirs: Sequence[str] = LIB_DIRS) -> list[str]:
+    """``--preload-libs`` resolved: "auto" = the venv's Intel OpenMP and the system's tcmalloc, those
+    found; "none"; or a colon-separated list, each of which must exist."""
     if setting == "none":
-        return [], False
+        return []
     if setting != "auto":
         paths = [part for part in setting.split(":") if part]
         missing = [path for path in paths if not Path(path).is_file()]
         if missing:
             raise SystemExit(f"--preload-libs: no such library: {', '.join(missing)}")
-        return paths, any("malloc" in Path(path).name for path in paths)
-    found = []
+        return paths
     openmp = Path(prefix) / "lib" / INTEL_OPENMP
-    if openmp.is_file():
-        found.append(str(openmp))
-    tcmalloc = next((Path(d) / n for n in TCMALLOC for d in lib_dirs if (Path(d) / n).is_file()), None)
-    if tcmalloc is not None:
-        found.append(str(tcmalloc))
-    return found, tcmalloc is not None
+    tcmalloc = [Path(d) / n for n in TCMALLOC for d in lib_dirs if (Path(d) / n).is_file()]
+    return [str(path) for path in [openmp, *tcmalloc[:1]] if path.is_file()]
 
 
 def preload_env(
@@ -106,15 +98,14 @@ def preload_env(
     {} when there is nothing to change (already started again, on CUDA, or all of it preloaded)."""
     if environ.get(PRELOADED) or flag_value(argv, environ, "--device", "auto") == "cuda":
         return {}
-    libs, has_malloc = runtime_libraries(
-        flag_value(argv, environ, "--preload-libs", "auto"), prefix, lib_dirs
-    )
+    setting = flag_value(argv, environ, "--preload-libs", "auto")
+    libs = runtime_libraries(setting, prefix, lib_dirs)
     current = environ.get("LD_PRELOAD", "").replace(" ", ":").split(":")
     new = [lib for lib in libs if lib not in current]
     changes = {}
     if new:
         changes["LD_PRELOAD"] = ":".join([*new, *(part for part in current if part)])
-    if flag_value(argv, environ, "--preload-libs", "auto") == "auto" and not has_malloc:
-        if "GLIBC_TUNABLES" not in environ:
-            changes["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+    tcmalloc = any(Path(lib).name in TCMALLOC for lib in libs)
+    if setting == "auto" and not tcmalloc and "GLIBC_TUNABLES" not in environ:
+        changes["GLIBC_TUNABLES"] = MALLOC_TUNABLES
     return {**changes, PRELOADED: "1"} if changes else {}
