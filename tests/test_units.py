@@ -283,9 +283,17 @@ def test_onednn_linear_matches_f_linear_and_refuses_what_it_cannot_serve():
     relu = cpu_linear.linear(x, packed, b, "relu")
     torch.testing.assert_close(relu, torch.nn.functional.linear(x, w, b).relu())
     assert cpu_linear.pack(w.half()) is None  # fp16 on CPU: F.linear serves it
-    # fewer rows than MIN_ROWS go through zero padding: the same numbers, only their own rows
-    for rows in range(1, cpu_linear.MIN_ROWS + 1):
-        few = x[:rows]
-        out = cpu_linear.linear(few, packed, b, "relu")
-        assert out.shape == (rows, 48)
-        torch.testing.assert_close(out, torch.nn.functional.linear(few, w, b).relu())
+    # row counts padded with zeros or not: the same numbers, only their own rows
+    for padded in (frozenset(), frozenset(range(1, cpu_linear.PAD_TO))):
+        cpu_linear.padded_rows = padded
+        for rows in range(1, cpu_linear.PAD_TO + 1):
+            few = x[:rows]
+            out = cpu_linear.linear(few, packed, b, "relu")
+            assert out.shape == (rows, 48)
+            torch.testing.assert_close(out, torch.nn.functional.linear(few, w, b).relu())
+    # start-up picks what this CPU runs faster: every row count below PAD_TO timed both ways
+    timings = cpu_linear.choose_padding([(w, packed)] * 8, rounds=3)
+    assert sorted(timings) == list(range(1, cpu_linear.PAD_TO))
+    assert cpu_linear.padded_rows == {rows for rows, (plain, pad) in timings.items() if pad < plain}
+    assert all(plain > 0 and pad > 0 for plain, pad in timings.values())
+    cpu_linear.padded_rows = frozenset()

@@ -17,6 +17,8 @@ everything else that reads it (the tied embedding, checkpoints, swapping nothing
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 
 import torch
 from torch import Tensor
@@ -59,19 +61,55 @@ def pack(weight: Tensor) -> Tensor | None:
     return packed
 
 
-# oneDNN serves 1 or 2 rows with another kernel than 3 and more, a slow one: all of OPT-125m's
-# linears and its LM head, fp32, 2 threads on the 2-core EPYC, took 20.5 / 23.7 ms for 1 / 2 rows
-# and 17.0 / 16.0 / 15.8 ms for 3 / 4 / 5 (the weights are read once either way). Fewer rows
-# than this are padded with zeros up to it; the extra rows cost nothing measurable.
-MIN_ROWS = 4
+# oneDNN serves a few rows with other kernels than many, and which is faster depends on the CPU:
+# all of OPT-125m's linears and its LM head, fp32, 2 threads, took 20.5 / 23.7 / 17.0 / 16.0 ms for
+# 1 / 2 / 3 / 4 rows on a 2-core EPYC with AVX-512 (padding 1 or 2 rows to 4 with zeros paid), and
+# 27.7 / 29.4 / 29.1 / 33.3 ms on one with AVX2 only, where padding 1 row to 4 took 37.8 ms. So
+# `choose_padding` measures it once at start-up: row counts below PAD_TO that run faster padded
+# with zeros are, the others run as they are (the extra rows change no row's numbers).
+PAD_TO = 4
+padded_rows: frozenset[int] = frozenset()  # row counts padded up to PAD_TO (set by choose_padding)
 
 
 def linear(x: Tensor, packed: Tensor, bias: Tensor | None, activation: str = "none") -> Tensor:
     """``x @ W.T + bias`` (then ``activation``: "none" or "relu", fused) with a weight from `pack`;
     ``x`` is ``[rows, in]``."""
     rows = x.shape[0]
-    if rows >= MIN_ROWS:
+    if rows not in padded_rows:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, activation, [], "")
-    padded = x.new_zeros((MIN_ROWS, x.shape[1]))
+    padded = x.new_zeros((PAD_TO, x.shape[1]))
     padded[:rows] = x
     return torch.ops.mkldnn._linear_pointwise(padded, packed, bias, activation, [], "")[:rows]
+
+
+def choose_padding(
+    weights: list[tuple[Tensor, Tensor]], rounds: int = 5, budget_bytes: int = 512 << 20
+) -> dict[int, tuple[float, float]]:
+    """Sets `padded_rows` for this CPU from timed passes over ``weights`` ((weight, packed) pairs,
+    the model's in order, as many as fit ``budget_bytes``, so they come from memory as in a step):
+    a row count below PAD_TO is padded if its padded pass is faster (passes alternating, medians
+    of ``rounds``). Returns row count -> (ms as it is, ms padded)."""
+    global padded_rows
+    chosen, used = [], 0
+    for weight, packed in weights:
+        if used >= budget_bytes:
+            break
+        chosen.append((weight, packed))
+        used += weight.nbytes
+    timings: dict[int, tuple[float, float]] = {}
+    for rows in range(1, PAD_TO):
+        pairs = [(_pass_ms(chosen, rows), _pass_ms(chosen, PAD_TO)) for _ in range(rounds)]
+        timings[rows] = (statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs))
+    padded_rows = frozenset(rows for rows, (plain, padded) in timings.items() if padded < plain)
+    return timings
+
+
+def _pass_ms(weights: list[tuple[Tensor, Tensor]], rows: int) -> float:
+    """Milliseconds of one matmul of ``rows`` rows by each packed weight."""
+    inputs = {(w.shape[1], w.dtype): torch.zeros(rows, w.shape[1], dtype=w.dtype) for w, _ in weights}
+    started = time.perf_counter()
+    for weight, packed in weights:
+        torch.ops.mkldnn._linear_pointwise(
+            inputs[weight.shape[1], weight.dtype], packed, None, "none", [], ""
+        )
+    return (time.perf_counter() - started) * 1000

@@ -220,6 +220,15 @@ class OPTShard(nn.Module):
             h.prepack() for h in heads
         )
 
+    def packed_weights(self) -> list[tuple[Tensor, Tensor]]:
+        """(weight, packed) of every prepacked linear and LM head, in the order a step reads them."""
+        modules = [*self.modules(), *([self.lm_head] if self.parallel.is_last_stage else [])]
+        return [
+            (m.weight, m.packed)
+            for m in modules
+            if isinstance(m, Linear | VocabParallelEmbedding) and m.packed is not None
+        ]
+
     @property
     def num_local_layers(self) -> int:
         return len(self.layers)

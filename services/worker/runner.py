@@ -18,6 +18,7 @@ import torch
 
 from fastserve.model_spec import ModelSpec
 
+from . import cpu_linear
 from .attention import AttentionMetadata, PrefillChunk, triton_decode_available
 from .cpu_attention import kernel as build_cpu_decode
 from .cuda_graphs import DecodeGraphs
@@ -113,6 +114,16 @@ class ModelRunner:
             started = time.perf_counter()
             packed = self.model.prepack()
             log.info("packed %d linears for oneDNN in %.2fs", packed, time.perf_counter() - started)
+            if packed:
+                timings = cpu_linear.choose_padding(self.model.packed_weights())
+                log.info(
+                    "oneDNN linears: %s; a pass over the weights, ms as is / padded to %d rows: %s",
+                    f"{sorted(cpu_linear.padded_rows)} rows padded"
+                    if cpu_linear.padded_rows
+                    else "no padding",
+                    cpu_linear.PAD_TO,
+                    ", ".join(f"{rows} row(s) {a:.1f} / {b:.1f}" for rows, (a, b) in timings.items()),
+                )
             if dtype == torch.float32 and cpu_attention == "cpp":
                 started = time.perf_counter()
                 self.cpu_decode = build_cpu_decode()
