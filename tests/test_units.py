@@ -279,21 +279,24 @@ def test_onednn_linear_matches_f_linear_and_refuses_what_it_cannot_serve():
     w, b, x = torch.randn(48, 32), torch.randn(48), torch.randn(5, 32)
     packed = cpu_linear.pack(w)
     assert packed is not None  # the CPU wheel these tests run on has oneDNN
-    torch.testing.assert_close(cpu_linear.linear(x, packed, b), torch.nn.functional.linear(x, w, b))
-    relu = cpu_linear.linear(x, packed, b, "relu")
+    torch.testing.assert_close(cpu_linear.linear(x, w, packed, b), torch.nn.functional.linear(x, w, b))
+    relu = cpu_linear.linear(x, w, packed, b, "relu")
     torch.testing.assert_close(relu, torch.nn.functional.linear(x, w, b).relu())
     assert cpu_linear.pack(w.half()) is None  # fp16 on CPU: F.linear serves it
-    # row counts padded with zeros or not: the same numbers, only their own rows
-    for padded in (frozenset(), frozenset(range(1, cpu_linear.PAD_TO))):
-        cpu_linear.padded_rows = padded
-        for rows in range(1, cpu_linear.PAD_TO + 1):
-            few = x[:rows]
-            out = cpu_linear.linear(few, packed, b, "relu")
-            assert out.shape == (rows, 48)
-            torch.testing.assert_close(out, torch.nn.functional.linear(few, w, b).relu())
-    # start-up picks what this CPU runs faster: every row count below PAD_TO timed both ways
-    timings = cpu_linear.choose_padding([(w, packed)] * 8, rounds=3)
-    assert sorted(timings) == list(range(1, cpu_linear.PAD_TO))
-    assert cpu_linear.padded_rows == {rows for rows, (plain, pad) in timings.items() if pad < plain}
-    assert all(plain > 0 and pad > 0 for plain, pad in timings.values())
-    cpu_linear.padded_rows = frozenset()
+    # every way a few rows can run: the same numbers, only their own rows
+    try:
+        for way in cpu_linear.WAYS:
+            cpu_linear.few_rows.update(dict.fromkeys(range(1, cpu_linear.FEW_ROWS), way))
+            for rows in range(1, cpu_linear.FEW_ROWS + 1):
+                few = x[:rows]
+                out = cpu_linear.linear(few, w, packed, b, "relu")
+                assert out.shape == (rows, 48)
+                torch.testing.assert_close(out, torch.nn.functional.linear(few, w, b).relu())
+        # start-up picks what this CPU runs fastest: every row count below FEW_ROWS timed every way
+        timings = cpu_linear.choose_few_rows([(w, packed)] * 8, rounds=3)
+        assert sorted(timings) == list(range(1, cpu_linear.FEW_ROWS))
+        for rows, ms in timings.items():
+            assert set(ms) == set(cpu_linear.WAYS) and all(t > 0 for t in ms.values())
+            assert ms[cpu_linear.few_rows.get(rows, "packed")] == min(ms.values())
+    finally:
+        cpu_linear.few_rows.clear()

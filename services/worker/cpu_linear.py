@@ -49,7 +49,7 @@ def pack(weight: Tensor) -> Tensor | None:
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
         probe = torch.randn(3, weight.shape[1], dtype=weight.dtype)
-        got = linear(probe, packed, None)
+        got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
         want = torch.nn.functional.linear(probe, weight)
     except RuntimeError as exc:  # an op missing from this build, or a shape oneDNN refuses
         log.warning("oneDNN linear unavailable (%s); using F.linear", exc)
@@ -61,55 +61,86 @@ def pack(weight: Tensor) -> Tensor | None:
     return packed
 
 
-# oneDNN serves a few rows with other kernels than many, and which is faster depends on the CPU:
+# oneDNN serves a few rows with other kernels than many, and which is fastest depends on the CPU:
 # all of OPT-125m's linears and its LM head, fp32, 2 threads, took 20.5 / 23.7 / 17.0 / 16.0 ms for
-# 1 / 2 / 3 / 4 rows on a 2-core EPYC with AVX-512 (padding 1 or 2 rows to 4 with zeros paid), and
-# 27.7 / 29.4 / 29.1 / 33.3 ms on one with AVX2 only, where padding 1 row to 4 took 37.8 ms. So
-# `choose_padding` measures it once at start-up: row counts below PAD_TO that run faster padded
-# with zeros are, the others run as they are (the extra rows change no row's numbers).
-PAD_TO = 4
-padded_rows: frozenset[int] = frozenset()  # row counts padded up to PAD_TO (set by choose_padding)
+# 1 / 2 / 3 / 4 rows on a 2-core EPYC with AVX-512 (padding 1 or 2 rows to 4 with zeros paid). On
+# one with AVX2 only, 1 row took 27.7 ms on the packed weights and 37.8 padded to 4 rows in one run,
+# 32.2 packed and 26.2 on the plain weights in another (oneDNN's matmul takes those too). So
+# `choose_few_rows` times the three ways once at start-up for every row count below FEW_ROWS.
+FEW_ROWS = 4
+WAYS = ("packed", "padded", "plain")
+few_rows: dict[int, str] = {}  # row count -> "padded" or "plain" where that beat "packed"
 
 
-def linear(x: Tensor, packed: Tensor, bias: Tensor | None, activation: str = "none") -> Tensor:
-    """``x @ W.T + bias`` (then ``activation``: "none" or "relu", fused) with a weight from `pack`;
-    ``x`` is ``[rows, in]``."""
+def linear(
+    x: Tensor, weight: Tensor, packed: Tensor, bias: Tensor | None, activation: str = "none"
+) -> Tensor:
+    """``x @ weight.T + bias`` (then ``activation``: "none" or "relu", fused) with ``packed`` from
+    `pack`; ``x`` is ``[rows, in]``."""
     rows = x.shape[0]
-    if rows not in padded_rows:
+    way = few_rows.get(rows, "packed")
+    if way == "packed":
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, activation, [], "")
-    padded = x.new_zeros((PAD_TO, x.shape[1]))
+    if way == "plain":
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "")
+    padded = x.new_zeros((FEW_ROWS, x.shape[1]))
     padded[:rows] = x
     return torch.ops.mkldnn._linear_pointwise(padded, packed, bias, activation, [], "")[:rows]
 
 
-def choose_padding(
+def choose_few_rows(
     weights: list[tuple[Tensor, Tensor]], rounds: int = 5, budget_bytes: int = 512 << 20
-) -> dict[int, tuple[float, float]]:
-    """Sets `padded_rows` for this CPU from timed passes over ``weights`` ((weight, packed) pairs,
-    the model's in order, as many as fit ``budget_bytes``, so they come from memory as in a step):
-    a row count below PAD_TO is padded if its padded pass is faster (passes alternating, medians
-    of ``rounds``). Returns row count -> (ms as it is, ms padded)."""
-    global padded_rows
+) -> dict[int, dict[str, float]]:
+    """Sets `few_rows` for this CPU from timed passes over ``weights`` ((weight, packed) pairs, the
+    model's in order, as many as fit ``budget_bytes``, so they come from memory as in a step): for
+    each row count below FEW_ROWS the fastest of WAYS (passes interleaved, medians of ``rounds``).
+    Returns row count -> way -> ms."""
     chosen, used = [], 0
     for weight, packed in weights:
         if used >= budget_bytes:
             break
         chosen.append((weight, packed))
         used += weight.nbytes
-    timings: dict[int, tuple[float, float]] = {}
-    for rows in range(1, PAD_TO):
-        pairs = [(_pass_ms(chosen, rows), _pass_ms(chosen, PAD_TO)) for _ in range(rounds)]
-        timings[rows] = (statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs))
-    padded_rows = frozenset(rows for rows, (plain, padded) in timings.items() if padded < plain)
+    timings: dict[int, dict[str, float]] = {}
+    ways = [way for way in WAYS if chosen and _agrees(*chosen[0], way)]
+    for rows in range(1, FEW_ROWS):
+        passes: dict[str, list[float]] = {way: [] for way in ways}
+        for _ in range(rounds):
+            for way in ways:
+                passes[way].append(_pass_ms(chosen, rows, way))
+        timings[rows] = {way: statistics.median(ms) for way, ms in passes.items()}
+    few_rows.clear()
+    for rows, ms in timings.items():
+        if (fastest := min(ms, key=ms.__getitem__)) != "packed":
+            few_rows[rows] = fastest
     return timings
 
 
-def _pass_ms(weights: list[tuple[Tensor, Tensor]], rows: int) -> float:
-    """Milliseconds of one matmul of ``rows`` rows by each packed weight."""
-    inputs = {(w.shape[1], w.dtype): torch.zeros(rows, w.shape[1], dtype=w.dtype) for w, _ in weights}
+def _agrees(weight: Tensor, packed: Tensor, way: str) -> bool:
+    """Whether ``way`` computes what ``F.linear`` does here (a build may refuse the plain weight)."""
+    saved = dict(few_rows)
+    try:
+        few_rows[1] = way
+        probe = torch.randn(1, weight.shape[1], dtype=weight.dtype)
+        got = linear(probe, weight, packed, None)
+    except RuntimeError:
+        return False
+    finally:
+        few_rows.clear()
+        few_rows.update(saved)
+    tolerance = 1e-3 if weight.dtype == torch.float32 else 5e-2
+    want = torch.nn.functional.linear(probe, weight)
+    return torch.allclose(got.float(), want.float(), rtol=tolerance, atol=tolerance)
+
+
+def _pass_ms(weights: list[tuple[Tensor, Tensor]], rows: int, way: str) -> float:
+    """Milliseconds of one matmul of ``rows`` rows by each weight, the ``way`` `linear` would."""
+    computed = FEW_ROWS if way == "padded" else rows
+    inputs = {(w.shape[1], w.dtype): torch.zeros(computed, w.shape[1], dtype=w.dtype) for w, _ in weights}
     started = time.perf_counter()
     for weight, packed in weights:
+        operand = weight if way == "plain" else packed
         torch.ops.mkldnn._linear_pointwise(
-            inputs[weight.shape[1], weight.dtype], packed, None, "none", [], ""
+            inputs[weight.shape[1], weight.dtype], operand, None, "none", [], ""
         )
     return (time.perf_counter() - started) * 1000

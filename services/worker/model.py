@@ -59,7 +59,7 @@ class Linear(nn.Module):
 
     def matmul(self, x: Tensor, bias: Tensor | None) -> Tensor:
         if self.packed is not None:
-            return cpu_linear.linear(x, self.packed, bias)
+            return cpu_linear.linear(x, self.weight, self.packed, bias)
         return F.linear(x, self.weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -68,7 +68,7 @@ class Linear(nn.Module):
     def forward_relu(self, x: Tensor) -> Tensor:
         """``relu(self(x))``, fused into the matmul when packed."""
         if self.packed is not None:
-            return cpu_linear.linear(x, self.packed, self.bias, "relu")
+            return cpu_linear.linear(x, self.weight, self.packed, self.bias, "relu")
         return F.relu(F.linear(x, self.weight, self.bias))
 
 
@@ -122,7 +122,7 @@ class VocabParallelEmbedding(nn.Module):
     def logits(self, x: Tensor) -> Tensor:
         """This rank's ``[B, rows]`` slice of the logits (the runner gathers them)."""
         if self.packed is not None:
-            return cpu_linear.linear(x, self.packed, None)
+            return cpu_linear.linear(x, self.weight, self.packed, None)
         return F.linear(x, self.weight)
 
 

@@ -115,14 +115,16 @@ class ModelRunner:
             packed = self.model.prepack()
             log.info("packed %d linears for oneDNN in %.2fs", packed, time.perf_counter() - started)
             if packed:
-                timings = cpu_linear.choose_padding(self.model.packed_weights())
+                timings = cpu_linear.choose_few_rows(self.model.packed_weights())
                 log.info(
-                    "oneDNN linears: %s; a pass over the weights, ms as is / padded to %d rows: %s",
-                    f"{sorted(cpu_linear.padded_rows)} rows padded"
-                    if cpu_linear.padded_rows
-                    else "no padding",
-                    cpu_linear.PAD_TO,
-                    ", ".join(f"{rows} row(s) {a:.1f} / {b:.1f}" for rows, (a, b) in timings.items()),
+                    "oneDNN linears for 1-%d rows: %s (a pass over the weights, ms %s: %s)",
+                    cpu_linear.FEW_ROWS - 1,
+                    ", ".join(f"{rows}: {cpu_linear.few_rows.get(rows, 'packed')}" for rows in timings),
+                    " / ".join(cpu_linear.WAYS),
+                    ", ".join(
+                        f"{rows} row(s) " + " / ".join(f"{ms:.1f}" for ms in by_way.values())
+                        for rows, by_way in timings.items()
+                    ),
                 )
             if dtype == torch.float32 and cpu_attention == "cpp":
                 started = time.perf_counter()
