@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import grpc
+import httpx
 from tqdm import tqdm
 
 from fastserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -88,23 +89,28 @@ async def send_openai(
     times: list[float] = []
     count = chunks = 0
     reason = "error"
-    async with client.stream("POST", url, json=body, headers={"X-Request-Id": request_id}) as reply:
-        if reply.status_code != 200:
-            await reply.aread()
-            raise RuntimeError(f"{url}: HTTP {reply.status_code}: {reply.text}")
-        async for line in reply.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[len("data: ") :])
-            if "error" in event:
-                raise RuntimeError(f"{url}: {event['error']}")
-            for choice in event.get("choices") or []:
-                if choice.get("text"):
-                    times.append(time.monotonic() - start)
-                    chunks += 1
-                reason = choice.get("finish_reason") or reason
-            if event.get("usage"):
-                count = event["usage"]["completion_tokens"]
+    try:
+        async with client.stream("POST", url, json=body, headers={"X-Request-Id": request_id}) as reply:
+            if reply.status_code != 200:
+                await reply.aread()
+                raise RuntimeError(f"HTTP {reply.status_code}: {reply.text}")
+            async for line in reply.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[len("data: ") :])
+                if "error" in event:
+                    raise RuntimeError(str(event["error"]))
+                for choice in event.get("choices") or []:
+                    if choice.get("text"):
+                        times.append(time.monotonic() - start)
+                        chunks += 1
+                    reason = choice.get("finish_reason") or reason
+                if event.get("usage"):
+                    count = event["usage"]["completion_tokens"]
+    except (RuntimeError, httpx.TransportError) as exc:
+        # a failed request is a result, as vLLM's benchmark counts it: the run goes on
+        print(f"{url}: request {request_id} failed: {type(exc).__name__} {exc}", file=sys.stderr)
+        return record(arrival, times, time.monotonic() - start, len(prompt), chunks, "error")
     return record(arrival, times, time.monotonic() - start, len(prompt), count or chunks, reason)
 
 

@@ -41,19 +41,23 @@ def summarize(records: list[dict], slo: float = 0.3) -> dict:
     """The metrics of one run (one policy at one rate): times in seconds.
 
     `slo_attainment` is the share of requests whose latency per output token is within `slo`.
+    Latencies are those of the requests that did not fail (finish reason "error": a server error,
+    or a connection that broke), as vLLM's benchmark counts them; `failed` says how many did.
     """
-    jct = [r["finish"] - r["arrival"] for r in records]
-    ttft = [r["first_token"] - r["arrival"] for r in records]
-    per_token = [(r["finish"] - r["arrival"]) / max(r["output_tokens"], 1) for r in records]
+    served = [r for r in records if r.get("finish_reason") != "error"]
+    jct = [r["finish"] - r["arrival"] for r in served]
+    ttft = [r["first_token"] - r["arrival"] for r in served]
+    per_token = [(r["finish"] - r["arrival"]) / max(r["output_tokens"], 1) for r in served]
     tpot = [
-        (r["finish"] - r["first_token"]) / (r["output_tokens"] - 1) for r in records if r["output_tokens"] > 1
+        (r["finish"] - r["first_token"]) / (r["output_tokens"] - 1) for r in served if r["output_tokens"] > 1
     ]
-    itl = [gap for r in records for gap in r.get("itl", ())]
+    itl = [gap for r in served for gap in r.get("itl", ())]
     duration = max(r["finish"] for r in records) - min(r["arrival"] for r in records) if records else math.nan
     output_tokens = sum(r["output_tokens"] for r in records)
     return {
         "num_requests": len(records),
         "completed": sum(r.get("finish_reason", "length") in ("length", "stop") for r in records),
+        "failed": len(records) - len(served),
         "input_tokens": sum(r.get("input_len", 0) for r in records),
         "benchmark_duration": duration,
         "request_throughput": len(records) / duration if duration else math.nan,
@@ -76,6 +80,7 @@ def format_summary(result: dict) -> str:
     """A run's numbers as vLLM's serving benchmark prints them (times in ms), plus FastServe's own."""
     rows = [
         ("Successful requests", f"{result['completed']}"),
+        *([("Failed requests", f"{result['failed']}")] if result.get("failed") else []),
         ("Benchmark duration (s)", f"{result['benchmark_duration']:.2f}"),
         ("Total input tokens", f"{result['input_tokens']}"),
         ("Total generated tokens", f"{result['output_tokens']}"),

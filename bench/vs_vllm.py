@@ -287,7 +287,8 @@ def run_trace(server: Server, args: argparse.Namespace, rate: float, extra: list
     print(
         f"[{server.name}] rate {rate:g}: {result['output_throughput']:.1f} tok/s, TTFT mean "
         f"{result['ttft']['mean'] * 1e3:.0f} ms P99 {result['ttft']['p99'] * 1e3:.0f} ms, TPOT mean "
-        f"{result['tpot']['mean'] * 1e3:.0f} ms",
+        f"{result['tpot']['mean'] * 1e3:.0f} ms"
+        + (f", {result['failed']} FAILED" if result.get("failed") else ""),
         flush=True,
     )
     return result
