@@ -293,6 +293,34 @@ def test_paged_decode_attention_matches_a_dense_reference(monkeypatch, impl):
         torch.testing.assert_close(out[b].double(), torch.einsum("ht,thd->hd", p, v), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lens", [[30], [13, 30], [1, 30, 7]])
+def test_cpp_decode_attention_splits_heads_of_a_batch_smaller_than_its_threads_correctly(lens):
+    """Fewer sequences than threads: each one's heads are split into groups (uneven ones included)."""
+    decode = cpp_decode()
+    gen = torch.Generator().manual_seed(2)
+    heads, dim, bs, num_blocks = 5, 16, 4, 40
+    k_cache = torch.randn(num_blocks, bs, heads, dim, generator=gen)
+    v_cache = torch.randn(num_blocks, bs, heads, dim, generator=gen)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = [perm[8 * i : 8 * i + -(-n // bs)] for i, n in enumerate(lens)]
+    width = max(map(len, tables))
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    q = torch.randn(len(lens), heads, dim, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 4):
+            torch.set_num_threads(threads)
+            out = decode(q, k_cache, v_cache, block_tables, torch.tensor(lens, dtype=torch.int32), 0.25)
+            for b, (n, table) in enumerate(zip(lens, tables, strict=True)):
+                k = k_cache[table].reshape(-1, heads, dim)[:n].double()
+                v = v_cache[table].reshape(-1, heads, dim)[:n].double()
+                p = torch.softmax(torch.einsum("hd,thd->ht", q[b].double(), k) * 0.25, -1)
+                want = torch.einsum("ht,thd->hd", p, v)
+                torch.testing.assert_close(out[b].double(), want, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cpp_decode_attention_gives_each_thread_count_the_same_answer():
     """Threads take work items as they free up: every item is computed once, by one thread, the same way."""
     decode = cpp_decode()
