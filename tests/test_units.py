@@ -300,3 +300,18 @@ def test_onednn_linear_matches_f_linear_and_refuses_what_it_cannot_serve():
             assert ms[cpu_linear.few_rows.get(rows, "packed")] == min(ms.values())
     finally:
         cpu_linear.few_rows.clear()
+
+
+def test_packed_weights_lists_each_linear_and_the_lm_head_once_in_step_order():
+    import torch
+
+    from fastserve.model_spec import resolve_model
+    from fastserve.services.worker.model import OPTShard
+    from fastserve.services.worker.tp import ParallelContext
+
+    model = OPTShard(resolve_model("opt-tiny"), ParallelContext(), dtype=torch.float32, device="cpu")
+    packed = model.prepack()
+    weights = model.packed_weights()
+    assert len(weights) == packed  # the tied LM head (also the embedding) counted once
+    assert weights[-1][0] is model.lm_head.weight
+    assert len({id(w) for w, _ in weights}) == len(weights)

@@ -222,12 +222,9 @@ class OPTShard(nn.Module):
 
     def packed_weights(self) -> list[tuple[Tensor, Tensor]]:
         """(weight, packed) of every prepacked linear and LM head, in the order a step reads them."""
-        modules = [*self.modules(), *([self.lm_head] if self.parallel.is_last_stage else [])]
-        return [
-            (m.weight, m.packed)
-            for m in modules
-            if isinstance(m, Linear | VocabParallelEmbedding) and m.packed is not None
-        ]
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        heads = [self.lm_head] if self.parallel.is_last_stage else []
+        return [(m.weight, m.packed) for m in [*linears, *heads] if m.packed is not None]
 
     @property
     def num_local_layers(self) -> int:
