@@ -306,10 +306,12 @@ def test_packed_weights_lists_each_linear_and_the_lm_head_once_in_step_order():
     import torch
 
     from fastserve.model_spec import resolve_model
+    from fastserve.services.worker.loader import init_dummy
     from fastserve.services.worker.model import OPTShard
     from fastserve.services.worker.tp import ParallelContext
 
     model = OPTShard(resolve_model("opt-tiny"), ParallelContext(), dtype=torch.float32, device="cpu")
+    init_dummy(model, 0)
     packed = model.prepack()
     weights = model.packed_weights()
     assert len(weights) == packed  # the tied LM head (also the embedding) counted once
