@@ -49,16 +49,20 @@ def pack(weight: Tensor) -> Tensor | None:
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
         probe = torch.randn(3, weight.shape[1], dtype=weight.dtype)
-        got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+        got = _run(probe, weight, packed, None, "none", "packed")
         want = torch.nn.functional.linear(probe, weight)
     except RuntimeError as exc:  # an op missing from this build, or a shape oneDNN refuses
         log.warning("oneDNN linear unavailable (%s); using F.linear", exc)
         return None
-    tolerance = 1e-3 if weight.dtype == torch.float32 else 5e-2
-    if not torch.allclose(got.float(), want.float(), rtol=tolerance, atol=tolerance):
+    if not _matches(got, want, weight.dtype):
         log.warning("oneDNN linear disagrees with F.linear here; using F.linear")
         return None
     return packed
+
+
+def _matches(got: Tensor, want: Tensor, dtype: torch.dtype) -> bool:
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    return torch.allclose(got.float(), want.float(), rtol=tolerance, atol=tolerance)
 
 
 # oneDNN serves a few rows with other kernels than many, and which is fastest depends on the CPU:
@@ -77,12 +81,16 @@ def linear(
 ) -> Tensor:
     """``x @ weight.T + bias`` (then ``activation``: "none" or "relu", fused) with ``packed`` from
     `pack`; ``x`` is ``[rows, in]``."""
-    rows = x.shape[0]
-    way = few_rows.get(rows, "packed")
+    return _run(x, weight, packed, bias, activation, few_rows.get(x.shape[0], "packed"))
+
+
+def _run(x: Tensor, weight: Tensor, packed: Tensor, bias: Tensor | None, activation: str, way: str) -> Tensor:
+    """`linear` the given way (one of WAYS)."""
     if way == "packed":
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, activation, [], "")
     if way == "plain":
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "")
+    rows = x.shape[0]
     padded = x.new_zeros((FEW_ROWS, x.shape[1]))
     padded[:rows] = x
     return torch.ops.mkldnn._linear_pointwise(padded, packed, bias, activation, [], "")[:rows]
@@ -118,29 +126,18 @@ def choose_few_rows(
 
 def _agrees(weight: Tensor, packed: Tensor, way: str) -> bool:
     """Whether ``way`` computes what ``F.linear`` does here (a build may refuse the plain weight)."""
-    saved = dict(few_rows)
+    probe = torch.randn(1, weight.shape[1], dtype=weight.dtype)
     try:
-        few_rows[1] = way
-        probe = torch.randn(1, weight.shape[1], dtype=weight.dtype)
-        got = linear(probe, weight, packed, None)
+        got = _run(probe, weight, packed, None, "none", way)
     except RuntimeError:
         return False
-    finally:
-        few_rows.clear()
-        few_rows.update(saved)
-    tolerance = 1e-3 if weight.dtype == torch.float32 else 5e-2
-    want = torch.nn.functional.linear(probe, weight)
-    return torch.allclose(got.float(), want.float(), rtol=tolerance, atol=tolerance)
+    return _matches(got, torch.nn.functional.linear(probe, weight), weight.dtype)
 
 
 def _pass_ms(weights: list[tuple[Tensor, Tensor]], rows: int, way: str) -> float:
     """Milliseconds of one matmul of ``rows`` rows by each weight, the ``way`` `linear` would."""
-    computed = FEW_ROWS if way == "padded" else rows
-    inputs = {(w.shape[1], w.dtype): torch.zeros(computed, w.shape[1], dtype=w.dtype) for w, _ in weights}
+    inputs = {(w.shape[1], w.dtype): torch.zeros(rows, w.shape[1], dtype=w.dtype) for w, _ in weights}
     started = time.perf_counter()
     for weight, packed in weights:
-        operand = weight if way == "plain" else packed
-        torch.ops.mkldnn._linear_pointwise(
-            inputs[weight.shape[1], weight.dtype], operand, None, "none", [], ""
-        )
+        _run(inputs[weight.shape[1], weight.dtype], weight, packed, None, "none", way)
     return (time.perf_counter() - started) * 1000
