@@ -293,22 +293,33 @@ def test_paged_decode_attention_matches_a_dense_reference(monkeypatch, impl):
         torch.testing.assert_close(out[b].double(), torch.einsum("ht,thd->hd", p, v), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("lens", [[30], [13, 30], [1, 30, 7]])
-def test_cpp_decode_attention_splits_heads_of_a_batch_smaller_than_its_threads_correctly(lens):
-    """Fewer sequences than threads: each one's heads are split into groups (uneven ones included)."""
-    decode = cpp_decode()
-    gen = torch.Generator().manual_seed(2)
-    heads, dim, bs, num_blocks = 5, 16, 4, 40
+def paged_case(lens: list[int], heads: int, seed: int):
+    """A shuffled paged pool (block size 4) holding ``lens`` tokens, the block tables and queries."""
+    gen = torch.Generator().manual_seed(seed)
+    dim, bs = 16, 4
+    widths = [-(-n // bs) for n in lens]
+    num_blocks = sum(widths) + 3
     k_cache = torch.randn(num_blocks, bs, heads, dim, generator=gen)
     v_cache = torch.randn(num_blocks, bs, heads, dim, generator=gen)
     perm = torch.randperm(num_blocks, generator=gen).tolist()
-    tables = [perm[8 * i : 8 * i + -(-n // bs)] for i, n in enumerate(lens)]
-    width = max(map(len, tables))
-    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    starts = [sum(widths[:i]) for i in range(len(lens))]
+    tables = [perm[s : s + w] for s, w in zip(starts, widths, strict=True)]
+    block_tables = torch.tensor([t + [0] * (max(widths) - len(t)) for t in tables], dtype=torch.int32)
     q = torch.randn(len(lens), heads, dim, generator=gen)
+    return q, k_cache, v_cache, tables, block_tables
+
+
+@pytest.mark.parametrize("lens", [[300], [130, 300], [1, 300, 70], [700, 3, 2, 1, 40]])
+def test_cpp_decode_attention_splits_long_contexts_between_threads_correctly(lens):
+    """A context longer than its share of the batch is split into runs whose softmaxes are merged:
+    one sequence, fewer sequences than threads, one long context among short ones."""
+    decode = cpp_decode()
+    heads = 5
+    q, k_cache, v_cache, tables, block_tables = paged_case(lens, heads, seed=2)
+    dim = q.shape[-1]
     before = torch.get_num_threads()
     try:
-        for threads in (2, 4):
+        for threads in (1, 2, 4):
             torch.set_num_threads(threads)
             out = decode(q, k_cache, v_cache, block_tables, torch.tensor(lens, dtype=torch.int32), 0.25)
             for b, (n, table) in enumerate(zip(lens, tables, strict=True)):
@@ -321,26 +332,22 @@ def test_cpp_decode_attention_splits_heads_of_a_batch_smaller_than_its_threads_c
         torch.set_num_threads(before)
 
 
-def test_cpp_decode_attention_gives_each_thread_count_the_same_answer():
-    """Threads take work items as they free up: every item is computed once, by one thread, the same way."""
+def test_cpp_decode_attention_answers_the_same_whichever_thread_takes_an_item():
+    """Threads take work items as they free up; the runs of a sequence merge in a fixed order, so a
+    thread count gives one answer, bit for bit, however the items fell to its threads."""
     decode = cpp_decode()
-    gen = torch.Generator().manual_seed(1)
-    heads, dim, bs, num_blocks = 4, 16, 4, 200
-    k_cache = torch.randn(num_blocks, bs, heads, dim, generator=gen)
-    v_cache = torch.randn(num_blocks, bs, heads, dim, generator=gen)
-    lens = [90, 85, 70, 3, 2, 1, 40, 5, 1]  # long contexts first, as a priority order may put them
-    width = -(-max(lens) // bs)
-    tables = torch.randint(0, num_blocks, (len(lens), width), generator=gen, dtype=torch.int32)
-    q = torch.randn(len(lens), heads, dim, generator=gen)
+    lens = [290, 185, 70, 3, 2, 1, 140, 5, 1]  # long contexts first, as a priority order may put them
+    q, k_cache, v_cache, _, block_tables = paged_case(lens, heads=4, seed=1)
     before = torch.get_num_threads()
     try:
-        outs = []
-        for threads in (1, 2, 3):
+        for threads in (2, 3):
             torch.set_num_threads(threads)
-            outs.append(decode(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), 0.25))
+            outs = [decode(q, k_cache, v_cache, block_tables, torch.tensor(lens, dtype=torch.int32), 0.25)]
+            outs += [decode(q, k_cache, v_cache, block_tables, torch.tensor(lens, dtype=torch.int32), 0.25)]
+            outs += [decode(q, k_cache, v_cache, block_tables, torch.tensor(lens, dtype=torch.int32), 0.25)]
+            assert all(torch.equal(outs[0], o) for o in outs[1:])
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 def test_cpp_decode_attention_refuses_tables_outside_the_pool():

@@ -69,66 +69,93 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
     for (int64_t j = 0; j < (lp[b] + bs - 1) / bs; ++j)
       TORCH_CHECK(tp[b * width + j] >= 0 && tp[b * width + j] < num_blocks, "block id outside the pool");
   }
-  // Work items are (sequence, group of heads). Within one, the keys are read token by token,
-  // each token's heads of the group contiguous in the pool (a streaming read), rather than one
-  // head's 256 bytes at a stride of H * D floats, which the prefetcher follows badly. A batch
-  // smaller than the thread count splits its heads into just enough groups for every thread to
-  // have work: a group reads part of each token, and the finer the split the worse it streams
-  // (12 layers at context 512 on a 2-thread AVX2 EPYC: 3 sequences in 6 items of 6 heads took 24.1
-  // ms, in 3 whole-token items 14.2, although one thread then does two). Each thread takes the
-  // next item when it is done with one: split into fixed runs, a batch whose long contexts came
-  // first (as a priority order often has them) left one thread with most of the work (8 jobs,
-  // 4 of 300 tokens then 4 of 50: 262 us a layer against 152 us with the same jobs interleaved).
+  // Work items are (sequence, run of tokens), all heads of each token: the keys and values are
+  // read token by token, each token's H * D floats contiguous in the pool (a streaming read).
+  // A sequence longer than its share of the batch's tokens is split into runs, so that a batch
+  // smaller than the thread count, or one long context among short ones, still gives every
+  // thread work; each run keeps its softmax's max and sum, and the runs of a sequence are merged
+  // after the parallel region (split-K, as flash-decoding does on GPUs). Splitting by heads
+  // instead reads part of every token and streams badly (12 layers at context 512 on a 2-thread
+  // AVX2 EPYC: one sequence in 2 groups of 6 heads took 10.0 ms, as long as two whole ones).
+  // Each thread takes the next item when it is done with one: split into fixed runs, a batch
+  // whose long contexts came first (as a priority order often has them) left one thread with
+  // most of the work. Runs never start mid-block and are at least kMinRun tokens long.
+  constexpr int64_t kMinRun = 64;
   const int64_t threads = at::get_num_threads();
-  const int64_t groups = std::min<int64_t>(H, std::max<int64_t>(1, (threads + B - 1) / B));
-  const int64_t per_group = (H + groups - 1) / groups;
-  const int64_t items = B * groups;
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) total += lp[b];
+  int64_t run = std::max<int64_t>(kMinRun, (total + 2 * threads - 1) / (2 * threads));
+  run = (run + bs - 1) / bs * bs;
+  std::vector<int64_t> first(B + 1, 0);  // items of sequence b: first[b] .. first[b + 1] - 1
+  for (int64_t b = 0; b < B; ++b) first[b + 1] = first[b] + (lp[b] + run - 1) / run;
+  const int64_t items = first[B];
+  std::vector<int64_t> item_seq(items);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = first[b]; i < first[b + 1]; ++i) item_seq[i] = b;
+  // per item and head: the scores' max, the sum of their exponentials, the unnormalised output
+  std::vector<float> run_max(items * H), run_sum(items * H), run_acc(items * H * D);
   std::atomic<int64_t> next_item{0};
   at::parallel_for(0, std::min(threads, items), 1, [&](int64_t, int64_t) {
     std::vector<float> scores;
-    std::vector<float> acc;
     for (int64_t i; (i = next_item.fetch_add(1, std::memory_order_relaxed)) < items;) {
-      const int64_t b = i / groups, h0 = (i % groups) * per_group;
-      const int64_t h1 = std::min<int64_t>(H, h0 + per_group), nh = h1 - h0;
-      if (nh <= 0) continue;
-      const int64_t n = lp[b];
-      const float* qv = qp + (b * H + h0) * D;
+      const int64_t b = item_seq[i];
+      const int64_t t0 = (i - first[b]) * run, t1 = std::min<int64_t>(lp[b], t0 + run), n = t1 - t0;
+      const float* qv = qp + b * H * D;
       const int32_t* table = tp + b * width;
-      scores.resize(nh * n);
-      for (int64_t t = 0; t < n; ++t) {
-        const float* kv = kp + (static_cast<int64_t>(table[t / bs]) * bs + t % bs) * token_stride + h0 * D;
-        for (int64_t h = 0; h < nh; ++h) {
+      scores.resize(H * n);
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* kv = kp + (static_cast<int64_t>(table[t / bs]) * bs + t % bs) * token_stride;
+        for (int64_t h = 0; h < H; ++h) {
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
           for (int64_t d = 0; d < D; ++d) dot += qv[h * D + d] * kv[h * D + d];
-          scores[h * n + t] = dot * sc;
+          scores[h * n + t - t0] = dot * sc;
         }
       }
-      for (int64_t h = 0; h < nh; ++h) {
+      for (int64_t h = 0; h < H; ++h) {
         float* row = scores.data() + h * n;
         float best = -std::numeric_limits<float>::infinity();
         for (int64_t t = 0; t < n; ++t) best = row[t] > best ? row[t] : best;
-        float total = 0.f;
+        float sum = 0.f;
         for (int64_t t = 0; t < n; ++t) {
           row[t] = std::exp(row[t] - best);
-          total += row[t];
+          sum += row[t];
         }
-        const float inv = 1.f / total;
-        for (int64_t t = 0; t < n; ++t) row[t] *= inv;
+        run_max[i * H + h] = best;
+        run_sum[i * H + h] = sum;
       }
-      acc.assign(nh * D, 0.f);
-      for (int64_t t = 0; t < n; ++t) {
-        const float* vv = vp + (static_cast<int64_t>(table[t / bs]) * bs + t % bs) * token_stride + h0 * D;
-        for (int64_t h = 0; h < nh; ++h) {
-          const float p = scores[h * n + t];
-          float* a = acc.data() + h * D;
+      float* acc = run_acc.data() + i * H * D;
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* vv = vp + (static_cast<int64_t>(table[t / bs]) * bs + t % bs) * token_stride;
+        for (int64_t h = 0; h < H; ++h) {
+          const float p = scores[h * n + t - t0];
+          float* a = acc + h * D;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) a[d] += p * vv[h * D + d];
         }
       }
-      std::copy(acc.begin(), acc.end(), op + (b * H + h0) * D);
     }
   });
+  // merge each sequence's runs: rescale every run to the largest max, then normalise
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      float best = -std::numeric_limits<float>::infinity();
+      for (int64_t i = first[b]; i < first[b + 1]; ++i) best = std::max(best, run_max[i * H + h]);
+      float sum = 0.f;
+      float* o = op + (b * H + h) * D;
+      std::fill(o, o + D, 0.f);
+      for (int64_t i = first[b]; i < first[b + 1]; ++i) {
+        const float w = std::exp(run_max[i * H + h] - best);
+        sum += w * run_sum[i * H + h];
+        const float* a = run_acc.data() + (i * H + h) * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) o[d] += w * a[d];
+      }
+      const float inv = 1.f / sum;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+    }
+  }
   return out;
 }
 """
