@@ -10,7 +10,7 @@ import torch
 
 from fastserve import structured
 from fastserve.model_spec import PRESETS, resolve_model
-from fastserve.services.worker import attention, cpu_attention
+from fastserve.services.worker import attention, cpu_kernels
 from fastserve.services.worker.penalties import TokenCounts, process_logits
 from fastserve.services.worker.runner import ModelRunner, SeqWork
 from fastserve.services.worker.sampling import Sampler, SamplingParams, derive_seed, logprobs
@@ -265,7 +265,7 @@ def test_bad_work_is_a_clear_error(work, message):
 
 
 def cpp_decode():
-    kernel = cpu_attention.kernel()
+    kernel = cpu_kernels.paged_decode()
     assert kernel is not None, "the C++ decode attention did not build here (see the worker's log)"
     return kernel
 
@@ -403,7 +403,7 @@ flags\t\t: fpu sse2
 
 def test_the_cpp_kernel_is_cached_per_cpu_model_and_instruction_set():
     """It is built with -march=native: a build made on a CPU with AVX-512 must not load on one without."""
-    sig = cpu_attention.cpu_signature
+    sig = cpu_kernels.cpu_signature
     assert sig(CPUINFO) == sig(CPUINFO + "bogomips\t: 4000\n")  # only what -march=native reads counts
     assert sig(CPUINFO) != sig(CPUINFO.replace(" avx512f", "", 1))
     assert sig(CPUINFO) != sig(CPUINFO.replace("model\t\t: 1", "model\t\t: 17", 1))

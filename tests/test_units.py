@@ -292,14 +292,38 @@ def test_onednn_linear_matches_f_linear_and_refuses_what_it_cannot_serve():
                 out = cpu_linear.linear(few, w, packed, b, "relu")
                 assert out.shape == (rows, 48)
                 torch.testing.assert_close(out, torch.nn.functional.linear(few, w, b).relu())
-        # start-up picks what this CPU runs fastest: every row count below FEW_ROWS timed every way
+        # start-up picks what this CPU runs fastest: every row count below CHOSEN_ROWS timed every
+        # way that serves it (padding only to FEW_ROWS)
         timings = cpu_linear.choose_few_rows([(w, packed)] * 8, rounds=3)
-        assert sorted(timings) == list(range(1, cpu_linear.FEW_ROWS))
+        assert sorted(timings) == list(range(1, cpu_linear.CHOSEN_ROWS))
         for rows, ms in timings.items():
-            assert set(ms) == set(cpu_linear.WAYS) and all(t > 0 for t in ms.values())
+            want = set(cpu_linear.WAYS) - ({"padded"} if rows >= cpu_linear.FEW_ROWS else set())
+            assert set(ms) == want and all(t > 0 for t in ms.values())
             assert ms[cpu_linear.few_rows.get(rows, "packed")] == min(ms.values())
     finally:
         cpu_linear.few_rows.clear()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("out_features", [1, 6, 48])
+def test_the_cpp_few_row_linear_matches_f_linear(rows, out_features):
+    """Weight rows go four at a time, input rows two at a time: short last runs of both, with and
+    without bias and relu, a strided input."""
+    import torch
+
+    from fastserve.services.worker.cpu_kernels import few_rows_linear
+
+    kernel = few_rows_linear()
+    assert kernel is not None, "the C++ kernels did not build here (see the worker's log)"
+    gen = torch.Generator().manual_seed(rows * 100 + out_features)
+    w, b = torch.randn(out_features, 37, generator=gen), torch.randn(out_features, generator=gen)
+    x = torch.randn(rows, 74, generator=gen)[:, ::2]  # not contiguous
+    want = torch.nn.functional.linear(x, w, b)
+    torch.testing.assert_close(kernel(x, w, b, False), want)
+    torch.testing.assert_close(kernel(x, w, b, True), want.relu())
+    torch.testing.assert_close(kernel(x, w, torch.empty(0), False), torch.nn.functional.linear(x, w))
+    with pytest.raises(RuntimeError, match="fp32 only"):
+        kernel(x.double(), w.double(), b.double(), False)
 
 
 def test_packed_weights_lists_each_linear_and_the_lm_head_once_in_step_order():

@@ -7,7 +7,7 @@ per job, causal among themselves, plus the job's cached prefix when ``start_pos 
 
 Decode attention has one signature on every device: ``paged_decode_attention`` here is
 the torch path; on CUDA the Triton kernel in ``triton_attention.py`` is used instead, and on
-CPU the C++ kernel of ``cpu_attention.py`` where the runner built it.
+CPU the C++ kernel of ``cpu_kernels.py`` where the runner built it.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class AttentionMetadata:
     # and where its workspace comes from: a buffer that outlives the step (see KVCache.workspace)
     decode_plan: DecodePlan | None = None
     workspace: Callable[[tuple[int, ...]], Tensor] | None = None
-    # the C++ kernel of cpu_attention.py, when the runner has it (CPU, fp32, not --enforce-eager):
+    # the C++ kernel of cpu_kernels.py, when the runner has it (CPU, fp32, not --enforce-eager):
     # decodes read the pool in place instead of the torch path's gather + SDPA
     cpu_decode: Callable[..., Tensor] | None = None
 

@@ -23,6 +23,8 @@ import time
 import torch
 from torch import Tensor
 
+from .cpu_kernels import few_rows_linear
+
 log = logging.getLogger("fastserve.worker.cpu_linear")
 
 # dtypes oneDNN's CPU matmul serves: fp32 everywhere it runs, bf16 on CPUs with avx512_bf16/AMX
@@ -69,11 +71,15 @@ def _matches(got: Tensor, want: Tensor, dtype: torch.dtype) -> bool:
 # all of OPT-125m's linears and its LM head, fp32, 2 threads, took 20.5 / 23.7 / 17.0 / 16.0 ms for
 # 1 / 2 / 3 / 4 rows on a 2-core EPYC with AVX-512 (padding 1 or 2 rows to 4 with zeros paid). On
 # one with AVX2 only, 1 row took 27.7 ms on the packed weights and 37.8 padded to 4 rows in one run,
-# 32.2 packed and 26.2 on the plain weights in another (oneDNN's matmul takes those too). So
-# `choose_few_rows` times the three ways once at start-up for every row count below FEW_ROWS.
-FEW_ROWS = 4
-WAYS = ("packed", "padded", "plain")
-few_rows: dict[int, str] = {}  # row count -> "padded" or "plain" where that beat "packed"
+# 32.2 packed and 26.2 on the plain weights in another (oneDNN's matmul takes those too), and the
+# C++ kernel of cpu_kernels.py (a streaming read of each weight) 24-25 ms against 36.6 packed at 1
+# row, 34.9 against 47.9 at 4, 61.0 against 95.5 at 8 in one run. So `choose_few_rows` times the
+# ways once at start-up for every row count below CHOSEN_ROWS.
+FEW_ROWS = 4  # the "padded" way pads fewer rows to this many
+CHOSEN_ROWS = 8  # row counts below this get a way chosen at start-up; more rows run "packed"
+WAYS = ("packed", "padded", "plain", "cpp")
+few_rows: dict[int, str] = {}  # row count -> the way that beat "packed" for it
+_NO_BIAS = torch.empty(0)
 
 
 def linear(
@@ -90,6 +96,10 @@ def _run(x: Tensor, weight: Tensor, packed: Tensor, bias: Tensor | None, activat
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, activation, [], "")
     if way == "plain":
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "")
+    if way == "cpp":
+        if (kernel := few_rows_linear()) is None:
+            raise RuntimeError("the C++ few-row linear is not built here")
+        return kernel(x, weight, _NO_BIAS if bias is None else bias, activation == "relu")
     rows = x.shape[0]
     padded = x.new_zeros((FEW_ROWS, x.shape[1]))
     padded[:rows] = x
@@ -97,12 +107,12 @@ def _run(x: Tensor, weight: Tensor, packed: Tensor, bias: Tensor | None, activat
 
 
 def choose_few_rows(
-    weights: list[tuple[Tensor, Tensor]], rounds: int = 5, budget_bytes: int = 512 << 20
+    weights: list[tuple[Tensor, Tensor]], rounds: int = 5, budget_bytes: int = 256 << 20
 ) -> dict[int, dict[str, float]]:
     """Sets `few_rows` for this CPU from timed passes over ``weights`` ((weight, packed) pairs, the
     model's in order, as many as fit ``budget_bytes``, so they come from memory as in a step): for
-    each row count below FEW_ROWS the fastest of WAYS (passes interleaved, medians of ``rounds``).
-    Returns row count -> way -> ms."""
+    each row count below CHOSEN_ROWS the fastest of the WAYS that serve it (passes interleaved,
+    medians of ``rounds``). Returns row count -> way -> ms."""
     chosen, used = [], 0
     for weight, packed in weights:
         if used >= budget_bytes:
@@ -111,11 +121,11 @@ def choose_few_rows(
         used += weight.nbytes
     timings: dict[int, dict[str, float]] = {}
     ways = [way for way in WAYS if chosen and _agrees(*chosen[0], way)]
-    for rows in range(1, FEW_ROWS):
-        passes: dict[str, list[float]] = {way: [] for way in ways}
+    for rows in range(1, CHOSEN_ROWS):
+        passes: dict[str, list[float]] = {way: [] for way in ways if way != "padded" or rows < FEW_ROWS}
         for _ in range(rounds):
-            for way in ways:
-                passes[way].append(_pass_ms(chosen, rows, way))
+            for way, ms in passes.items():
+                ms.append(_pass_ms(chosen, rows, way))
         timings[rows] = {way: statistics.median(ms) for way, ms in passes.items()}
     few_rows.clear()
     for rows, ms in timings.items():
@@ -125,7 +135,8 @@ def choose_few_rows(
 
 
 def _agrees(weight: Tensor, packed: Tensor, way: str) -> bool:
-    """Whether ``way`` computes what ``F.linear`` does here (a build may refuse the plain weight)."""
+    """Whether ``way`` computes what ``F.linear`` does here (a build may refuse the plain weight, the
+    C++ kernel may be missing or not serve the dtype)."""
     probe = torch.randn(1, weight.shape[1], dtype=weight.dtype)
     try:
         got = _run(probe, weight, packed, None, "none", way)

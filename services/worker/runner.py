@@ -20,7 +20,7 @@ from fastserve.model_spec import ModelSpec
 
 from . import cpu_linear
 from .attention import AttentionMetadata, PrefillChunk, triton_decode_available
-from .cpu_attention import kernel as build_cpu_decode
+from .cpu_kernels import paged_decode as build_cpu_decode
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .loader import init_dummy, load_checkpoint
@@ -109,7 +109,7 @@ class ModelRunner:
             init_dummy(self.model, seed)
         # enforce_eager: the reference path (plain F.linear, no compiled parts, no CUDA graphs)
         self.enforce_eager = enforce_eager
-        self.cpu_decode = None  # the C++ decode attention (see cpu_attention), built at start-up
+        self.cpu_decode = None  # the C++ decode attention (see cpu_kernels), built at start-up
         if not enforce_eager and self.device.type == "cpu":
             started = time.perf_counter()
             packed = self.model.prepack()
@@ -117,12 +117,11 @@ class ModelRunner:
             if packed:
                 timings = cpu_linear.choose_few_rows(self.model.packed_weights())
                 log.info(
-                    "oneDNN linears for 1-%d rows: %s (a pass over the weights, ms %s: %s)",
-                    cpu_linear.FEW_ROWS - 1,
+                    "linears of 1-%d rows: %s (a pass over the weights, ms: %s)",
+                    cpu_linear.CHOSEN_ROWS - 1,
                     ", ".join(f"{rows}: {cpu_linear.few_rows.get(rows, 'packed')}" for rows in timings),
-                    " / ".join(cpu_linear.WAYS),
-                    ", ".join(
-                        f"{rows} row(s) " + " / ".join(f"{ms:.1f}" for ms in by_way.values())
+                    "; ".join(
+                        f"{rows} row(s) " + ", ".join(f"{way} {ms:.1f}" for way, ms in by_way.items())
                         for rows, by_way in timings.items()
                     ),
                 )

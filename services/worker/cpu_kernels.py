@@ -1,22 +1,29 @@
-"""Paged decode attention on CPU in C++: one query token per sequence, its keys and values read
-where they lie in the KV pool, without copying them out first.
+"""The worker's C++ kernels for the CPU path, compiled together once per CPU.
 
-The torch path (``attention.paged_decode_attention``) gathers each sequence's blocks into a
-dense buffer and runs a masked SDPA over it: every K/V byte is copied once and read twice, and
-each layer costs a handful of ops per chunk of sequences. Profiled live at batch 16 it was a
-third of the worker's decode step. This kernel walks the block table instead: per sequence and
-group of heads it scores the query against each cached key, takes the softmax and sums the
-values, reading every cached K and V byte once, in one parallel region per layer
-(``at::parallel_for``, the same OpenMP threads as the rest of the step).
+``paged_decode(q, k_cache, v_cache, tables, lens, scale)``: decode attention, one query token per
+sequence, its keys and values read where they lie in the KV pool. The torch path
+(``attention.paged_decode_attention``) gathers each sequence's blocks into a dense buffer and runs
+a masked SDPA over it: every K/V byte is copied once and read twice, and each layer costs a
+handful of ops per chunk of sequences (profiled live at batch 16, a third of the decode step).
+This kernel walks the block table instead, reading every cached K and V byte once, in one
+parallel region per layer (``at::parallel_for``, the same OpenMP threads as the rest of the step).
 
-It is compiled when a runner starts, with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler is
-needed; the build is cached under ``TORCH_EXTENSIONS_DIR``, ~1 min the first time, one build per
-CPU model and instruction set: it is compiled with ``-march=native``, and a build copied to an
-older CPU would die of an illegal instruction) and serves
-fp32 pools. Where it cannot be built, `kernel()` returns None and the torch path runs; the
-worker's ``--cpu-attention torch`` does not build it at all.
+``few_rows_linear(x, weight, bias, relu)``: ``x @ weight.T + bias`` for the few rows of a small
+decode batch. With one to a few rows a linear is a read of its weight and little arithmetic;
+this reads each weight row once, multiplying it by every input row while it is in cache, at the
+speed the memory streams (all of OPT-125m's linears and LM head at 1 row, 2 threads, a 2-core
+AVX2 EPYC: 24-25 ms, as long as summing the weights takes, against 27-37 ms for oneDNN's matmul on
+its prepacked copy). ``cpu_linear.choose_few_rows`` times it beside oneDNN's ways at start-up and
+keeps whichever this CPU runs fastest for each row count.
 
-    python -m fastserve.services.worker.cpu_attention   # builds it (./dev does, on set-up)
+They are compiled when a runner starts, with ``torch.utils.cpp_extension.load_inline`` (a C++
+compiler is needed; the build is cached under ``TORCH_EXTENSIONS_DIR``, ~1 min the first time,
+one build per CPU model and instruction set: it is compiled with ``-march=native``, and a build
+copied to an older CPU would die of an illegal instruction) and serve fp32. Where they cannot be
+built, `paged_decode` and `few_rows_linear` return None: the torch attention and oneDNN's linears
+serve.
+
+    python -m fastserve.services.worker.cpu_kernels   # builds them (./dev does, on set-up)
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-log = logging.getLogger("fastserve.worker.cpu_attention")
+log = logging.getLogger("fastserve.worker.cpu_kernels")
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -158,20 +165,95 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   }
   return out;
 }
+
+// x [M, K]; weight [N, K]; bias [N] or empty. Returns x @ weight.T + bias, [M, N], clamped at 0
+// with relu. Each thread takes runs of four weight rows; each run is read from memory once and
+// multiplied by the input rows two at a time while it is in cache (eight sums in flight, each
+// vectorised along K), so a few rows cost about one read of the weight.
+torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, bool relu) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "bad shapes");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat, "fp32 only");
+  TORCH_CHECK(weight.is_contiguous(), "contiguous weight");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const bool has_bias = bias.numel() > 0;
+  TORCH_CHECK(!has_bias || (bias.scalar_type() == torch::kFloat && bias.numel() == N), "bias of [out] fp32");
+  x = x.contiguous();
+  if (has_bias) bias = bias.contiguous();
+  auto out = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  auto store = [&](int64_t m, int64_t n, float sum) {
+    const float y = sum + (has_bias ? bp[n] : 0.f);
+    op[m * N + n] = relu && y < 0.f ? 0.f : y;
+  };
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t n = q * 4, rows = std::min<int64_t>(4, N - n);
+      // a short last run repeats its last row; the repeated sums are not stored
+      const float* w0 = wp + n * K;
+      const float* w1 = wp + (n + std::min<int64_t>(1, rows - 1)) * K;
+      const float* w2 = wp + (n + std::min<int64_t>(2, rows - 1)) * K;
+      const float* w3 = wp + (n + std::min<int64_t>(3, rows - 1)) * K;
+      int64_t m = 0;
+      for (; m + 2 <= M; m += 2) {
+        const float* x0 = xp + m * K;
+        const float* x1 = x0 + K;
+        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, b0 = 0.f, b1 = 0.f, b2 = 0.f, b3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
+        for (int64_t k = 0; k < K; ++k) {
+          const float u = x0[k], v = x1[k];
+          a0 += u * w0[k]; a1 += u * w1[k]; a2 += u * w2[k]; a3 += u * w3[k];
+          b0 += v * w0[k]; b1 += v * w1[k]; b2 += v * w2[k]; b3 += v * w3[k];
+        }
+        const float a[4] = {a0, a1, a2, a3}, b[4] = {b0, b1, b2, b3};
+        for (int64_t j = 0; j < rows; ++j) {
+          store(m, n + j, a[j]);
+          store(m + 1, n + j, b[j]);
+        }
+      }
+      if (m < M) {
+        const float* x0 = xp + m * K;
+        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+        for (int64_t k = 0; k < K; ++k) {
+          const float u = x0[k];
+          a0 += u * w0[k]; a1 += u * w1[k]; a2 += u * w2[k]; a3 += u * w3[k];
+        }
+        const float a[4] = {a0, a1, a2, a3};
+        for (int64_t j = 0; j < rows; ++j) store(m, n + j, a[j]);
+      }
+    }
+  });
+  return out;
+}
 """
 
 _lock = threading.Lock()
-_kernel: Callable[..., Tensor] | None | bool = False  # False: not tried yet; None: unavailable
+_module: object | None | bool = False  # False: not tried yet; None: unavailable
 
 
-def kernel() -> Callable[..., Tensor] | None:
-    """The compiled ``paged_decode(q, k_cache, v_cache, tables, lens, scale)``, or None where it
-    cannot be built here. Built (or loaded from the cache) once per process."""
-    global _kernel
+def _kernels() -> object | None:
+    """The compiled module, or None where it cannot be built here. Built (or loaded from the
+    cache) once per process."""
+    global _module
     with _lock:
-        if _kernel is False:
-            _kernel = _build()
-    return _kernel
+        if _module is False:
+            _module = _build()
+    return _module
+
+
+def paged_decode() -> Callable[..., Tensor] | None:
+    """``paged_decode(q, k_cache, v_cache, tables, lens, scale)``, or None where it cannot be built."""
+    module = _kernels()
+    return None if module is None else module.paged_decode
+
+
+def few_rows_linear() -> Callable[..., Tensor] | None:
+    """``few_rows_linear(x, weight, bias, relu)``, or None where it cannot be built."""
+    module = _kernels()
+    return None if module is None else module.few_rows_linear
 
 
 def cpu_signature(cpuinfo: str | None = None) -> str:
@@ -195,25 +277,27 @@ def cpu_signature(cpuinfo: str | None = None) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def _build() -> Callable[..., Tensor] | None:
+def _build() -> object | None:
     try:
         from torch.utils.cpp_extension import load_inline
 
         module = load_inline(
-            name=f"fastserve_cpu_paged_decode_{cpu_signature()}",
+            name=f"fastserve_cpu_kernels_{cpu_signature()}",
             cpp_sources=SOURCE,
-            functions=["paged_decode"],
+            functions=["paged_decode", "few_rows_linear"],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as exc:  # noqa: BLE001 - no compiler, no headers, a failed build: the torch path serves
-        log.warning("C++ decode attention unavailable (%s); using the torch path", str(exc).splitlines()[0])
+        log.warning(
+            "C++ CPU kernels unavailable (%s); the torch attention and oneDNN serve", str(exc).splitlines()[0]
+        )
         return None
-    log.info("C++ decode attention built")
-    return module.paged_decode
+    log.info("C++ CPU kernels built")
+    return module
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sys.exit(0 if kernel() is not None else 1)
+    sys.exit(0 if _kernels() is not None else 1)
