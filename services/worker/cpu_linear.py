@@ -11,7 +11,10 @@ This is what inductor's ``freezing`` does to a compiled graph's linears, and wha
 backend does with its own oneDNN matmul.
 
 The packed tensor is an opaque oneDNN tensor beside the plain weight, which stays for
-everything else that reads it (the tied embedding, checkpoints, swapping nothing).
+everything else that reads it (the tied embedding, checkpoints, swapping nothing). A small
+decode batch (1-7 rows) may run another way instead, oneDNN's on padded rows or on the plain
+weight, or the C++ loop of cpu_kernels.py that streams the plain weight: `choose_few_rows`
+times them at start-up and keeps this CPU's fastest for each row count.
 """
 
 from __future__ import annotations
