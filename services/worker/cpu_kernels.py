@@ -236,11 +236,12 @@ _module: object | None | bool = False  # False: not tried yet; None: unavailable
 
 def _kernels() -> object | None:
     """The compiled module, or None where it cannot be built here. Built (or loaded from the
-    cache) once per process."""
+    cache) once per process; afterwards no lock is taken (`cpu_linear` asks on every call)."""
     global _module
-    with _lock:
-        if _module is False:
-            _module = _build()
+    if _module is False:
+        with _lock:
+            if _module is False:
+                _module = _build()
     return _module
 
 
