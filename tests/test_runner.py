@@ -286,11 +286,20 @@ def test_paged_decode_attention_matches_a_dense_reference(monkeypatch, impl):
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     q = torch.randn(len(lens), heads, dim, generator=gen)
     out = decode(q, k_cache, v_cache, block_tables, torch.tensor(lens, dtype=torch.int32), dim**-0.5)
+    want = dense_reference(q, k_cache, v_cache, tables, lens, dim**-0.5)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def dense_reference(q, k_cache, v_cache, tables: list[list[int]], lens: list[int], scale: float):
+    """Decode attention in float64 over each sequence's blocks copied out of the pool: [B, H, D]."""
+    heads, dim = q.shape[1:]
+    rows = []
     for b, (n, table) in enumerate(zip(lens, tables, strict=True)):
         k = k_cache[table].reshape(-1, heads, dim)[:n].double()
         v = v_cache[table].reshape(-1, heads, dim)[:n].double()
-        p = torch.softmax(torch.einsum("hd,thd->ht", q[b].double(), k) * dim**-0.5, -1)
-        torch.testing.assert_close(out[b].double(), torch.einsum("ht,thd->hd", p, v), atol=1e-5, rtol=1e-5)
+        p = torch.softmax(torch.einsum("hd,thd->ht", q[b].double(), k) * scale, -1)
+        rows.append(torch.einsum("ht,thd->hd", p, v))
+    return torch.stack(rows)
 
 
 def paged_case(lens: list[int], heads: int, seed: int):
@@ -316,18 +325,13 @@ def test_cpp_decode_attention_splits_long_contexts_between_threads_correctly(len
     decode = cpp_decode()
     heads = 5
     q, k_cache, v_cache, tables, block_tables = paged_case(lens, heads, seed=2)
-    dim = q.shape[-1]
+    want = dense_reference(q, k_cache, v_cache, tables, lens, 0.25)
     before = torch.get_num_threads()
     try:
         for threads in (1, 2, 4):
             torch.set_num_threads(threads)
             out = decode(q, k_cache, v_cache, block_tables, torch.tensor(lens, dtype=torch.int32), 0.25)
-            for b, (n, table) in enumerate(zip(lens, tables, strict=True)):
-                k = k_cache[table].reshape(-1, heads, dim)[:n].double()
-                v = v_cache[table].reshape(-1, heads, dim)[:n].double()
-                p = torch.softmax(torch.einsum("hd,thd->ht", q[b].double(), k) * 0.25, -1)
-                want = torch.einsum("ht,thd->hd", p, v)
-                torch.testing.assert_close(out[b].double(), want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
     finally:
         torch.set_num_threads(before)
 
@@ -342,9 +346,8 @@ def test_cpp_decode_attention_answers_the_same_whichever_thread_takes_an_item():
     try:
         for threads in (2, 3):
             torch.set_num_threads(threads)
-            outs = [decode(q, k_cache, v_cache, block_tables, torch.tensor(lens, dtype=torch.int32), 0.25)]
-            outs += [decode(q, k_cache, v_cache, block_tables, torch.tensor(lens, dtype=torch.int32), 0.25)]
-            outs += [decode(q, k_cache, v_cache, block_tables, torch.tensor(lens, dtype=torch.int32), 0.25)]
+            lengths = torch.tensor(lens, dtype=torch.int32)
+            outs = [decode(q, k_cache, v_cache, block_tables, lengths, 0.25) for _ in range(3)]
             assert all(torch.equal(outs[0], o) for o in outs[1:])
     finally:
         torch.set_num_threads(before)
