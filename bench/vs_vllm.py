@@ -23,7 +23,11 @@ and then at once on the other, the order alternating (vLLM first, then FastServe
 and only one server runs at a time (the other is stopped and started again when its turn
 comes, a trace warm-up after each start). A machine whose speed drifts over minutes (a shared
 VM's does, by 20 % and more) then moves both servers' numbers of one measurement together
-instead of favouring whichever server ran in the faster minutes.
+instead of favouring whichever server ran in the faster minutes. With --both-up each server
+is started once and both stay up, each on its own port, the one not measuring idle: the two
+runs of a pair are then a minute apart instead of a restart (and its minutes of loading) apart,
+which is what pairs them on a VM whose speed moves that fast; the CPU time the idle server
+used during each of the other's turns is recorded (`idle_cpu_seconds`), to show it stayed idle.
 
 Prints the tables and saves everything in --out: vs_vllm.json (the results, the commands,
 the versions), vs_vllm.png (throughput, TTFT, TPOT, E2E, P99 latency per output token against
@@ -160,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="an earlier run's vs_vllm.json: take vLLM's results from it and serve FastServe alone",
     )
     add_flag(p, "--port", default=0, help="the servers' HTTP port (one at a time); 0 = a free port")
+    add_flag(
+        p,
+        "--both-up",
+        default=False,
+        help="keep both servers up for the whole run, each on its own port (FastServe on a free one), "
+        "the one not measuring idle, instead of one at a time",
+    )
     return p
 
 
@@ -398,8 +409,10 @@ def busy_core(cpu: int, seconds: float):
         proc.wait()
 
 
-def server_commands(args: argparse.Namespace, checkpoint: str, vllm_cli: list[str], port: int) -> dict:
-    """name -> (command, environment) of each server on `port`."""
+def server_commands(
+    args: argparse.Namespace, checkpoint: str, vllm_cli: list[str], port: int, fastserve_port: int = 0
+) -> dict:
+    """name -> (command, environment) of each server on `port` (FastServe on `fastserve_port` if given)."""
     base = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(args.threads)}
     dtype = "float32" if args.device == "cpu" else "float16"
     vllm = [*vllm_cli, "serve", checkpoint, "--port", str(port), "--host", "127.0.0.1"]
@@ -416,7 +429,8 @@ def server_commands(args: argparse.Namespace, checkpoint: str, vllm_cli: list[st
             args.threads, args.vllm_kv_cache_gib, args.vllm_omp_threads_bind, [p for p in preload if p]
         )
     fastserve = [sys.executable, "-m", "fastserve.cli", "up", "--model", checkpoint, "--demo", "false"]
-    fastserve += ["--port", str(free_port()), "--http-port", str(port), "--num-threads", str(args.threads)]
+    fastserve += ["--port", str(free_port()), "--http-port", str(fastserve_port or port)]
+    fastserve += ["--num-threads", str(args.threads)]
     fastserve += ["--served-model-name", MODEL_NAME, "--dtype", dtype, "--device", args.device]
     fastserve += ["--log-level", "WARNING"]
     fastserve += args.fastserve_args.split()
@@ -462,7 +476,7 @@ class Comparison:
 
     args: argparse.Namespace
     commands: dict  # server name -> (command, environment), see server_commands
-    port: int
+    ports: dict  # server name -> its HTTP port
     rates: list[float]  # the trace's, doubled ones appended as they are added
     vllm_cli: list[str]
     checkpoint: str
@@ -518,31 +532,59 @@ def run_segment(server: Server, part: str, rate: float | None, run: Comparison) 
         report["busy"].append(result)
 
 
+def group_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by the live processes of the session `pid` leads (a
+    server started with ``start_new_session``: its every service and worker process)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # ended while we looked
+            continue
+        if int(fields[3]) == pid:  # session id (fields after the command: state, ppid, pgrp, session)
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 def run_in_turns(servers: list[str], run: Comparison) -> None:
-    """Every measurement on each server in `servers`, the servers taking turns (`turn_order`);
-    one server runs at a time, started again when its turn comes."""
+    """Every measurement on each server in `servers`, the servers taking turns (`turn_order`):
+    one server up at a time, started again when its turn comes; with --both-up each started once
+    and kept up, the CPU time of those idle during a turn recorded."""
     args, rates, report = run.args, run.rates, run.report
     plan = segments(csv(args.parts), rates, args.trace_runs)
     needs_warm_up = args.warmup_requests and any(p in ("trace", "anchor", "busy") for p, _ in plan)
     extra_left = args.max_extra_rates if VLLM in servers else 0
-    running: Server | None = None
+    up: dict[str, Server] = {}
+
+    def serving(name: str) -> Server:
+        if name in up:
+            return up[name]
+        if not args.both_up:
+            for other in list(up):
+                up.pop(other).__exit__(None, None, None)
+        cmd, env = run.commands[name]
+        report.setdefault("server_commands", {})[name] = " ".join(cmd)
+        log = run.out / f"{'fastserve' if name == FASTSERVE else 'vllm'}_server.log"
+        server = up[name] = Server(name, cmd, env, run.ports[name], log).__enter__()
+        report.setdefault("start_seconds", {}).setdefault(name, []).append(server.start_seconds)
+        if needs_warm_up:
+            warm_up(server, args, rates)
+        return server
+
     try:
         index = 0
         while index < len(plan):
             part, rate = plan[index]
             for name in turn_order(servers, index):
-                if running is None or running.name != name:
-                    if running is not None:
-                        running.__exit__(None, None, None)
-                        running = None
-                    cmd, env = run.commands[name]
-                    report.setdefault("server_commands", {})[name] = " ".join(cmd)
-                    log = run.out / f"{'fastserve' if name == FASTSERVE else 'vllm'}_server.log"
-                    running = Server(name, cmd, env, run.port, log).__enter__()
-                    report.setdefault("start_seconds", {}).setdefault(name, []).append(running.start_seconds)
-                    if needs_warm_up:
-                        warm_up(running, args, rates)
-                run_segment(running, part, rate, run)
+                server = serving(name)
+                idle = {other: group_cpu_seconds(s.proc.pid) for other, s in up.items() if other != name}
+                run_segment(server, part, rate, run)
+                for other, before in idle.items():
+                    used = group_cpu_seconds(up[other].proc.pid) - before
+                    report.setdefault("idle_cpu_seconds", {}).setdefault(other, []).append(used)
             doubled = extra_rate(report, plan, index, rates, extra_left)
             if doubled is not None:  # vLLM does not queue yet: both measure twice the rate next
                 rates.append(doubled)
@@ -550,8 +592,8 @@ def run_in_turns(servers: list[str], run: Comparison) -> None:
                 extra_left -= 1
             index += 1
     finally:
-        if running is not None:
-            running.__exit__(None, None, None)
+        for server in up.values():
+            server.__exit__(None, None, None)
 
 
 def versions(vllm_cli: list[str]) -> dict:
@@ -603,6 +645,11 @@ def print_report(report: dict) -> None:
     if report["step"]:
         print("\nper-iteration decode time (N requests of fixed lengths at once, 64 tokens each):")
         print(step_table(report["step"]))
+    for name, used in report.get("idle_cpu_seconds", {}).items():
+        print(
+            f"{name} idle during the other's {len(used)} turn(s) (--both-up): CPU seconds max "
+            f"{max(used):.2f}, total {sum(used):.2f}"
+        )
     for row in s["busy_fall"]:
         print(
             f"one CPU busy, {row['server']} at {row['rate']:g} req/s: {row['quiet_tok_s']:.1f} -> "
@@ -660,13 +707,14 @@ def main(argv: list[str] | None = None) -> int:
                 make_checkpoint(Path(tmp) / "opt", layers=args.layers, hidden=args.hidden, vocab=args.vocab)
             )
         port = args.port or free_port()
-        commands = server_commands(args, checkpoint, vllm_cli, port)
+        ports = {VLLM: port, FASTSERVE: free_port() if args.both_up else port}
+        commands = server_commands(args, checkpoint, vllm_cli, port, ports[FASTSERVE])
         vllm_env = commands[VLLM][1]
         report["vllm_env"] = {k: v for k, v in vllm_env.items() if k.startswith("VLLM_") or k == "LD_PRELOAD"}
         if args.device == "cpu" and "libtcmalloc" not in vllm_env.get("LD_PRELOAD", ""):
             print("no tcmalloc to preload for vLLM (apt-get install libtcmalloc-minimal4)", flush=True)
         wanted = {"vllm": VLLM, "fastserve": FASTSERVE}
-        run = Comparison(args, commands, port, rates, vllm_cli, checkpoint, out, report)
+        run = Comparison(args, commands, ports, rates, vllm_cli, checkpoint, out, report)
         run_in_turns([wanted[s] for s in ("vllm", "fastserve") if s in servers], run)
     report["seconds"] = time.monotonic() - started
     report["machine"]["load_after"] = os.getloadavg()

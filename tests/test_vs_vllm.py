@@ -415,3 +415,77 @@ def test_worker_step_from_up_output_and_metrics():
     after = {f"{name}_count": 10.0, f"{name}_sum": 0.25}
     assert decode_step(before, after) == (pytest.approx(25.0), 7.0)
     assert decode_step(after, after) == (None, 0.0)
+
+
+IDLE_SERVER = (
+    "import http.server, sys\n"
+    "class H(http.server.BaseHTTPRequestHandler):\n"
+    "    def do_GET(self):\n"
+    "        self.send_response(200); self.end_headers(); self.wfile.write(b'{}')\n"
+    "    def log_message(self, *a):\n"
+    "        pass\n"
+    "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n"
+)
+
+
+@pytest.mark.parametrize("both_up", [False, True])
+def test_turns_restart_servers_one_at_a_time_or_keep_both_up(tmp_path, monkeypatch, both_up):
+    """Two real processes answering /v1/models stand in for the servers; the measurement itself is
+    recorded instead of run. One at a time, every switch stops one server and starts the other;
+    with --both-up each starts once, and the one not measuring is seen idle (its CPU time per turn)."""
+    from fastserve.procs import free_ports
+
+    flags = ["--parts", "greedy,trace", "--rates", "1", "--trace-runs", "3", "--warmup-requests", "0"]
+    args = vs_vllm.build_parser().parse_args([*flags, "--both-up", str(both_up).lower()])
+    ports = dict(zip((VLLM, FASTSERVE), free_ports(2) if both_up else [free_ports(1)[0]] * 2, strict=True))
+    commands = {
+        name: ([os.sys.executable, "-c", IDLE_SERVER, str(port)], dict(os.environ))
+        for name, port in ports.items()
+    }
+    measured = []
+
+    def measure(server, part, rate, run):
+        assert server.proc.poll() is None
+        measured.append((server.name, server.proc.pid, part))
+
+    monkeypatch.setattr(vs_vllm, "run_segment", measure)
+    report: dict = {"trace": []}
+    run = vs_vllm.Comparison(args, commands, ports, [1.0], [], "/ckpt", tmp_path, report)
+    vs_vllm.run_in_turns([VLLM, FASTSERVE], run)
+
+    # greedy, trace x3 on each, the first to measure alternating: V F F V V F F V
+    assert [name for name, _, _ in measured] == [VLLM, FASTSERVE, FASTSERVE, VLLM] * 2
+    starts = {name: len(report["start_seconds"][name]) for name in ports}
+    pids = {name: {pid for n, pid, _ in measured if n == name} for name in ports}
+    if both_up:
+        assert starts == {VLLM: 1, FASTSERVE: 1} and all(len(p) == 1 for p in pids.values())
+        idle = report["idle_cpu_seconds"]  # FastServe starts after vLLM's first turn
+        assert (len(idle[VLLM]), len(idle[FASTSERVE])) == (4, 3) and max(idle[VLLM] + idle[FASTSERVE]) < 0.5
+    else:  # one switch per measurement after the first
+        assert starts == {VLLM: 3, FASTSERVE: 2} and len(pids[VLLM]) == 3
+        assert "idle_cpu_seconds" not in report
+    for name, pid_set in pids.items():  # every server stopped at the end
+        assert all(not Path(f"/proc/{pid}").exists() for pid in pid_set), name
+
+
+def test_group_cpu_seconds_counts_every_process_of_the_session():
+    """A session of two real processes, one of them burning CPU: their time is counted, others' not."""
+    import subprocess
+    import time
+
+    burn = (
+        "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\ntime.sleep(30)"
+    )
+    parent = (
+        "import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', sys.argv[1]])\ntime.sleep(30)"
+    )
+    proc = subprocess.Popen([os.sys.executable, "-c", parent, burn], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while vs_vllm.group_cpu_seconds(proc.pid) < 0.6 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert 0.6 <= vs_vllm.group_cpu_seconds(proc.pid) < 5
+        assert vs_vllm.group_cpu_seconds(os.getpid() + 10**7) == 0  # no such session
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
