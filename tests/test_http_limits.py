@@ -67,6 +67,52 @@ def test_admission_refuses_past_its_bounds_and_tickets_give_back_their_place():
         admission.admit()
 
 
+def test_the_queue_poll_asks_often_only_while_something_is_in_flight_or_queued():
+    """An idle gateway asks the scheduler once per idle period (its polls were most of an idle
+    server's CPU); with a request in flight, or a queue at the scheduler, every period."""
+    from types import SimpleNamespace
+
+    from fastserve.services.gateway.server import poll_queue
+
+    asked: list[int] = []
+    queue = [0]
+
+    async def info(request, timeout):
+        asked.append(queue[0])
+        return SimpleNamespace(num_waiting=queue[0])
+
+    async def scenario() -> None:
+        admission = Admission(max_num_waiting=0, max_concurrent_requests=0)
+        link = SimpleNamespace(stub=SimpleNamespace(Info=info))
+        poller = asyncio.ensure_future(poll_queue(link, admission, period=0.01, idle_period=60))
+
+        async def until(count: int) -> None:
+            for _ in range(2000):
+                if len(asked) >= count:
+                    return
+                await asyncio.sleep(0.005)
+            raise AssertionError(f"{len(asked)} polls, expected {count}")
+
+        await until(1)
+        await asyncio.sleep(0.2)  # ~20 periods, idle
+        assert len(asked) == 1
+        ticket = admission.admit()
+        await until(4)  # in flight: every period
+        queue[0] = 3  # another gateway's requests wait at the scheduler
+        await until(len(asked) + 2)
+        ticket.close()
+        await until(len(asked) + 3)  # nothing in flight here, a queue there: every period
+        assert admission.scheduler_waiting == 3
+        queue[0] = 0
+        await until(len(asked) + 1)  # sees the queue gone, then idles
+        settled = len(asked)
+        await asyncio.sleep(0.2)
+        assert len(asked) == settled and admission.scheduler_waiting == 0
+        poller.cancel()
+
+    asyncio.run(scenario())
+
+
 def door(admission: Admission, method: str, path: str) -> tuple[list[dict], bool]:
     """What AdmissionDoor sent for one request, and whether it handed the request on."""
     sent: list[dict] = []

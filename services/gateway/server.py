@@ -336,14 +336,23 @@ async def serve_http(app, args: argparse.Namespace, sock: socket.socket) -> None
     await uvicorn.Server(config).serve(sockets=[sock])
 
 
-async def poll_queue(link: SchedulerLink, admission: Admission, period: float = 0.2) -> None:
-    """Keeps admission's view of the scheduler's queue depth (SchedulerInfo.num_waiting) current."""
+async def poll_queue(
+    link: SchedulerLink, admission: Admission, period: float = 0.2, idle_period: float = 2.0
+) -> None:
+    """Keeps admission's view of the scheduler's queue depth (SchedulerInfo.num_waiting) current:
+    every `period` while this gateway has requests in flight or the scheduler had a queue, every
+    `idle_period` otherwise (an idle server's polls were most of its idle CPU; a burst arriving at an
+    idle gateway is bounded by the gateway's own count until the next poll)."""
+    loop = asyncio.get_running_loop()
+    asked = -idle_period
     while True:
-        try:
-            info = await link.stub.Info(scheduler_pb2.SchedulerInfoRequest(), timeout=5)
-            admission.scheduler_waiting = info.num_waiting
-        except grpc.aio.AioRpcError:
-            admission.scheduler_waiting = 0  # away: the gateway's own count still bounds the queue
+        if admission.in_flight or admission.scheduler_waiting or loop.time() - asked >= idle_period:
+            asked = loop.time()
+            try:
+                info = await link.stub.Info(scheduler_pb2.SchedulerInfoRequest(), timeout=5)
+                admission.scheduler_waiting = info.num_waiting
+            except grpc.aio.AioRpcError:
+                admission.scheduler_waiting = 0  # away: the gateway's own count still bounds the queue
         await asyncio.sleep(period)
 
 
