@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastserve.bench import vllm_cpu
+from fastserve.bench.live_compare import cpu_seconds, descendants
 from fastserve.bench.overhead import scrape
 from fastserve.bench.vs_transformers import wait_http
 from fastserve.bench.vs_vllm_report import (
@@ -533,20 +534,13 @@ def run_segment(server: Server, part: str, rate: float | None, run: Comparison) 
 
 
 def group_cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) used so far by the live processes of the session `pid` leads (a
-    server started with ``start_new_session``: its every service and worker process)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rpartition(")")[2].split()
-        except OSError:  # ended while we looked
-            continue
-        if int(fields[3]) == pid:  # session id (fields after the command: state, ppid, pgrp, session)
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
+    """CPU time (user + system) used so far by `pid` and every live process below it (a server's
+    every service and worker process)."""
+    total = 0.0
+    for process in (pid, *descendants(pid)):
+        with contextlib.suppress(OSError):  # ended while we looked
+            total += cpu_seconds(process)
+    return total
 
 
 def run_in_turns(servers: list[str], run: Comparison) -> None:

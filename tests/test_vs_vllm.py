@@ -468,8 +468,8 @@ def test_turns_restart_servers_one_at_a_time_or_keep_both_up(tmp_path, monkeypat
         assert all(not Path(f"/proc/{pid}").exists() for pid in pid_set), name
 
 
-def test_group_cpu_seconds_counts_every_process_of_the_session():
-    """A session of two real processes, one of them burning CPU: their time is counted, others' not."""
+def test_group_cpu_seconds_counts_every_process_below_the_server():
+    """A process and its child, the child burning CPU: their time is counted, others' not."""
     import subprocess
     import time
 
@@ -485,7 +485,7 @@ def test_group_cpu_seconds_counts_every_process_of_the_session():
         while vs_vllm.group_cpu_seconds(proc.pid) < 0.6 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert 0.6 <= vs_vllm.group_cpu_seconds(proc.pid) < 5
-        assert vs_vllm.group_cpu_seconds(os.getpid() + 10**7) == 0  # no such session
+        assert vs_vllm.group_cpu_seconds(os.getpid() + 10**7) == 0  # no such process
     finally:
         os.killpg(proc.pid, 9)
         proc.wait()
