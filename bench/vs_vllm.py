@@ -300,7 +300,13 @@ def run_trace(server: Server, args: argparse.Namespace, rate: float, extra: list
         f"[{server.name}] rate {rate:g}: {result['output_throughput']:.1f} tok/s, TTFT mean "
         f"{result['ttft']['mean'] * 1e3:.0f} ms P99 {result['ttft']['p99'] * 1e3:.0f} ms, TPOT mean "
         f"{result['tpot']['mean'] * 1e3:.0f} ms"
-        + (f", {result['failed']} FAILED" if result.get("failed") else ""),
+        + (f", {result['failed']} FAILED" if result.get("failed") else "")
+        + (
+            f"; preemptions {result['preemptions']}, demotions {result['demotions']}, promotions "
+            f"{result['promotions']}"
+            if "--address" in extra
+            else ""
+        ),
         flush=True,
     )
     return result
@@ -485,6 +491,15 @@ class Comparison:
     report: dict
 
 
+def counts_flags(run: Comparison, name: str) -> list[str]:
+    """`fastserve bench` flags that read FastServe's per-request preemptions, demotions and
+    promotions from its gRPC gateway after a trace (none for vLLM, which has no such counts)."""
+    if name != FASTSERVE:
+        return []
+    command = run.commands[name][0]
+    return ["--address", f"127.0.0.1:{command[command.index('--port') + 1]}"]
+
+
 def run_segment(server: Server, part: str, rate: float | None, run: Comparison) -> None:
     """One measurement on one live server, its results into the run's report."""
     name = server.name
@@ -492,7 +507,7 @@ def run_segment(server: Server, part: str, rate: float | None, run: Comparison) 
     if part == "greedy":
         report["greedy"][name] = greedy(server.base_url, args.vocab, args.greedy_tokens)
     elif part == "trace":
-        report["trace_runs"].append(run_trace(server, args, rate, []))
+        report["trace_runs"].append(run_trace(server, args, rate, counts_flags(run, name)))
         report["trace"] = trace_means(report["trace_runs"])
     elif part == "anchor":
         bench_env = dict(os.environ)
@@ -524,10 +539,10 @@ def run_segment(server: Server, part: str, rate: float | None, run: Comparison) 
                 )
     elif part == "busy":  # quiet and busy back to back, so the fall is not the machine's drift
         busy_rate = args.busy_rate or max(rates)
-        quiet = run_trace(server, args, busy_rate, [])
+        quiet = run_trace(server, args, busy_rate, counts_flags(run, name))
         cpu = sorted(os.sched_getaffinity(0))[args.threads - 1]
         with busy_core(cpu, seconds=1800):
-            result = run_trace(server, args, busy_rate, [])
+            result = run_trace(server, args, busy_rate, counts_flags(run, name))
         result["busy_cpu"] = cpu
         result["quiet_output_throughput"] = quiet["output_throughput"]
         report["busy"].append(result)

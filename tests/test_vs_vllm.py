@@ -274,6 +274,11 @@ def test_both_servers_get_the_same_thread_budget(tmp_path):
     assert "--no-enable-prefix-caching" in vllm_cmd  # FastServe has none; the runs repeat their prompts
     assert "--dtype" in vllm_cmd and vllm_cmd[vllm_cmd.index("--dtype") + 1] == "float32"
     assert vllm_cmd[vllm_cmd.index("--port") + 1] == fs_cmd[fs_cmd.index("--http-port") + 1] == "22001"
+    run = vs_vllm.Comparison(args, commands, {}, [1.0], [], "/ckpt", tmp_path, {})
+    grpc_port = fs_cmd[fs_cmd.index("--port") + 1]  # the trace reads FastServe's per-request counts there
+    assert grpc_port != "22001"
+    assert vs_vllm.counts_flags(run, FASTSERVE) == ["--address", f"127.0.0.1:{grpc_port}"]
+    assert vs_vllm.counts_flags(run, VLLM) == []
 
 
 def test_vllm_env_binding_and_tcmalloc_choices():
